@@ -1,0 +1,55 @@
+// Command demoapp is the app the demo and the tests roll over: a tiny HTTP
+// server built with the rollover library.
+//
+//	GET /          200, "demoapp VERSION gen N", header X-Rollover-Generation: N
+//	GET /slow?d=2s the same after sleeping d (at most a minute)
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"net/http"
+	"os"
+	"strconv"
+	"time"
+
+	"github.com/rollover-sh/rollover/rollover"
+)
+
+func main() {
+	addr := flag.String("addr", "127.0.0.1:8080", "listen address")
+	version := flag.String("version", "v1", "version to report")
+	flag.Parse()
+	if err := rollover.ListenAndServe(*addr, handler(*version)); err != nil {
+		fmt.Fprintf(os.Stderr, "demoapp: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func handler(version string) http.Handler {
+	gen := strconv.Itoa(rollover.Generation())
+	body := fmt.Sprintf("demoapp %s gen %s\n", version, gen)
+	answer := func(w http.ResponseWriter) {
+		w.Header().Set("X-Rollover-Generation", gen)
+		w.Header().Set("X-Demoapp-Version", version)
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		_, _ = w.Write([]byte(body))
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) { answer(w) })
+	mux.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
+		d, err := time.ParseDuration(r.URL.Query().Get("d"))
+		if err != nil || d < 0 || d > time.Minute {
+			http.Error(w, errors.New("d must be a duration up to 1m, like 2s").Error(), http.StatusBadRequest)
+			return
+		}
+		select {
+		case <-time.After(d):
+		case <-r.Context().Done():
+			return
+		}
+		answer(w)
+	})
+	return mux
+}

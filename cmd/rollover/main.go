@@ -1,0 +1,17 @@
+// Command rollover rolls a network service over to a new generation without
+// dropping a request. See the README for the commands.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+)
+
+func main() {
+	err := run(context.Background(), os.Args[1:], os.Stdout, os.Stderr)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "rollover: %v\n", err)
+	}
+	os.Exit(exitCode(err))
+}

@@ -1,0 +1,277 @@
+package coordinator
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/rollover-sh/rollover/rollover/wire"
+)
+
+// firstMessageTimeout bounds how long a peer may take to say what it is, so a
+// silent or slow client cannot pin a goroutine.
+const firstMessageTimeout = 5 * time.Second
+
+// listenControl opens the control socket the way tailscale's safesocket does:
+// a live socket is left alone (another coordinator owns it), a dead one is
+// replaced, and the new one is private (0600 in a directory that is not
+// world-writable).
+func listenControl(path string) (*net.UnixListener, error) {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("%w: create %s: %v (pass --socket with a writable path)", ErrSocket, dir, err)
+	}
+	di, err := os.Stat(dir)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrSocket, err)
+	}
+	if di.Mode().Perm()&0o002 != 0 {
+		return nil, fmt.Errorf("%w: directory %s is world-writable; put the socket in a private directory", ErrSocket, dir)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%w: %s exists and is not a socket", ErrSocket, path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("%w: another coordinator is running on %s", ErrSocket, path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("%w: remove stale %s: %v", ErrSocket, path, err)
+		}
+	}
+	old := syscall.Umask(0o177)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrSocket, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("%w: %v", ErrSocket, err)
+	}
+	return ln, nil
+}
+
+func peerCred(c *net.UnixConn) (*unix.Ucred, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := rc.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return nil, err
+	}
+	return cred, credErr
+}
+
+func (c *Coordinator) accept() {
+	for {
+		conn, err := c.ln.AcceptUnix()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		go c.handle(conn)
+	}
+}
+
+// genConn is the coordinator's side of a generation's control connection.
+type genConn struct {
+	mu   sync.Mutex
+	conn net.Conn
+}
+
+func (g *genConn) send(m wire.Msg) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	_ = g.conn.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	_, err := g.conn.Write(wire.Encode(m))
+	return err
+}
+
+func (c *Coordinator) handle(conn *net.UnixConn) {
+	defer conn.Close()
+	out := &genConn{conn: conn}
+	cred, err := peerCred(conn)
+	if err != nil {
+		c.log.Warn("control: no peer credentials", "err", err)
+		return
+	}
+	r := wire.NewReader(conn)
+	_ = conn.SetReadDeadline(time.Now().Add(firstMessageTimeout))
+	m, err := r.Read()
+	if err != nil {
+		c.log.Warn("control: bad first message", "peer_pid", cred.Pid, "err", err)
+		_ = out.send(wire.Msg{Type: wire.TypeResult, Error: err.Error(), Code: 2})
+		return
+	}
+	_ = conn.SetReadDeadline(time.Time{})
+	switch m.Type {
+	case wire.TypeHello:
+		c.handleGen(out, r, m, cred)
+	case wire.TypeNext, wire.TypeRollback, wire.TypeStatus, wire.TypeStop:
+		if uid := uint32(os.Geteuid()); cred.Uid != uid && cred.Uid != 0 {
+			c.log.Warn("control: refused request from another user", "uid", cred.Uid, "pid", cred.Pid)
+			_ = out.send(wire.Msg{Type: wire.TypeResult, Error: fmt.Sprintf("permission denied: uid %d is not the coordinator's uid %d", cred.Uid, uid), Code: 1})
+			return
+		}
+		c.clis.Add(1)
+		defer c.clis.Add(-1)
+		c.handleCLI(out, m)
+	default:
+		_ = out.send(wire.Msg{Type: wire.TypeResult, Error: fmt.Sprintf("unexpected first message %q", m.Type), Code: 2})
+	}
+}
+
+func (c *Coordinator) handleGen(out *genConn, r *wire.Reader, hello wire.Msg, cred *unix.Ucred) {
+	var g *gen
+	reason := ""
+	c.do(func() {
+		g = c.s.gens[hello.Generation]
+		switch {
+		case g == nil:
+			reason = fmt.Sprintf("generation %d is not one this coordinator spawned", hello.Generation)
+		case hello.Secret != g.secret:
+			reason = fmt.Sprintf("wrong secret for generation %d", g.n)
+		case int(cred.Pid) != g.pid || hello.PID != g.pid:
+			reason = fmt.Sprintf("pid %d is not generation %d's pid", cred.Pid, g.n)
+		case g.conn != nil:
+			reason = fmt.Sprintf("generation %d is already connected", g.n)
+		default:
+			g.conn = out
+			closeOnce(g.hello)
+		}
+	})
+	if reason != "" {
+		c.log.Warn("control: refused hello", "reason", reason, "peer_pid", cred.Pid)
+		_ = out.send(wire.Msg{Type: wire.TypeWelcome, Error: reason})
+		return
+	}
+	if err := out.send(wire.Msg{Type: wire.TypeWelcome, OK: true}); err != nil {
+		return
+	}
+	for {
+		m, err := r.Read()
+		if err != nil {
+			c.do(func() {
+				if g.conn == out {
+					g.conn = nil
+				}
+			})
+			return
+		}
+		c.genMsg(g, m)
+	}
+}
+
+func (c *Coordinator) genMsg(g *gen, m wire.Msg) {
+	switch m.Type {
+	case wire.TypeReady:
+		c.do(func() {
+			g.steerable, g.steerErr = m.Steerable, m.SteerError
+			if g.state == stateStarting {
+				g.state = stateReady
+			}
+			closeOnce(g.ready)
+		})
+	case wire.TypeStats, wire.TypeDone:
+		if m.Stats != nil {
+			c.do(func() { g.stats = *m.Stats })
+		}
+	case wire.TypeAck:
+		c.do(func() {
+			if ch := g.pending[m.ID]; ch != nil {
+				ch <- m
+				delete(g.pending, m.ID)
+			}
+		})
+	case wire.TypeClosed:
+		c.do(func() { closeOnce(g.left) })
+	default:
+		c.log.Warn("control: unexpected message from generation", "gen", g.n, "type", m.Type)
+	}
+}
+
+// command sends m to g and waits for its acknowledgement.
+func (c *Coordinator) command(g *gen, m wire.Msg, timeout time.Duration) error {
+	m.ID = c.cmdID.Add(1)
+	ch := make(chan wire.Msg, 1)
+	var out *genConn
+	c.do(func() {
+		out = g.conn
+		if out != nil {
+			g.pending[m.ID] = ch
+		}
+	})
+	if out == nil {
+		return fmt.Errorf("gen %d has no control connection", g.n)
+	}
+	defer c.do(func() { delete(g.pending, m.ID) })
+	if err := out.send(m); err != nil {
+		return fmt.Errorf("gen %d: send %s: %w", g.n, m.Type, err)
+	}
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case a := <-ch:
+		if a.Error != "" {
+			return errors.New(a.Error)
+		}
+		return nil
+	case <-g.exited:
+		return fmt.Errorf("gen %d exited (%s)", g.n, exitText(g.exitErr))
+	case <-t.C:
+		return fmt.Errorf("gen %d did not answer %s within %v", g.n, m.Type, timeout)
+	}
+}
+
+func (c *Coordinator) handleCLI(out *genConn, m wire.Msg) {
+	emit := func(e wire.Event) { _ = out.send(wire.Msg{Type: wire.TypeEvent, Event: &e}) }
+	result := func(err error) {
+		res := wire.Msg{Type: wire.TypeResult, OK: err == nil}
+		if err != nil {
+			res.Error, res.Code = err.Error(), 1
+			if errors.Is(err, ErrUsage) {
+				res.Code = 2
+			}
+		}
+		_ = out.send(res)
+	}
+	switch m.Type {
+	case wire.TypeStatus:
+		st := c.status()
+		_ = out.send(wire.Msg{Type: wire.TypeResult, OK: true, Status: &st})
+	case wire.TypeStop:
+		c.requestStop()
+		<-c.stopped
+		result(nil)
+	case wire.TypeNext, wire.TypeRollback:
+		argv := m.Argv
+		if m.Type == wire.TypeRollback {
+			c.do(func() { argv = c.s.previous })
+			if len(argv) == 0 {
+				result(errors.New("no previous generation to roll back to"))
+				return
+			}
+		}
+		old, err := c.tryRollover(argv, emit)
+		if err == nil && m.Wait {
+			c.waitDrain(old, emit)
+		}
+		result(err)
+	}
+}

@@ -1,0 +1,297 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rollover-sh/rollover/metrics"
+	"github.com/rollover-sh/rollover/reuse"
+	"github.com/rollover-sh/rollover/rollover/wire"
+)
+
+// Defaults for a zero Config.
+var (
+	DefaultReadyTimeout = 30 * time.Second
+	DefaultDrainTimeout = 30 * time.Second
+	DefaultDrainGrace   = time.Second
+	DefaultKillGrace    = 5 * time.Second
+	// MaxRestartDelay bounds the backoff between restarts of a crashing
+	// active generation.
+	MaxRestartDelay = 30 * time.Second
+)
+
+// Errors callers can test with errors.Is.
+var (
+	ErrUsage      = errors.New("usage")
+	ErrCommand    = errors.New("bad command")
+	ErrInProgress = errors.New("rollover in progress")
+	ErrRollover   = errors.New("rollover failed")
+	ErrStopping   = errors.New("coordinator is stopping")
+	ErrSocket     = errors.New("control socket")
+)
+
+// Config configures a coordinator. The zero value of every field but Argv
+// and Socket has a default.
+type Config struct {
+	Argv         []string      // generation 1's command line
+	Socket       string        // control socket path
+	ReadyTimeout time.Duration // spawn to ready
+	DrainTimeout time.Duration // drain start to exit, then SIGTERM
+	DrainGrace   time.Duration // the old generation keeps accepting this long after the steer
+	KillGrace    time.Duration // SIGTERM to SIGKILL
+	Log          *slog.Logger
+}
+
+// Coordinator spawns generations and rolls them over. At most one rollover
+// runs at a time; one goroutine owns all state (see loop).
+type Coordinator struct {
+	cfg     Config
+	log     *slog.Logger
+	ln      *net.UnixListener
+	metrics *metrics.Coordinator
+
+	calls    chan func()
+	quit     chan struct{} // ends the owner loop
+	dead     chan struct{} // owner loop gone
+	stopCh   chan struct{} // stop requested
+	stopOnce sync.Once
+	stopped  chan struct{} // every generation gone
+	cmdID    atomic.Uint64
+	clis     atomic.Int32 // CLI requests being served
+
+	// owner
+	s state
+}
+
+type state struct {
+	next           int
+	gens           map[int]*gen
+	active         *gen
+	previous       []string // the command line active before the current one
+	busy           bool
+	stopping       bool
+	started        bool     // generation 1 became active
+	lastArgv       []string // the command line of an active generation that died
+	crashes        int
+	restartPending bool
+}
+
+// New validates cfg and opens the control socket.
+func New(cfg Config) (*Coordinator, error) {
+	if err := checkCommand(cfg.Argv); err != nil {
+		return nil, err
+	}
+	if cfg.Socket == "" {
+		return nil, fmt.Errorf("%w: no socket path", ErrUsage)
+	}
+	if cfg.ReadyTimeout <= 0 {
+		cfg.ReadyTimeout = DefaultReadyTimeout
+	}
+	if cfg.DrainTimeout <= 0 {
+		cfg.DrainTimeout = DefaultDrainTimeout
+	}
+	if cfg.DrainGrace < 0 {
+		cfg.DrainGrace = 0
+	}
+	if cfg.KillGrace <= 0 {
+		cfg.KillGrace = DefaultKillGrace
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	ln, err := listenControl(cfg.Socket)
+	if err != nil {
+		return nil, err
+	}
+	c := &Coordinator{
+		cfg:     cfg,
+		log:     cfg.Log,
+		ln:      ln,
+		calls:   make(chan func()),
+		quit:    make(chan struct{}),
+		dead:    make(chan struct{}),
+		stopCh:  make(chan struct{}),
+		stopped: make(chan struct{}),
+		s:       state{gens: map[int]*gen{}},
+	}
+	c.metrics = metrics.NewCoordinator(c.sample)
+	return c, nil
+}
+
+// Metrics is the coordinator's Prometheus collector.
+func (c *Coordinator) Metrics() *metrics.Coordinator { return c.metrics }
+
+// do runs f on the owner goroutine and waits for it. f must not block.
+func (c *Coordinator) do(f func()) bool {
+	done := make(chan struct{})
+	select {
+	case c.calls <- func() { f(); close(done) }:
+		<-done
+		return true
+	case <-c.dead:
+		return false
+	}
+}
+
+// Run starts generation 1, serves the control socket and rolls over on
+// request until ctx is done or `stop` arrives; then it drains every
+// generation and returns nil. It fails if generation 1 never gets ready.
+func (c *Coordinator) Run(ctx context.Context) error {
+	defer c.ln.Close()
+	defer os.Remove(c.cfg.Socket)
+	go c.accept()
+	go c.loop()
+	defer func() {
+		close(c.stopped)
+		// Let `stop` and `next --wait` clients read their results.
+		for deadline := time.Now().Add(2 * time.Second); c.clis.Load() > 0 && time.Now().Before(deadline); {
+			time.Sleep(5 * time.Millisecond)
+		}
+		close(c.quit)
+		<-c.dead
+	}()
+
+	if mr, err := reuse.MigrateReq(); err == nil {
+		c.log.Info("tcp_migrate_req", "enabled", mr)
+	}
+	c.do(func() { c.s.busy = true })
+	if _, err := c.rollover(c.cfg.Argv, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
+		c.shutdown()
+		return err
+	}
+	select {
+	case <-ctx.Done():
+	case <-c.stopCh:
+	}
+	c.shutdown()
+	return nil
+}
+
+// Reload rolls over to the active command line again (SIGHUP, SIGUSR2).
+func (c *Coordinator) Reload() {
+	go func() {
+		_, err := c.tryRollover(nil, func(e wire.Event) { c.log.Info(e.String()) })
+		if err != nil {
+			c.log.Error("reload failed", "err", err)
+		}
+	}()
+}
+
+func (c *Coordinator) loop() {
+	defer close(c.dead)
+	for {
+		select {
+		case f := <-c.calls:
+			f()
+		case <-c.quit:
+			return
+		}
+	}
+}
+
+// requestStop makes Run return after draining.
+func (c *Coordinator) requestStop() {
+	c.stopOnce.Do(func() { close(c.stopCh) })
+}
+
+// shutdown drains every generation and waits for them to exit.
+func (c *Coordinator) shutdown() {
+	c.requestStop()
+	var gens []*gen
+	c.do(func() {
+		c.s.stopping = true
+		for _, g := range c.s.gens {
+			gens = append(gens, g)
+		}
+	})
+	// A rollover that is past activation finishes its hand-over first.
+	deadline := time.Now().Add(c.cfg.ReadyTimeout + c.cfg.DrainTimeout)
+	for time.Now().Before(deadline) {
+		busy := false
+		c.do(func() {
+			busy = c.s.busy
+			gens = gens[:0]
+			for _, g := range c.s.gens {
+				gens = append(gens, g)
+			}
+		})
+		if !busy {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for _, g := range gens {
+		c.drain(g)
+	}
+	for _, g := range gens {
+		<-g.exited
+	}
+	c.log.Info("stopped: every generation drained")
+}
+
+func (c *Coordinator) status() wire.Status {
+	st := wire.Status{PID: os.Getpid(), Socket: c.cfg.Socket, Generations: []wire.GenStatus{}}
+	if mr, err := reuse.MigrateReq(); err == nil {
+		st.MigrateReq = &mr
+	}
+	c.do(func() {
+		st.InProgress = c.s.busy
+		if c.s.active != nil {
+			st.Active = c.s.active.n
+		}
+		for _, g := range c.s.gens {
+			st.Generations = append(st.Generations, wire.GenStatus{
+				Generation: g.n, PID: g.pid, State: g.state, Argv: g.argv,
+				Steerable: g.steerable, StartedAt: g.start, Stats: g.stats,
+			})
+		}
+	})
+	sortGens(st.Generations)
+	return st
+}
+
+func sortGens(gs []wire.GenStatus) {
+	for i := 1; i < len(gs); i++ {
+		for j := i; j > 0 && gs[j].Generation < gs[j-1].Generation; j-- {
+			gs[j], gs[j-1] = gs[j-1], gs[j]
+		}
+	}
+}
+
+// sample feeds the metrics collector; it gives up rather than block a scrape.
+func (c *Coordinator) sample() (metrics.Sample, bool) {
+	var s metrics.Sample
+	if mr, err := reuse.MigrateReq(); err == nil {
+		s.MigrateReq = &mr
+	}
+	done := make(chan struct{})
+	f := func() {
+		defer close(done)
+		if c.s.active != nil {
+			s.Active = c.s.active.n
+		}
+		for _, g := range c.s.gens {
+			s.Generations = append(s.Generations, metrics.Generation{
+				Generation: g.n, PID: g.pid, Command: strings.Join(g.argv, " "), State: g.state,
+				Inflight: g.stats.Inflight, Connections: g.stats.Connections, Requests: g.stats.Requests,
+			})
+		}
+	}
+	select {
+	case c.calls <- f:
+	case <-c.dead:
+		return s, false
+	case <-time.After(time.Second):
+		return s, false
+	}
+	<-done
+	return s, true
+}

@@ -1,0 +1,118 @@
+package metrics
+
+import (
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// States a generation can be in, as exported by rollover_generation_state.
+var States = []string{"starting", "ready", "active", "draining"}
+
+// Generation is one live generation as the coordinator sees it at scrape time.
+type Generation struct {
+	Generation  int
+	PID         int
+	Command     string
+	State       string
+	Inflight    int64
+	Connections int64
+	Requests    uint64
+}
+
+// Sample is what the coordinator knows at scrape time.
+type Sample struct {
+	Generations []Generation
+	Active      int   // 0 when none
+	MigrateReq  *bool // nil when unknown
+}
+
+// Coordinator holds the coordinator's own metrics: the ones that outlive
+// generations are ordinary instruments, and the per-generation ones are built
+// at scrape time from a Sample so that gone generations leave no series.
+type Coordinator struct {
+	Rollovers    *prometheus.CounterVec
+	ForcedDrains prometheus.Counter
+	Ready        prometheus.Histogram
+	Drain        prometheus.Histogram
+	read         func() (Sample, bool)
+}
+
+var (
+	descInfo     = prometheus.NewDesc("rollover_generation_info", "A live generation of the app; always 1.", []string{"generation", "pid", "command"}, nil)
+	descState    = prometheus.NewDesc("rollover_generation_state", "1 for the state the generation is in, 0 for the others.", []string{"generation", "state"}, nil)
+	descInflight = prometheus.NewDesc("rollover_inflight_requests", "Requests the generation is serving now.", []string{"generation"}, nil)
+	descConns    = prometheus.NewDesc("rollover_open_connections", "Connections the generation holds open, hijacked ones included.", []string{"generation"}, nil)
+	descRequests = prometheus.NewDesc("rollover_requests_total", "Requests the generation has started serving.", []string{"generation"}, nil)
+	descActive   = prometheus.NewDesc("rollover_active_generation", "The generation receiving new connections; 0 when none.", nil, nil)
+	descMigrate  = prometheus.NewDesc("rollover_migrate_req_enabled", "1 when net.ipv4.tcp_migrate_req is on in the coordinator's network namespace.", nil, nil)
+)
+
+// NewCoordinator returns the coordinator's metrics; read is called at every
+// scrape and returns false when no fresh sample could be had in time.
+func NewCoordinator(read func() (Sample, bool)) *Coordinator {
+	c := &Coordinator{
+		Rollovers: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "rollover_rollovers_total", Help: "Rollovers by result (ok, failed).",
+		}, []string{"result"}),
+		ForcedDrains: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "rollover_forced_drains_total", Help: "Drains that ran past --drain-timeout and were ended by signal.",
+		}),
+		Ready: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "rollover_ready_duration_seconds", Help: "Time from spawning a generation to its ready report.",
+			Buckets: prometheus.ExponentialBuckets(0.01, 2, 14),
+		}),
+		Drain: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "rollover_drain_duration_seconds", Help: "Time from telling a generation to drain to its exit.",
+			Buckets: prometheus.ExponentialBuckets(0.01, 2, 14),
+		}),
+		read: read,
+	}
+	c.Rollovers.WithLabelValues("ok")
+	c.Rollovers.WithLabelValues("failed")
+	return c
+}
+
+// Describe implements prometheus.Collector.
+func (c *Coordinator) Describe(ch chan<- *prometheus.Desc) {
+	c.Rollovers.Describe(ch)
+	c.ForcedDrains.Describe(ch)
+	c.Ready.Describe(ch)
+	c.Drain.Describe(ch)
+	for _, d := range []*prometheus.Desc{descInfo, descState, descInflight, descConns, descRequests, descActive, descMigrate} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector.
+func (c *Coordinator) Collect(ch chan<- prometheus.Metric) {
+	c.Rollovers.Collect(ch)
+	c.ForcedDrains.Collect(ch)
+	c.Ready.Collect(ch)
+	c.Drain.Collect(ch)
+	s, ok := c.read()
+	if !ok {
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(descActive, prometheus.GaugeValue, float64(s.Active))
+	if s.MigrateReq != nil {
+		ch <- prometheus.MustNewConstMetric(descMigrate, prometheus.GaugeValue, b2f(*s.MigrateReq))
+	}
+	for _, g := range s.Generations {
+		n := strconv.Itoa(g.Generation)
+		ch <- prometheus.MustNewConstMetric(descInfo, prometheus.GaugeValue, 1, n, strconv.Itoa(g.PID), g.Command)
+		for _, st := range States {
+			ch <- prometheus.MustNewConstMetric(descState, prometheus.GaugeValue, b2f(st == g.State), n, st)
+		}
+		ch <- prometheus.MustNewConstMetric(descInflight, prometheus.GaugeValue, float64(g.Inflight), n)
+		ch <- prometheus.MustNewConstMetric(descConns, prometheus.GaugeValue, float64(g.Connections), n)
+		ch <- prometheus.MustNewConstMetric(descRequests, prometheus.CounterValue, float64(g.Requests), n)
+	}
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,109 @@
+package metrics
+
+import (
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+)
+
+// Counters counts an app's HTTP work with atomics only, so the hot path costs
+// a few uncontended atomic operations per request. The zero value is ready.
+type Counters struct {
+	inflight atomic.Int64
+	conns    atomic.Int64
+	requests atomic.Uint64
+	closing  atomic.Bool
+}
+
+// Snapshot is a consistent-enough read of the counters.
+type Snapshot struct {
+	Inflight    int64
+	Connections int64
+	Requests    uint64
+}
+
+// Snapshot returns the current values.
+func (c *Counters) Snapshot() Snapshot {
+	return Snapshot{
+		Inflight:    c.inflight.Load(),
+		Connections: c.conns.Load(),
+		Requests:    c.requests.Load(),
+	}
+}
+
+// SetClosing makes every response from now on carry "Connection: close", so
+// keep-alive clients leave after their current request instead of being cut
+// off while idle.
+func (c *Counters) SetClosing() { c.closing.Store(true) }
+
+// Closing reports whether SetClosing was called.
+func (c *Counters) Closing() bool { return c.closing.Load() }
+
+// Handler counts requests in flight and in total around h.
+func (c *Counters) Handler(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c.requests.Add(1)
+		c.inflight.Add(1)
+		defer c.inflight.Add(-1)
+		if c.closing.Load() {
+			w.Header().Set("Connection", "close")
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// Listener counts the connections ln accepts until each is closed, hijacked
+// ones included. onAccept, when non-nil, sees every accepted connection.
+func (c *Counters) Listener(ln net.Listener, onAccept func(net.Conn)) *Listener {
+	return &Listener{Listener: ln, c: c, onAccept: onAccept}
+}
+
+// Listener is a net.Listener whose connections are counted.
+type Listener struct {
+	net.Listener
+	c        *Counters
+	onAccept func(net.Conn)
+}
+
+// NetListener returns the wrapped listener, for socket options.
+func (l *Listener) NetListener() net.Listener { return l.Listener }
+
+// Accept accepts and counts a connection.
+func (l *Listener) Accept() (net.Conn, error) {
+	conn, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	l.c.conns.Add(1)
+	if l.onAccept != nil {
+		l.onAccept(conn)
+	}
+	// Keep *net.TCPConn's methods (ReadFrom for sendfile, CloseWrite) visible.
+	if tc, ok := conn.(*net.TCPConn); ok {
+		return &tcpConn{TCPConn: tc, c: l.c}, nil
+	}
+	return &countedConn{Conn: conn, c: l.c}, nil
+}
+
+type tcpConn struct {
+	*net.TCPConn
+	c    *Counters
+	once sync.Once
+}
+
+func (t *tcpConn) Close() error {
+	t.once.Do(func() { t.c.conns.Add(-1) })
+	return t.TCPConn.Close()
+}
+
+type countedConn struct {
+	net.Conn
+	c    *Counters
+	once sync.Once
+}
+
+func (t *countedConn) Close() error {
+	t.once.Do(func() { t.c.conns.Add(-1) })
+	return t.Conn.Close()
+}

@@ -1,0 +1,118 @@
+//go:build linux
+
+package reuse
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/libp2p/go-reuseport"
+	"golang.org/x/sys/unix"
+)
+
+const supported = true
+
+// Control sets SO_REUSEADDR and SO_REUSEPORT on the socket. It has the
+// signature of net.ListenConfig.Control.
+func Control(network, address string, c syscall.RawConn) error {
+	if err := reuseport.Control(network, address, c); err != nil {
+		return fmt.Errorf("reuse: set SO_REUSEADDR/SO_REUSEPORT: %w", err)
+	}
+	return nil
+}
+
+// Steer attaches the classic-BPF program "ret index" to the reuseport group
+// of ln, replacing any program the group had. Call it only on a listening
+// socket.
+func Steer(ln net.Listener, index uint32) error {
+	prog := []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: index}}
+	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
+	err := withFD(ln, func(fd int) error {
+		return unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_CBPF, &fprog)
+	})
+	if err != nil {
+		return fmt.Errorf("reuse: attach reuseport bpf: %w", err)
+	}
+	return nil
+}
+
+// Detach removes the program from the reuseport group of ln, so the kernel
+// hashes again. Detaching from a group without a program is not an error.
+func Detach(ln net.Listener) error {
+	err := withFD(ln, func(fd int) error {
+		return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DETACH_REUSEPORT_BPF, 0)
+	})
+	if err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("reuse: detach reuseport bpf: %w", err)
+	}
+	return nil
+}
+
+// QueueLen returns the length of the accept queue of ln. For a listening
+// socket the kernel reports it in tcpi_unacked.
+func QueueLen(ln net.Listener) (int, error) {
+	var n int
+	err := withFD(ln, func(fd int) error {
+		info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil {
+			return err
+		}
+		n = int(info.Unacked)
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("reuse: tcp_info: %w", err)
+	}
+	return n, nil
+}
+
+const migrateReqPath = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+// MigrateReq reports whether net.ipv4.tcp_migrate_req is on in the network
+// namespace of the calling process. Kernels before 5.14 lack it.
+func MigrateReq() (bool, error) {
+	b, err := os.ReadFile(migrateReqPath)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, fmt.Errorf("%w: tcp_migrate_req needs linux >= 5.14: %w", ErrUnsupported, err)
+	}
+	if err != nil {
+		return false, fmt.Errorf("reuse: %w", err)
+	}
+	v, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return false, fmt.Errorf("reuse: parse %s: %w", migrateReqPath, err)
+	}
+	return v != 0, nil
+}
+
+// withFD runs f on the file descriptor of ln, looking through wrappers that
+// expose the listener they wrap. Wrappers that count connections usually
+// hide SyscallConn.
+func withFD(ln net.Listener, f func(fd int) error) error {
+	for range 16 { // bounded: a wrapper could return itself
+		w, ok := ln.(interface{ NetListener() net.Listener })
+		if !ok {
+			break
+		}
+		ln = w.NetListener()
+	}
+	sc, ok := ln.(syscall.Conn)
+	if !ok {
+		return fmt.Errorf("%T has no file descriptor", ln)
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var ferr error
+	if err := rc.Control(func(fd uintptr) { ferr = f(int(fd)) }); err != nil {
+		return err
+	}
+	return ferr
+}

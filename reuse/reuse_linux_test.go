@@ -1,0 +1,261 @@
+//go:build linux
+
+package reuse_test
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rollover-sh/rollover/reuse"
+	"golang.org/x/sys/unix"
+)
+
+// protocol returns SO_PROTOCOL of the listener, to tell TCP from MPTCP.
+func protocol(t *testing.T, ln net.Listener) int {
+	t.Helper()
+	rc, err := ln.(syscall.Conn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var proto int
+	var perr error
+	if err := rc.Control(func(fd uintptr) {
+		proto, perr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if perr != nil {
+		t.Fatal(perr)
+	}
+	return proto
+}
+
+func TestListenIsPlainTCP(t *testing.T) {
+	if p := protocol(t, listen(t, "127.0.0.1:0")); p != unix.IPPROTO_TCP {
+		t.Fatalf("SO_PROTOCOL = %d, want IPPROTO_TCP", p)
+	}
+}
+
+// acceptLoop accepts on ln until it is closed, closing each connection and
+// reporting name on got.
+func acceptLoop(ln net.Listener, name string, got chan<- string) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		c.Close()
+		got <- name
+	}
+}
+
+// dialN dials addr n times, waits for each connection to be accepted and
+// returns how many each listener accepted.
+func dialN(t *testing.T, addr string, n int, got <-chan string) map[string]int {
+	t.Helper()
+	counts := map[string]int{}
+	for range n {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case name := <-got:
+			counts[name]++
+		case <-time.After(2 * time.Second):
+			t.Fatal("connection not accepted within 2s")
+		}
+		c.Close()
+	}
+	return counts
+}
+
+func TestSteer(t *testing.T) {
+	a := listen(t, "127.0.0.1:0") // index 0
+	addr := a.Addr().String()
+	b := listen(t, addr) // index 1
+	got := make(chan string)
+	go acceptLoop(a, "A", got)
+	go acceptLoop(b, "B", got)
+
+	step := func(desc, want string) {
+		t.Helper()
+		counts := dialN(t, addr, 50, got)
+		if counts[want] != 50 {
+			t.Fatalf("%s: accepts %v, want all 50 on %s", desc, counts, want)
+		}
+	}
+
+	if err := reuse.Steer(a, 0); err != nil {
+		t.Fatal(err)
+	}
+	step("ret 0", "A")
+	// Either member may attach: the program belongs to the group.
+	if err := reuse.Steer(b, 1); err != nil {
+		t.Fatal(err)
+	}
+	step("ret 1", "B")
+	// The kernel moves B into A's slot; ret 1 is out of range and hashes.
+	a.Close()
+	step("ret 1 after A left", "B")
+	if err := reuse.Steer(b, 0); err != nil {
+		t.Fatal(err)
+	}
+	step("ret 0 after A left", "B")
+	if err := reuse.Detach(b); err != nil {
+		t.Fatal(err)
+	}
+	step("detached", "B")
+	// Detaching again finds no program.
+	if err := reuse.Detach(b); err != nil {
+		t.Fatalf("second Detach: %v", err)
+	}
+
+	// B took A's slot, so the next generation joins at index 1.
+	c := listen(t, addr)
+	go acceptLoop(c, "C", got)
+	if err := reuse.Steer(c, 0); err != nil {
+		t.Fatal(err)
+	}
+	step("ret 0 after C joined", "B")
+	if err := reuse.Steer(c, 1); err != nil {
+		t.Fatal(err)
+	}
+	step("ret 1 after C joined", "C")
+}
+
+type wrapper struct{ net.Listener }
+
+func (w wrapper) NetListener() net.Listener { return w.Listener }
+
+type fake struct{ net.Listener }
+
+func TestSteerListenerKinds(t *testing.T) {
+	ln := listen(t, "127.0.0.1:0")
+	if err := reuse.Steer(wrapper{ln}, 0); err != nil {
+		t.Fatalf("Steer through NetListener: %v", err)
+	}
+	if _, err := reuse.QueueLen(wrapper{wrapper{ln}}); err != nil {
+		t.Fatalf("QueueLen through two wrappers: %v", err)
+	}
+	if err := reuse.Steer(fake{ln}, 0); err == nil {
+		t.Fatal("Steer on a listener without a file descriptor succeeded")
+	}
+
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false) // Go's default MPTCP would fail for another reason
+	plain, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plain.Close()
+	err = reuse.Steer(plain, 0)
+	t.Logf("Steer on a listener without SO_REUSEPORT: %v", err)
+	if err == nil {
+		t.Fatal("Steer on a listener without SO_REUSEPORT succeeded")
+	}
+
+	ln.Close()
+	if err := reuse.Steer(ln, 0); err == nil {
+		t.Fatal("Steer on a closed listener succeeded")
+	}
+}
+
+func TestSteerMPTCP(t *testing.T) {
+	lc := net.ListenConfig{Control: reuse.Control}
+	lc.SetMultipathTCP(true)
+	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Skipf("MPTCP listen: %v", err)
+	}
+	defer ln.Close()
+	err = reuse.Steer(ln, 0)
+	if protocol(t, ln) != unix.IPPROTO_MPTCP {
+		t.Logf("kernel fell back to TCP; Steer: %v", err)
+		return
+	}
+	_, qerr := reuse.QueueLen(ln)
+	t.Logf("MPTCP listener; Steer: %v; QueueLen: %v", err, qerr)
+	if err == nil {
+		t.Fatal("Steer on an MPTCP listener succeeded")
+	}
+	if !errors.Is(err, unix.EOPNOTSUPP) {
+		t.Logf("expected EOPNOTSUPP, got %v", err)
+	}
+}
+
+func TestQueueLen(t *testing.T) {
+	ln := listen(t, "127.0.0.1:0")
+	const n = 5
+	for range n {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	// Loopback completes the handshake, but the server side lands in the
+	// queue asynchronously.
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		q, err := reuse.QueueLen(ln)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if q == n {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("QueueLen = %d, want %d", q, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	err := reuse.DrainQueue(ctx, ln, 0)
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "5") {
+		t.Fatalf("DrainQueue with queued connections: %v", err)
+	}
+
+	for range n {
+		c, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	start := time.Now()
+	if err := reuse.DrainQueue(ctx, ln, time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 500*time.Millisecond {
+		t.Fatalf("DrainQueue on an empty queue took %v", d)
+	}
+}
+
+func TestMigrateReq(t *testing.T) {
+	on, err := reuse.MigrateReq()
+	b, ferr := os.ReadFile("/proc/sys/net/ipv4/tcp_migrate_req")
+	if ferr != nil {
+		if !errors.Is(err, reuse.ErrUnsupported) || !errors.Is(err, errors.ErrUnsupported) {
+			t.Fatalf("file unreadable (%v) but MigrateReq = %v, %v", ferr, on, err)
+		}
+		t.Skip(err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := strings.TrimSpace(string(b)) != "0"; on != want {
+		t.Fatalf("MigrateReq = %v, file says %q", on, b)
+	}
+	t.Logf("tcp_migrate_req = %v", on)
+}

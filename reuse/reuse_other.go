@@ -1,0 +1,30 @@
+//go:build !linux
+
+package reuse
+
+import (
+	"net"
+	"syscall"
+)
+
+// Reuseport steering and the accept-queue length are Linux features, and a
+// listener that shares a port without them would drop connections on
+// hand-over, so every call fails rather than degrading.
+const supported = false
+
+// Control returns an error wrapping ErrUnsupported.
+func Control(network, address string, c syscall.RawConn) error {
+	return unsupported("SO_REUSEPORT")
+}
+
+// Steer returns an error wrapping ErrUnsupported.
+func Steer(ln net.Listener, index uint32) error { return unsupported("reuseport bpf") }
+
+// Detach returns an error wrapping ErrUnsupported.
+func Detach(ln net.Listener) error { return unsupported("reuseport bpf") }
+
+// QueueLen returns an error wrapping ErrUnsupported.
+func QueueLen(ln net.Listener) (int, error) { return 0, unsupported("accept queue length") }
+
+// MigrateReq returns an error wrapping ErrUnsupported.
+func MigrateReq() (bool, error) { return false, unsupported("tcp_migrate_req") }

@@ -1,0 +1,336 @@
+package rollover
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rollover-sh/rollover/metrics"
+	"github.com/rollover-sh/rollover/reuse"
+	"github.com/rollover-sh/rollover/rollover/wire"
+)
+
+// Environment variables the coordinator sets for each generation.
+const (
+	EnvSocket     = "ROLLOVER_SOCKET"
+	EnvGeneration = "ROLLOVER_GENERATION"
+	EnvSecret     = "ROLLOVER_SECRET"
+)
+
+// Defaults for a drain that no coordinator parameterised (standalone mode).
+var (
+	DefaultDrainTimeout = 30 * time.Second
+	// DefaultQueueDrain bounds the wait for a listener's accept queue to empty.
+	DefaultQueueDrain = time.Second
+	// helloTimeout bounds the wait for the coordinator's welcome.
+	helloTimeout = 5 * time.Second
+	// probeTimeout bounds the wait for a steering probe to be accepted.
+	probeTimeout = time.Second
+)
+
+// ErrRefused is returned when the coordinator refuses this process's hello.
+var ErrRefused = errors.New("rollover: coordinator refused this generation")
+
+// drainOrder is what a drain was asked to do.
+type drainOrder struct {
+	grace   time.Duration
+	timeout time.Duration
+}
+
+// agent is this process's link to its coordinator. There is one per process
+// because the coordinator sees a generation as a process.
+type agent struct {
+	gen     int
+	conn    net.Conn // nil when standalone
+	wmu     sync.Mutex
+	counter metrics.Counters
+
+	mu        sync.Mutex
+	listeners []*metrics.Listener
+	probes    map[string]chan struct{}
+	probing   atomic.Int32
+
+	readyOnce sync.Once
+	readyErr  error
+
+	drainOnce sync.Once
+	draining  chan struct{} // closed when a drain starts
+	order     drainOrder    // set before draining is closed
+	closed    chan struct{} // closed once every listener is closed
+	doneOnce  sync.Once
+}
+
+var (
+	stdOnce sync.Once
+	std     *agent
+	stdErr  error
+)
+
+// get returns the process's agent, connecting to the coordinator on first use.
+func get() (*agent, error) {
+	stdOnce.Do(func() { std, stdErr = newAgent() })
+	return std, stdErr
+}
+
+func newAgent() (*agent, error) {
+	a := &agent{
+		probes:   map[string]chan struct{}{},
+		draining: make(chan struct{}),
+		closed:   make(chan struct{}),
+	}
+	path := os.Getenv(EnvSocket)
+	if path == "" {
+		return a, nil
+	}
+	gen, err := strconv.Atoi(os.Getenv(EnvGeneration))
+	if err != nil || gen <= 0 {
+		return nil, fmt.Errorf("rollover: %s=%q is not a generation number", EnvGeneration, os.Getenv(EnvGeneration))
+	}
+	a.gen = gen
+	conn, err := net.DialTimeout("unix", path, helloTimeout)
+	if err != nil {
+		return nil, fmt.Errorf("rollover: connect to coordinator: %w", err)
+	}
+	r := wire.NewReader(conn)
+	_ = conn.SetDeadline(time.Now().Add(helloTimeout))
+	hello := wire.Msg{Type: wire.TypeHello, Generation: gen, PID: os.Getpid(), Secret: os.Getenv(EnvSecret)}
+	if _, err := conn.Write(wire.Encode(hello)); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("rollover: hello: %w", err)
+	}
+	m, err := r.Read()
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("rollover: hello: %w", err)
+	}
+	if m.Type != wire.TypeWelcome || m.Error != "" {
+		conn.Close()
+		return nil, fmt.Errorf("%w: %s", ErrRefused, m.Error)
+	}
+	_ = conn.SetDeadline(time.Time{})
+	a.conn = conn
+	go a.readLoop(r)
+	go a.statsLoop()
+	return a, nil
+}
+
+func (a *agent) send(m wire.Msg) error {
+	if a.conn == nil {
+		return nil
+	}
+	a.wmu.Lock()
+	defer a.wmu.Unlock()
+	_ = a.conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	_, err := a.conn.Write(wire.Encode(m))
+	return err
+}
+
+func (a *agent) stats() *wire.Stats {
+	s := a.counter.Snapshot()
+	return &wire.Stats{Inflight: s.Inflight, Connections: s.Connections, Requests: s.Requests}
+}
+
+func (a *agent) statsLoop() {
+	t := time.NewTicker(wire.StatsInterval)
+	defer t.Stop()
+	for range t.C {
+		if err := a.send(wire.Msg{Type: wire.TypeStats, Stats: a.stats()}); err != nil {
+			return
+		}
+	}
+}
+
+func (a *agent) readLoop(r *wire.Reader) {
+	for {
+		m, err := r.Read()
+		if err != nil {
+			// Without a coordinator nobody will hand this generation's port
+			// over; leave gracefully rather than serve unsupervised.
+			fmt.Fprintf(os.Stderr, "rollover: lost the coordinator (%v); draining\n", err)
+			a.drain(drainOrder{timeout: DefaultDrainTimeout})
+			return
+		}
+		switch m.Type {
+		case wire.TypeSteer:
+			go a.ack(m.ID, a.steer())
+		case wire.TypePin:
+			go a.ack(m.ID, a.pin())
+		case wire.TypeDrain:
+			a.ack(m.ID, nil)
+			a.drain(drainOrder{
+				grace:   time.Duration(m.GraceMS) * time.Millisecond,
+				timeout: time.Duration(m.TimeoutMS) * time.Millisecond,
+			})
+		}
+	}
+}
+
+func (a *agent) ack(id uint64, err error) {
+	m := wire.Msg{Type: wire.TypeAck, ID: id, OK: err == nil}
+	if err != nil {
+		m.Error = err.Error()
+	}
+	_ = a.send(m)
+}
+
+// register adds a listener to the set that is steered and handed over.
+func (a *agent) register(ln net.Listener) *metrics.Listener {
+	if l, ok := ln.(*metrics.Listener); ok {
+		return l
+	}
+	l := a.counter.Listener(ln, a.onAccept)
+	a.mu.Lock()
+	a.listeners = append(a.listeners, l)
+	a.mu.Unlock()
+	return l
+}
+
+func (a *agent) snapshotListeners() []*metrics.Listener {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]*metrics.Listener(nil), a.listeners...)
+}
+
+// ready pins the reuseport groups to the active generation (index 0; this
+// process when it is alone) and tells the coordinator it serves.
+func (a *agent) ready() error {
+	a.readyOnce.Do(func() {
+		m := wire.Msg{Type: wire.TypeReady, Steerable: true}
+		lns := a.snapshotListeners()
+		if len(lns) == 0 {
+			m.Steerable, m.SteerError = false, "no listener from rollover.Listen or rollover.Serve"
+		}
+		for _, l := range lns {
+			m.Addrs = append(m.Addrs, l.Addr().String())
+			if a.conn == nil {
+				continue // standalone: nothing to hand over to
+			}
+			if err := reuse.Steer(l, 0); err != nil && m.Steerable {
+				m.Steerable, m.SteerError = false, err.Error()
+			}
+		}
+		a.readyErr = a.send(m)
+	})
+	return a.readyErr
+}
+
+func (a *agent) pin() error {
+	for _, l := range a.snapshotListeners() {
+		if err := reuse.Steer(l, 0); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// steer makes every listener's group send new connections to this process
+// (index 1, behind the old generation at 0) and proves it with a probe
+// connection per listener.
+func (a *agent) steer() error {
+	for _, l := range a.snapshotListeners() {
+		if err := reuse.Steer(l, 1); err != nil {
+			return err
+		}
+		if err := a.probe(l); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (a *agent) onAccept(c net.Conn) {
+	if a.probing.Load() == 0 {
+		return
+	}
+	a.mu.Lock()
+	ch := a.probes[c.RemoteAddr().String()]
+	a.mu.Unlock()
+	if ch != nil {
+		close(ch)
+	}
+}
+
+// probe dials the listener and waits until this process accepted that very
+// connection.
+func (a *agent) probe(l *metrics.Listener) error {
+	addr, ok := l.Addr().(*net.TCPAddr)
+	if !ok {
+		return fmt.Errorf("rollover: steer verify: %s is not a TCP address", l.Addr())
+	}
+	target := *addr
+	if target.IP.IsUnspecified() {
+		if target.IP.To4() != nil {
+			target.IP = net.IPv4(127, 0, 0, 1)
+		} else {
+			target.IP = net.IPv6loopback
+		}
+	}
+	a.probing.Add(1)
+	defer a.probing.Add(-1)
+	d := net.Dialer{Timeout: probeTimeout}
+	c, err := d.Dial("tcp", target.String())
+	if err != nil {
+		return fmt.Errorf("rollover: steer verify: %w", err)
+	}
+	defer c.Close()
+	ch := make(chan struct{})
+	key := c.LocalAddr().String()
+	a.mu.Lock()
+	a.probes[key] = ch
+	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		delete(a.probes, key)
+		a.mu.Unlock()
+	}()
+	select {
+	case <-ch:
+		return nil
+	case <-time.After(probeTimeout):
+		return fmt.Errorf("rollover: steer verify: probe to %s was not accepted by this generation within %v", target.String(), probeTimeout)
+	}
+}
+
+// drain starts the hand-over once: answer with Connection: close from now
+// on, keep accepting for the grace (clients whose handshake the old program
+// still routed here), wait for the accept queues to empty, then close.
+func (a *agent) drain(o drainOrder) {
+	a.drainOnce.Do(func() {
+		if o.timeout <= 0 {
+			o.timeout = DefaultDrainTimeout
+		}
+		a.order = o
+		a.counter.SetClosing()
+		close(a.draining)
+		go a.handOver(o)
+	})
+}
+
+func (a *agent) handOver(o drainOrder) {
+	if o.grace > 0 {
+		time.Sleep(o.grace)
+	}
+	for _, l := range a.snapshotListeners() {
+		ctx, cancel := context.WithTimeout(context.Background(), DefaultQueueDrain)
+		if err := reuse.DrainQueue(ctx, l, time.Millisecond); err != nil && !errors.Is(err, errors.ErrUnsupported) {
+			fmt.Fprintf(os.Stderr, "rollover: %v\n", err)
+		}
+		cancel()
+		l.Close()
+	}
+	close(a.closed)
+	_ = a.send(wire.Msg{Type: wire.TypeClosed})
+}
+
+// done reports the final counters; the process exits right after.
+func (a *agent) done() {
+	a.doneOnce.Do(func() {
+		_ = a.send(wire.Msg{Type: wire.TypeDone, Stats: a.stats()})
+	})
+}

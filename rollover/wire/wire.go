@@ -1,0 +1,260 @@
+// Package wire is the control protocol between the rollover coordinator, its
+// generations and the rollover CLI. It is the only description of the
+// protocol: every message that crosses the control socket is a Msg.
+//
+// Framing: one JSON object per line ('\n'-terminated), at most MaxLine bytes.
+// Every message carries the protocol version V and a Type. Unknown fields are
+// ignored, so fields can be added without a version bump; a message with an
+// unknown version or type is an error.
+//
+// A generation connects and sends TypeHello (generation, pid, secret), then
+// TypeReady once it serves, then TypeStats every StatsInterval. The
+// coordinator sends commands (TypeSteer, TypePin, TypeDrain) with an ID; the
+// generation answers each with TypeAck carrying the same ID (and Error when it
+// failed). While draining, the generation sends TypeClosed once its listeners
+// are closed and TypeDone right before it exits.
+//
+// The CLI connects, sends one request (TypeNext, TypeStatus, TypeStop,
+// TypeRollback) and reads TypeEvent messages until one TypeResult.
+package wire
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+)
+
+// Version is the protocol version spoken by this package.
+const Version = 1
+
+// MaxLine bounds one message, newline included.
+const MaxLine = 64 << 10
+
+// StatsInterval is how often a generation reports its counters.
+const StatsInterval = 250 * time.Millisecond
+
+// Message types.
+const (
+	// generation → coordinator
+	TypeHello  = "hello"
+	TypeReady  = "ready"
+	TypeStats  = "stats"
+	TypeAck    = "ack"
+	TypeClosed = "closed"
+	TypeDone   = "done"
+
+	// coordinator → generation
+	TypeWelcome = "welcome"
+	TypeSteer   = "steer"
+	TypePin     = "pin"
+	TypeDrain   = "drain"
+
+	// CLI → coordinator
+	TypeNext     = "next"
+	TypeStatus   = "status"
+	TypeStop     = "stop"
+	TypeRollback = "rollback"
+
+	// coordinator → CLI
+	TypeEvent  = "event"
+	TypeResult = "result"
+)
+
+var knownTypes = map[string]bool{
+	TypeHello: true, TypeReady: true, TypeStats: true, TypeAck: true, TypeClosed: true, TypeDone: true,
+	TypeWelcome: true, TypeSteer: true, TypePin: true, TypeDrain: true,
+	TypeNext: true, TypeStatus: true, TypeStop: true, TypeRollback: true,
+	TypeEvent: true, TypeResult: true,
+}
+
+// Msg is every message of the protocol. Which fields are set depends on Type.
+type Msg struct {
+	V    int    `json:"v"`
+	Type string `json:"type"`
+	// ID pairs a command with its TypeAck.
+	ID uint64 `json:"id,omitempty"`
+
+	// Hello.
+	Generation int    `json:"generation,omitempty"`
+	PID        int    `json:"pid,omitempty"`
+	Secret     string `json:"secret,omitempty"`
+
+	// Ready: whether the generation's listeners accept BPF steering, and why not.
+	Steerable  bool     `json:"steerable,omitempty"`
+	SteerError string   `json:"steer_error,omitempty"`
+	Addrs      []string `json:"addrs,omitempty"`
+
+	// Stats, Done.
+	Stats *Stats `json:"stats,omitempty"`
+
+	// Drain: how long N keeps accepting after the steer, and the bound on the
+	// connection drain. Durations are milliseconds.
+	GraceMS   int64 `json:"grace_ms,omitempty"`
+	TimeoutMS int64 `json:"timeout_ms,omitempty"`
+
+	// Next: the command line (empty: the active one's) and --wait.
+	Argv []string `json:"argv,omitempty"`
+	Wait bool     `json:"wait,omitempty"`
+
+	// Event.
+	Event *Event `json:"event,omitempty"`
+
+	// Result, Ack, Welcome. Error is empty on success. Code is the CLI's exit
+	// code for a failed result.
+	OK     bool    `json:"ok,omitempty"`
+	Error  string  `json:"error,omitempty"`
+	Code   int     `json:"code,omitempty"`
+	Status *Status `json:"status,omitempty"`
+}
+
+// Stats are a generation's counters.
+type Stats struct {
+	Inflight    int64  `json:"inflight"`
+	Connections int64  `json:"connections"`
+	Requests    uint64 `json:"requests"`
+}
+
+// Phases of a rollover, in order, as reported in Event.Phase.
+const (
+	PhaseStarted  = "started"  // Generation, PID
+	PhaseReady    = "ready"    // Generation, Millis: spawn to ready
+	PhaseActive   = "active"   // Generation
+	PhaseDraining = "draining" // Generation (the old one), Stats
+	PhaseLeft     = "left"     // Generation (the old one) left the port
+	PhaseDrained  = "drained"  // Generation (the old one), Millis: drain start to exit
+	PhaseFailed   = "failed"   // Generation, Text
+	PhaseInfo     = "info"     // Text
+)
+
+// Event is one step of a rollover as shown by `rollover next`.
+type Event struct {
+	Phase      string `json:"phase"`
+	Generation int    `json:"generation,omitempty"`
+	PID        int    `json:"pid,omitempty"`
+	Millis     int64  `json:"ms,omitempty"`
+	Stats      *Stats `json:"stats,omitempty"`
+	Text       string `json:"text,omitempty"`
+}
+
+// String renders an event as the line `rollover next` prints.
+func (e Event) String() string {
+	switch e.Phase {
+	case PhaseStarted:
+		return fmt.Sprintf("started gen %d (pid %d)", e.Generation, e.PID)
+	case PhaseReady:
+		return fmt.Sprintf("ready after %dms", e.Millis)
+	case PhaseActive:
+		return fmt.Sprintf("gen %d active", e.Generation)
+	case PhaseDraining:
+		var in, conns int64
+		if e.Stats != nil {
+			in, conns = e.Stats.Inflight, e.Stats.Connections
+		}
+		return fmt.Sprintf("draining gen %d: %d in flight, %d connections", e.Generation, in, conns)
+	case PhaseLeft:
+		return fmt.Sprintf("gen %d left the port", e.Generation)
+	case PhaseDrained:
+		return fmt.Sprintf("gen %d drained after %dms", e.Generation, e.Millis)
+	case PhaseFailed:
+		return fmt.Sprintf("gen %d failed: %s", e.Generation, e.Text)
+	default:
+		return e.Text
+	}
+}
+
+// Status is the coordinator's state as `rollover status --json` prints it.
+type Status struct {
+	PID        int    `json:"pid"`
+	Socket     string `json:"socket"`
+	Active     int    `json:"active"`
+	InProgress bool   `json:"rollover_in_progress"`
+	// MigrateReq is net.ipv4.tcp_migrate_req in the coordinator's network
+	// namespace; nil when it could not be read.
+	MigrateReq  *bool       `json:"tcp_migrate_req"`
+	Generations []GenStatus `json:"generations"`
+}
+
+// GenStatus is one live generation.
+type GenStatus struct {
+	Generation int       `json:"generation"`
+	PID        int       `json:"pid"`
+	State      string    `json:"state"`
+	Argv       []string  `json:"argv"`
+	Steerable  bool      `json:"steerable"`
+	StartedAt  time.Time `json:"started_at"`
+	Stats      Stats     `json:"stats"`
+}
+
+// Errors returned by Reader.Read.
+var (
+	ErrTooLong   = errors.New("wire: message too long")
+	ErrMalformed = errors.New("wire: malformed message")
+)
+
+// Encode renders m (with V set to Version) as one line.
+func Encode(m Msg) []byte {
+	m.V = Version
+	b, err := json.Marshal(m)
+	if err != nil {
+		// Msg holds only strings, numbers, bools and slices of them.
+		b = []byte(`{"v":1,"type":"result","error":"wire: encode failed"}`)
+	}
+	return append(b, '\n')
+}
+
+// Decode parses one message (without its newline) and checks it.
+func Decode(line []byte) (Msg, error) {
+	var m Msg
+	line = bytes.TrimRight(line, "\r\n")
+	if len(line) == 0 {
+		return m, fmt.Errorf("%w: empty line", ErrMalformed)
+	}
+	if err := json.Unmarshal(line, &m); err != nil {
+		return m, fmt.Errorf("%w: %v", ErrMalformed, err)
+	}
+	if m.V != Version {
+		return m, fmt.Errorf("%w: version %d, want %d", ErrMalformed, m.V, Version)
+	}
+	if !knownTypes[m.Type] {
+		return m, fmt.Errorf("%w: unknown type %q", ErrMalformed, m.Type)
+	}
+	return m, nil
+}
+
+// Reader reads messages from a stream, one per line, each at most MaxLine.
+type Reader struct {
+	r *bufio.Reader
+}
+
+// NewReader returns a Reader on r.
+func NewReader(r io.Reader) *Reader {
+	return &Reader{r: bufio.NewReaderSize(r, 4096)}
+}
+
+// Read returns the next message. A line longer than MaxLine is ErrTooLong;
+// the stream is then unusable and the caller should close it. A stream that
+// ends inside a line returns io.ErrUnexpectedEOF.
+func (r *Reader) Read() (Msg, error) {
+	var buf []byte
+	for {
+		chunk, err := r.r.ReadSlice('\n')
+		if len(buf)+len(chunk) > MaxLine {
+			return Msg{}, ErrTooLong
+		}
+		buf = append(buf, chunk...)
+		switch {
+		case err == nil:
+			return Decode(buf)
+		case errors.Is(err, bufio.ErrBufferFull):
+			continue
+		case errors.Is(err, io.EOF) && len(buf) > 0:
+			return Msg{}, io.ErrUnexpectedEOF
+		default:
+			return Msg{}, err
+		}
+	}
+}
