@@ -83,14 +83,19 @@ func (c *Coordinator) rollover(argv []string, emit func(wire.Event)) (prev *gen,
 		left:    make(chan struct{}),
 		exited:  make(chan struct{}),
 	}
+	// Spawn on the owner goroutine, so the generation is known (number and
+	// pid) before its hello can arrive.
+	var spawnErr error
 	c.do(func() {
 		c.s.next++
 		g.n = c.s.next
+		if spawnErr = spawnProcess(g, c.cfg.Socket, c.log); spawnErr == nil {
+			c.s.gens[g.n] = g
+		}
 	})
-	if err := spawnProcess(g, c.cfg.Socket, c.log); err != nil {
-		return nil, fmt.Errorf("start gen %d: %w", g.n, err)
+	if spawnErr != nil {
+		return nil, fmt.Errorf("start gen %d: %w", g.n, spawnErr)
 	}
-	c.do(func() { c.s.gens[g.n] = g })
 	go c.wait(g)
 	emit(wire.Event{Phase: wire.PhaseStarted, Generation: g.n, PID: g.pid})
 
@@ -119,7 +124,12 @@ func (c *Coordinator) rollover(argv []string, emit func(wire.Event)) (prev *gen,
 	}
 	if prev != nil && steerable {
 		if err := c.command(g, wire.Msg{Type: wire.TypeSteer}, commandTimeout); err != nil {
-			g.kill(c.cfg.KillGrace)
+			// The group may already point at N+1: point it back at N, then
+			// let N+1 hand over what it queued rather than reset it.
+			if perr := c.command(prev, wire.Msg{Type: wire.TypePin}, commandTimeout); perr != nil {
+				c.log.Warn("re-pin of the active generation failed", "gen", prev.n, "err", perr)
+			}
+			c.drain(g)
 			return nil, fmt.Errorf("gen %d failed the steering verification: %v", g.n, err)
 		}
 	}

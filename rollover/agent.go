@@ -21,6 +21,10 @@ const (
 	EnvSocket     = "ROLLOVER_SOCKET"
 	EnvGeneration = "ROLLOVER_GENERATION"
 	EnvSecret     = "ROLLOVER_SECRET"
+	// EnvHandover=naive turns the zero-drop hand-over off: no steering, the
+	// listener is closed at once and the server shut down at once. It exists
+	// only to show what the hand-over prevents (make bench, tests).
+	EnvHandover = "ROLLOVER_HANDOVER"
 )
 
 // Defaults for a drain that no coordinator parameterised (standalone mode).
@@ -47,13 +51,15 @@ type drainOrder struct {
 // because the coordinator sees a generation as a process.
 type agent struct {
 	gen     int
+	naive   bool
 	conn    net.Conn // nil when standalone
 	wmu     sync.Mutex
 	counter metrics.Counters
 
 	mu        sync.Mutex
 	listeners []*metrics.Listener
-	probes    map[string]chan struct{}
+	probes    map[string]chan struct{} // probe client address → accepted
+	accepted  map[string]bool          // accepted while probing, before the probe registered
 	probing   atomic.Int32
 
 	readyOnce sync.Once
@@ -81,8 +87,10 @@ func get() (*agent, error) {
 func newAgent() (*agent, error) {
 	a := &agent{
 		probes:   map[string]chan struct{}{},
+		accepted: map[string]bool{},
 		draining: make(chan struct{}),
 		closed:   make(chan struct{}),
+		naive:    os.Getenv(EnvHandover) == "naive",
 	}
 	path := os.Getenv(EnvSocket)
 	if path == "" {
@@ -203,7 +211,11 @@ func (a *agent) ready() error {
 	a.readyOnce.Do(func() {
 		m := wire.Msg{Type: wire.TypeReady, Steerable: true}
 		lns := a.snapshotListeners()
-		if len(lns) == 0 {
+		if a.naive {
+			lns = nil
+			m.Steerable, m.SteerError = false, EnvHandover+"=naive"
+		}
+		if len(lns) == 0 && !a.naive {
 			m.Steerable, m.SteerError = false, "no listener from rollover.Listen or rollover.Serve"
 		}
 		for _, l := range lns {
@@ -248,12 +260,16 @@ func (a *agent) onAccept(c net.Conn) {
 	if a.probing.Load() == 0 {
 		return
 	}
+	key := c.RemoteAddr().String()
 	a.mu.Lock()
-	ch := a.probes[c.RemoteAddr().String()]
-	a.mu.Unlock()
-	if ch != nil {
+	defer a.mu.Unlock()
+	if ch := a.probes[key]; ch != nil {
 		close(ch)
+		delete(a.probes, key)
+		return
 	}
+	// Loopback accepts can beat the prober to registering its address.
+	a.accepted[key] = true
 }
 
 // probe dials the listener and waits until this process accepted that very
@@ -282,11 +298,16 @@ func (a *agent) probe(l *metrics.Listener) error {
 	ch := make(chan struct{})
 	key := c.LocalAddr().String()
 	a.mu.Lock()
-	a.probes[key] = ch
+	if a.accepted[key] {
+		close(ch)
+	} else {
+		a.probes[key] = ch
+	}
 	a.mu.Unlock()
 	defer func() {
 		a.mu.Lock()
 		delete(a.probes, key)
+		clear(a.accepted)
 		a.mu.Unlock()
 	}()
 	select {
@@ -313,6 +334,14 @@ func (a *agent) drain(o drainOrder) {
 }
 
 func (a *agent) handOver(o drainOrder) {
+	if a.naive {
+		for _, l := range a.snapshotListeners() {
+			l.Close()
+		}
+		close(a.closed)
+		_ = a.send(wire.Msg{Type: wire.TypeClosed})
+		return
+	}
 	if o.grace > 0 {
 		time.Sleep(o.grace)
 	}

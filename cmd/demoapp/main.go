@@ -20,7 +20,11 @@ import (
 func main() {
 	addr := flag.String("addr", "127.0.0.1:8080", "listen address")
 	version := flag.String("version", "v1", "version to report")
+	naive := flag.Bool("naive", false, "use the naive hand-over (close + Shutdown) to show what rollover prevents")
 	flag.Parse()
+	if *naive {
+		os.Setenv(rollover.EnvHandover, "naive")
+	}
 	if err := rollover.ListenAndServe(*addr, handler(*version)); err != nil {
 		fmt.Fprintf(os.Stderr, "demoapp: %v\n", err)
 		os.Exit(1)

@@ -200,7 +200,8 @@ func Encode(m Msg) []byte {
 	m.V = Version
 	b, err := json.Marshal(m)
 	if err != nil {
-		// Msg holds only strings, numbers, bools and slices of them.
+		// Only a time.Time that RFC 3339 cannot express fails (year
+		// outside [0,9999], offset of 24h or more); Decode rejects those.
 		b = []byte(`{"v":1,"type":"result","error":"wire: encode failed"}`)
 	}
 	return append(b, '\n')
@@ -221,6 +222,12 @@ func Decode(line []byte) (Msg, error) {
 	}
 	if !knownTypes[m.Type] {
 		return m, fmt.Errorf("%w: unknown type %q", ErrMalformed, m.Type)
+	}
+	// Accept only what Encode can send on: encoding/json parses time offsets
+	// of 24h and more that time.Time then refuses to marshal
+	// (go.dev/issue/54580).
+	if _, err := json.Marshal(m); err != nil {
+		return m, fmt.Errorf("%w: %v", ErrMalformed, err)
 	}
 	return m, nil
 }
