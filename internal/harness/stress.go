@@ -32,6 +32,10 @@ type Report struct {
 	Took       []time.Duration // wall time of each `next`
 	Drain      []time.Duration // with Wait
 	Generation int             // the last active generation
+	// Lingering counts old generations still alive a few seconds after the
+	// last rollover: keep-alive clients must be moved, not kept until the
+	// drain timeout.
+	Lingering int
 }
 
 // Stress drives load against s and rolls it over sc.Rollovers times.
@@ -89,6 +93,17 @@ func Stress(ctx context.Context, s *Service, sc StressConfig) (Report, error) {
 	}
 	time.Sleep(sc.Settle)
 	rep.Load = runner.Stop()
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		st, err := s.Status(ctx)
+		if err == nil {
+			rep.Lingering = len(st.Generations) - 1
+		}
+		if rep.Lingering <= 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	return rep, nil
 }
 
@@ -128,6 +143,9 @@ func (r Report) String() string {
 		gens = append(gens, fmt.Sprintf("%s:%d", g, n))
 	}
 	sort.Strings(gens)
+	if r.Lingering > 0 {
+		fmt.Fprintf(&b, "lingering:  %d old generations still alive 3s after the load stopped\n", r.Lingering)
+	}
 	fmt.Fprintf(&b, "answered by generation: %s\n", strings.Join(gens, " "))
 	return b.String()
 }

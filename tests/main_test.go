@@ -1,0 +1,146 @@
+// Package tests holds the end-to-end tests: the real rollover, demoapp and
+// rollover-stress binaries, built once per run, real processes, real load on
+// loopback, real rollovers, every failed request counted.
+package tests
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rollover-sh/rollover/internal/harness"
+)
+
+// bin holds the binaries built for this run.
+var bin string
+
+func TestMain(m *testing.M) {
+	os.Exit(runMain(m))
+}
+
+func runMain(m *testing.M) int {
+	dir, err := os.MkdirTemp("", "rollover-e2e")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	args := []string{"build", "-o", dir + "/"}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	args = append(args, "../cmd/rollover", "../cmd/demoapp", "../cmd/rollover-stress")
+	cmd := exec.Command("go", args...)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		fmt.Fprintf(os.Stderr, "build binaries: %v\n", err)
+		return 1
+	}
+	bin = dir
+	return m.Run()
+}
+
+// inCI reports whether the suite runs in CI, where missing tools fail tests
+// instead of skipping them.
+func inCI() bool { return os.Getenv("CI") != "" }
+
+// needTool skips (outside CI) or fails (in CI) when a tool is missing.
+func needTool(t *testing.T, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		if inCI() {
+			t.Fatalf("%s is required in CI (install it in .ci/run): %v", name, err)
+		}
+		t.Skipf("skipping: %s not installed", name)
+	}
+	return p
+}
+
+// shortDir is a private directory with a short path (Unix socket paths are
+// limited to 108 bytes), removed at cleanup.
+func shortDir(t *testing.T) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", "ro")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+// syncBuffer collects a process's output for the race and panic check.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// checkOutput fails on a data race or panic in a child's output.
+func checkOutput(t *testing.T, what, out string) {
+	t.Helper()
+	for _, bad := range []string{"DATA RACE", "panic:"} {
+		if strings.Contains(out, bad) {
+			t.Errorf("%s output contains %q:\n%s", what, bad, tailLines(out, 60))
+		}
+	}
+}
+
+func tailLines(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// startService starts a coordinator with demoapp v1 and registers cleanup
+// that kills whatever is left and checks that nothing survives.
+func startService(t *testing.T, cfg harness.Config) *harness.Service {
+	t.Helper()
+	out := &syncBuffer{}
+	cfg.Rollover = filepath.Join(bin, "rollover")
+	cfg.App = filepath.Join(bin, "demoapp")
+	cfg.Dir = shortDir(t)
+	cfg.Log = out
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	svc, err := harness.Start(ctx, cfg)
+	if err != nil {
+		t.Fatalf("start: %v\n%s", err, out.String())
+	}
+	t.Cleanup(func() {
+		select {
+		case <-svc.Exited():
+		default:
+			t.Errorf("coordinator still running at cleanup; killing it")
+		}
+		svc.Kill()
+		if left := harness.WaitGone(append(svc.PIDs(), svc.PID()), 5*time.Second); len(left) > 0 {
+			t.Errorf("processes left behind: %v", left)
+		}
+		checkOutput(t, "coordinator", out.String())
+		if t.Failed() {
+			t.Logf("coordinator log:\n%s", tailLines(out.String(), 80))
+		}
+	})
+	return svc
+}
