@@ -372,9 +372,11 @@ func TestSlowRequestDuringRollover(t *testing.T) {
 		gen, pid int
 		err      error
 	}
+	// Longer than the 1s that Serve gives Shutdown: only a real drain (wait
+	// for the connections, then Shutdown) lets it finish.
 	slow := make(chan answer, 1)
 	go func() {
-		gen, pid, err := r.get("/slow?d=1s")
+		gen, pid, err := r.get("/slow?d=1500ms")
 		slow <- answer{gen, pid, err}
 	}()
 	r.waitFor(5*time.Second, "the slow request in flight on gen 1", func() bool {
@@ -405,7 +407,7 @@ func TestStop(t *testing.T) {
 	// Leave gen 1 draining a request while gen 2 is active.
 	slow := make(chan error, 1)
 	go func() {
-		gen, _, err := r.get("/slow?d=1s")
+		gen, _, err := r.get("/slow?d=1500ms")
 		if err == nil && gen != 1 {
 			err = io.ErrUnexpectedEOF
 		}
@@ -666,10 +668,10 @@ func TestRunFailsWhenGeneration1NeverReady(t *testing.T) {
 // Canceling ctx (SIGTERM, SIGINT) while generation 1 is starting must not
 // wait for the whole ready timeout.
 func TestRunCanceledWhileGeneration1Starts(t *testing.T) {
-	const readyTimeout = 8 * time.Second
+	const readyTimeout = 5 * time.Second
 	r := newRig(t, "never-ready", Config{ReadyTimeout: readyTimeout})
 	r.run()
-	r.waitFor(5*time.Second, "generation 1 to connect", func() bool {
+	r.waitFor(5*time.Second, "generation 1 to be spawned", func() bool {
 		st, err := r.statusErr()
 		return err == nil && len(st.Generations) == 1 && len(r.tagged()) == 1
 	})
@@ -683,4 +685,100 @@ func TestRunCanceledWhileGeneration1Starts(t *testing.T) {
 		t.Errorf("Run returned %v after cancel, want nil", err)
 	}
 	r.assertNoneLeft()
+}
+
+// A generation that dies after its ready report but before it is made
+// active must fail the rollover like any earlier failure: the coordinator
+// must not activate a dead generation and drain the healthy one.
+func TestGenerationExitingRightAfterReady(t *testing.T) {
+	r := startRig(t, "ready", Config{})
+	_, pid1 := r.mustGet("/")
+	var events []wire.Event
+	// The CLI's emit runs on the rollover goroutine between ready and
+	// activation; holding it until the coordinator has reaped the new
+	// generation makes the race deterministic.
+	_, err := r.c.tryRollover(r.argv("ready-then-exit"), func(e wire.Event) {
+		events = append(events, e)
+		if e.Phase == wire.PhaseReady {
+			r.waitFor(5*time.Second, "the new generation to be reaped", func() bool {
+				return genOf(r.status(), e.Generation) == nil
+			})
+		}
+	})
+	if err == nil {
+		t.Errorf("rolling over to a generation that died before activation succeeded: %v", phases(events))
+	}
+	if st := r.status(); st.Active != 1 || genOf(st, st.Active) == nil {
+		t.Fatalf("after the rollover: active gen %d, generations %+v; want gen 1 still active", st.Active, st.Generations)
+	}
+	r.activeIs(1, pid1)
+}
+
+// A request on a connection the coordinator accepted before Run returned
+// must be refused, not crash the process (a nil *os.Process when the owner
+// loop is gone).
+func TestRequestAfterRunReturned(t *testing.T) {
+	if !inChild(t) {
+		return
+	}
+	r := startRig(t, "ready", Config{})
+	conn, err := net.Dial("unix", r.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	r.cancel()
+	if err := r.wait(20 * time.Second); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := conn.Write(wire.Encode(wire.Msg{Type: wire.TypeNext, Argv: r.argv("ready")})); err != nil {
+		t.Fatal(err)
+	}
+	rd := wire.NewReader(conn)
+	for range 100 {
+		m, err := rd.Read()
+		if err != nil {
+			if isTimeout(err) {
+				t.Error("no answer to a request after Run returned")
+			}
+			break // a disconnect is a fine answer
+		}
+		if m.Type == wire.TypeResult {
+			if m.OK {
+				t.Errorf("a rollover after Run returned succeeded: %+v", m)
+			}
+			break
+		}
+	}
+	if left := r.tagged(); len(left) > 0 {
+		t.Errorf("a request after Run returned started processes %v", left)
+	}
+}
+
+// A restart that was pending when an operator rolled over by hand must not
+// roll over the new, healthy generation again.
+func TestPendingRestartAfterNext(t *testing.T) {
+	r := startRig(t, "crash-after-ready", Config{})
+	r.waitFor(5*time.Second, "generation 1 to crash", func() bool {
+		st := r.status()
+		return st.Active == 0 && len(st.Generations) == 0
+	})
+	crashed := time.Now() // the restart fires 500ms after the crash
+	events, res := r.next(r.argv("ready"))
+	if !res.OK {
+		t.Fatalf("next: %s", res.Error)
+	}
+	started := eventOf(events, wire.PhaseStarted)
+	if time.Since(crashed) > 400*time.Millisecond {
+		t.Skipf("next took %v, too slow to beat the restart backoff", time.Since(crashed))
+	}
+	// Watch past the backoff: nothing may replace the healthy generation.
+	for time.Since(crashed) < 1500*time.Millisecond {
+		if st := r.status(); st.Active != started.Generation {
+			t.Fatalf("gen %d replaced by gen %d without a request: a stale restart fired", started.Generation, st.Active)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	r.activeIs(started.Generation, started.PID)
 }

@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -12,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"regexp"
@@ -34,7 +36,7 @@ import (
 // arguments after genArg; TestMain puts them into the environment.
 const (
 	genArg    = "-rollover.test.generation"
-	envMode   = "ROLLOVER_TEST_MODE"        // ready, never-ready, crash-on-start, crash-after-ready, slow-drain
+	envMode   = "ROLLOVER_TEST_MODE"        // ready, never-ready, crash-on-start, crash-after-ready, slow-drain, ready-then-exit
 	envAddr   = "ROLLOVER_TEST_ADDR"        // 127.0.0.1:port to serve on
 	envDelay  = "ROLLOVER_TEST_READY_DELAY" // warm-up before listening (a duration)
 	envTag    = "ROLLOVER_TEST_TAG"         // marks the command line of every process a test starts
@@ -73,6 +75,14 @@ func generation(mode string) int {
 	}
 	if d, err := time.ParseDuration(os.Getenv(envDelay)); err == nil {
 		time.Sleep(d) // warm-up, as a real app might
+	}
+	if mode == "ready-then-exit" {
+		// Ready without a listener (so not steerable, like an app that
+		// serves its own protocol), then die at once.
+		if err := rollover.Ready(); err != nil {
+			return fail(err)
+		}
+		return 1
 	}
 	ctx := context.Background()
 	ln, err := rollover.Listen(ctx, "tcp", os.Getenv(envAddr))
@@ -173,7 +183,7 @@ func newRig(t *testing.T, mode string, cfg Config) *rig {
 		t:    t,
 		sock: filepath.Join(dir, "c.sock"),
 		addr: "127.0.0.1:" + strconv.Itoa(freePort(t)),
-		tag:  randomTag(),
+		tag:  cmp.Or(os.Getenv(envChildTag), randomTag()),
 		logs: &logSink{},
 		ran:  make(chan struct{}),
 	}
@@ -382,6 +392,55 @@ func (r *rig) mustGet(path string) (gen, pid int) {
 }
 
 // --- processes ---
+
+// A test that may crash its process (a panic in the coordinator) runs alone
+// in a child test process. The child tags its generations with the parent's
+// tag, so the parent can find any it left behind.
+const (
+	envChild    = "ROLLOVER_TEST_CHILD"
+	envChildTag = "ROLLOVER_TEST_CHILD_TAG"
+)
+
+// inChild reports whether this process is the child that runs t. In the
+// parent it runs the child, fails t if the child fails or leaves a process
+// behind, and returns false.
+func inChild(t *testing.T) bool {
+	t.Helper()
+	if os.Getenv(envChild) == t.Name() {
+		return true
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tag := randomTag()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, exe, "-test.run=^"+regexp.QuoteMeta(t.Name())+"$", "-test.count=1", "-test.v", "-test.timeout=50s")
+	cmd.Env = append(os.Environ(), envChild+"="+t.Name(), envChildTag+"="+tag)
+	cmd.WaitDelay = 5 * time.Second
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	strays := &rig{t: t, tag: tag, logs: &logSink{}}
+	t.Cleanup(strays.killStrays) // generations of a child that died
+	err = cmd.Wait()
+	switch {
+	case err != nil:
+		t.Fatalf("child test process: %v\n%s", err, out.Bytes())
+	case !strings.Contains(out.String(), "--- PASS: "+t.Name()+" "):
+		t.Fatalf("child test process did not run %s:\n%s", t.Name(), out.Bytes())
+	}
+	if !gone(cmd.Process.Pid) {
+		t.Errorf("child test process %d still there", cmd.Process.Pid)
+	}
+	if testing.Verbose() {
+		t.Logf("child test process:\n%s", out.Bytes())
+	}
+	return false
+}
 
 func freePort(t *testing.T) int {
 	t.Helper()

@@ -56,7 +56,8 @@ func run(args []string) error {
 	naive := fs.Bool("naive", false, "naive hand-over (close + Shutdown), to compare")
 	grace := fs.Duration("drain-grace", 100*time.Millisecond, "coordinator --drain-grace (loopback RTT is ~0)")
 	drainTimeout := fs.Duration("drain-timeout", 10*time.Second, "coordinator --drain-timeout")
-	asJSON := fs.Bool("json", false, "print the report as JSON")
+	asJSON := fs.Bool("json", false, "print the report as JSON (progress goes to stderr)")
+	slow := fs.Int("slow", 0, "clients that keep a 1s request in flight across the rollovers")
 	verbose := fs.Bool("v", false, "print a line per rollover and the coordinator's log")
 	netns := fs.Bool("netns-setup", false, "bring lo up first (run inside `unshare -n`)")
 	migrate := fs.Int("migrate-req", -1, "set net.ipv4.tcp_migrate_req to 0 or 1 first (in a namespace of your own)")
@@ -93,9 +94,9 @@ func run(args []string) error {
 		return err
 	}
 	defer svc.Kill()
-	var progress io.Writer
-	if *verbose || !*asJSON {
-		progress = os.Stdout
+	var progress io.Writer = os.Stdout
+	if *asJSON {
+		progress = os.Stderr
 	}
 	mode := "new connection per request"
 	if *keepAlive {
@@ -109,7 +110,7 @@ func run(args []string) error {
 		fmt.Printf("demoapp on %s: %d clients, %s, %s, %d rollovers every %v\n", svc.Addr, *clients, mode, handover, *rollovers, *interval)
 	}
 	rep, err := harness.Stress(ctx, svc, harness.StressConfig{
-		Rollovers: *rollovers, Interval: *interval, Wait: *wait, Progress: progress,
+		Rollovers: *rollovers, Interval: *interval, Wait: *wait, Progress: progress, Slow: *slow,
 		Load: load.Options{Clients: *clients, KeepAlive: *keepAlive},
 	})
 	if err != nil {
@@ -133,8 +134,8 @@ func run(args []string) error {
 		return failedError{fmt.Sprintf("stop: %v", stopErr)}
 	case len(left) > 0:
 		return failedError{fmt.Sprintf("processes left behind: %v", left)}
-	case rep.Failed > 0 || rep.Load.Failures > 0:
-		return failedError{fmt.Sprintf("%d rollovers and %d requests failed", rep.Failed, rep.Load.Failures)}
+	case rep.Failed > 0 || rep.Load.Failures > 0 || rep.Slow.Failures > 0:
+		return failedError{fmt.Sprintf("%d rollovers and %d requests failed", rep.Failed, rep.Load.Failures+rep.Slow.Failures)}
 	}
 	return nil
 }

@@ -19,6 +19,7 @@ type StressConfig struct {
 	Load      load.Options  // URL defaults to the service; Duration is set to cover the run
 	Versions  []string      // cycled through; default v2, v1
 	Settle    time.Duration // load keeps running this long after the last rollover (default 300ms)
+	Slow      int           // clients that keep a 1s request in flight across the rollovers
 	Progress  io.Writer     // one line per rollover when set
 }
 
@@ -28,6 +29,7 @@ type Report struct {
 	Failed     int // rollovers that failed
 	Errors     []string
 	Load       load.Result
+	Slow       load.Result // the 1s requests, when StressConfig.Slow > 0
 	Ready      []time.Duration
 	Took       []time.Duration // wall time of each `next`
 	Drain      []time.Duration // with Wait
@@ -61,6 +63,14 @@ func Stress(ctx context.Context, s *Service, sc StressConfig) (Report, error) {
 		return rep, err
 	}
 	defer runner.Stop()
+	var slow *load.Runner
+	if sc.Slow > 0 {
+		slow, err = load.Start(ctx, load.Options{URL: "http://" + s.Addr + "/slow?d=1s", Clients: sc.Slow, Duration: lo.Duration, Timeout: 30 * time.Second})
+		if err != nil {
+			return rep, err
+		}
+		defer slow.Stop()
+	}
 	time.Sleep(200 * time.Millisecond) // let the clients reach full speed
 	next := time.Now()
 	for i := 0; i < sc.Rollovers; i++ {
@@ -93,6 +103,11 @@ func Stress(ctx context.Context, s *Service, sc StressConfig) (Report, error) {
 	}
 	time.Sleep(sc.Settle)
 	rep.Load = runner.Stop()
+	if slow != nil {
+		// Let the last slow requests finish instead of cutting them off.
+		time.Sleep(1200 * time.Millisecond)
+		rep.Slow = slow.Stop()
+	}
 	deadline := time.Now().Add(3 * time.Second)
 	for {
 		st, err := s.Status(ctx)
@@ -131,6 +146,9 @@ func (r Report) String() string {
 	fmt.Fprintf(&b, "failures:   %s\n", strings.Join(parts, " "))
 	for _, s := range l.Samples {
 		fmt.Fprintf(&b, "  sample: %s\n", s)
+	}
+	if r.Slow.Requests > 0 {
+		fmt.Fprintf(&b, "slow (1s):  %d, ok %d, failed %d\n", r.Slow.Requests, r.Slow.OK, r.Slow.Failures)
 	}
 	fmt.Fprintf(&b, "throughput: %.0f requests/s, p50 %v, p99 %v\n", l.RPS(), l.P50, l.P99)
 	fmt.Fprintf(&b, "ready:      %s\n", durStats(r.Ready))

@@ -1,0 +1,647 @@
+package rollover
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rollover-sh/rollover/metrics"
+	"github.com/rollover-sh/rollover/rollover/wire"
+)
+
+// envChild names the one test a child test process runs. The agent is a
+// process-wide singleton that drains once, so every test that serves runs
+// alone in a fresh process; the parent checks that it passed.
+const envChild = "ROLLOVER_TEST_CHILD"
+
+// inChild reports whether this process is the child that runs t. In the
+// parent it runs the child, fails t if the child fails, and returns false.
+func inChild(t *testing.T) bool {
+	t.Helper()
+	if os.Getenv(envChild) == t.Name() {
+		return true
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, exe, "-test.run=^"+regexp.QuoteMeta(t.Name())+"$", "-test.count=1", "-test.v", "-test.timeout=50s")
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		if k != EnvSocket && k != EnvGeneration && k != EnvSecret && k != envChild {
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	cmd.Env = append(cmd.Env, envChild+"="+t.Name())
+	cmd.WaitDelay = 5 * time.Second
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	t.Cleanup(func() {
+		if !gone(pid) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+			t.Errorf("child test process %d was left running", pid)
+		}
+	})
+	err = cmd.Wait()
+	switch {
+	case err != nil:
+		t.Fatalf("child test process: %v\n%s", err, out.Bytes())
+	case !strings.Contains(out.String(), "--- PASS: "+t.Name()+" "):
+		t.Fatalf("child test process did not run %s:\n%s", t.Name(), out.Bytes())
+	case strings.Contains(out.String(), "DATA RACE"), strings.Contains(out.String(), "panic:"):
+		t.Fatalf("child test process:\n%s", out.Bytes())
+	}
+	if testing.Verbose() {
+		t.Logf("child test process:\n%s", out.Bytes())
+	}
+	return false
+}
+
+func gone(pid int) bool { return errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) }
+
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func isClosed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+// testHandler answers "ok"; /slow?d=DURATION answers after d.
+func testHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") })
+	mux.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
+		d, err := time.ParseDuration(r.URL.Query().Get("d"))
+		if err != nil || d < 0 || d > time.Minute {
+			http.Error(w, "bad d", http.StatusBadRequest)
+			return
+		}
+		time.Sleep(d) // a slow handler that does not watch the drain
+		io.WriteString(w, "slow ok")
+	})
+	return mux
+}
+
+// serve serves testHandler through Serve on a fresh 127.0.0.1 listener from
+// Listen. Serve's result arrives on the channel.
+func serve(t *testing.T, ctx context.Context) (addr string, served <-chan error) {
+	t.Helper()
+	ln, err := Listen(ctx, "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("Listen: %v", err)
+	}
+	ch := make(chan error, 1)
+	srv := &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}
+	go func() { ch <- Serve(ctx, srv, ln) }()
+	return ln.Addr().String(), ch
+}
+
+func counters(t *testing.T) metrics.Snapshot {
+	t.Helper()
+	a, err := get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a.counter.Snapshot()
+}
+
+// keepAlive is one HTTP/1.1 connection that the test controls, so that a
+// request is known to reuse it.
+type keepAlive struct {
+	conn net.Conn
+	br   *bufio.Reader
+}
+
+func dialKeepAlive(t *testing.T, addr string) *keepAlive {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	return &keepAlive{conn: c, br: bufio.NewReader(c)}
+}
+
+func (k *keepAlive) send(t *testing.T, path string) {
+	t.Helper()
+	if _, err := fmt.Fprintf(k.conn, "GET %s HTTP/1.1\r\nHost: test\r\n\r\n", path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (k *keepAlive) read(t *testing.T) (*http.Response, string) {
+	t.Helper()
+	resp, err := http.ReadResponse(k.br, nil)
+	if err != nil {
+		t.Fatalf("read response: %v", err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("read body: %v", err)
+	}
+	return resp, string(b)
+}
+
+// closedByServer reports whether the server closed the connection.
+func (k *keepAlive) closedByServer() bool {
+	_ = k.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err := k.br.ReadByte()
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)
+}
+
+// getNew requests path on a connection of its own.
+func getNew(addr, path string) (string, error) {
+	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 20 * time.Second}
+	resp, err := c.Get("http://" + addr + path)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err == nil && resp.StatusCode != http.StatusOK {
+		err = errors.New(resp.Status)
+	}
+	return string(b), err
+}
+
+func TestServeStandalone(t *testing.T) {
+	if !inChild(t) {
+		return
+	}
+	DefaultDrainTimeout = 10 * time.Second
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	addr, served := serve(t, ctx)
+	if Generation() != 0 {
+		t.Errorf("Generation() = %d standalone, want 0", Generation())
+	}
+
+	ka := dialKeepAlive(t, addr)
+	ka.send(t, "/")
+	if resp, body := ka.read(t); resp.StatusCode != 200 || body != "ok" || resp.Close {
+		t.Fatalf("before the drain: %s %q close=%v, want 200 ok on a kept-alive connection", resp.Status, body, resp.Close)
+	}
+
+	slow := make(chan error, 1)
+	go func() {
+		body, err := getNew(addr, "/slow?d=1s")
+		if err == nil && body != "slow ok" {
+			err = fmt.Errorf("body %q", body)
+		}
+		slow <- err
+	}()
+	waitFor(t, 5*time.Second, "one request in flight on two connections", func() bool {
+		s := counters(t)
+		return s.Inflight == 1 && s.Connections == 2 && s.Requests == 2
+	})
+
+	cancel()
+	select {
+	case <-Draining():
+	case <-time.After(5 * time.Second):
+		t.Fatal("canceling ctx did not start the drain")
+	}
+	waitFor(t, 5*time.Second, "the listener to close", func() bool {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+		}
+		return err != nil
+	})
+	if s := counters(t); s.Inflight != 1 {
+		t.Errorf("after the drain started, %d requests in flight, want the slow one", s.Inflight)
+	}
+
+	// A request on a kept-alive connection during the drain is served and
+	// tells the client to leave.
+	ka.send(t, "/")
+	// (http.ReadResponse turns the Connection: close header into resp.Close.)
+	if resp, body := ka.read(t); resp.StatusCode != 200 || body != "ok" || !resp.Close {
+		t.Errorf("during the drain: %s %q close=%v, want 200 ok with Connection: close", resp.Status, body, resp.Close)
+	}
+	if !ka.closedByServer() {
+		t.Error("the server kept the connection open after Connection: close")
+	}
+
+	select {
+	case err := <-slow:
+		if err != nil {
+			t.Errorf("the request in flight when the drain started: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the slow request did not complete")
+	}
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Errorf("Serve returned %v, want nil", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("Serve did not return within 5s of its last connection (counters %+v)", counters(t))
+	}
+	if s := counters(t); s.Inflight != 0 || s.Connections != 0 || s.Requests != 3 {
+		t.Errorf("counters after the drain %+v, want 0 in flight, 0 connections, 3 requests", s)
+	}
+}
+
+// A keep-alive client whose request is in flight when the drain starts must
+// be told to leave too, or it holds the generation until the drain timeout.
+func TestServeDrainClosesInflightKeepAlive(t *testing.T) {
+	if !inChild(t) {
+		return
+	}
+	DefaultDrainTimeout = 6 * time.Second // Serve gives up on connections after 5.4s
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	addr, served := serve(t, ctx)
+
+	ka := dialKeepAlive(t, addr)
+	ka.send(t, "/slow?d=500ms")
+	waitFor(t, 5*time.Second, "the request in flight", func() bool { return counters(t).Inflight == 1 })
+	cancel()
+	<-Draining()
+	resp, body := ka.read(t)
+	answered := time.Now()
+	if resp.StatusCode != 200 || body != "slow ok" {
+		t.Errorf("in-flight request: %s %q, want 200", resp.Status, body)
+	}
+	if !resp.Close {
+		t.Error("the response written during the drain lacks Connection: close; the client keeps its connection to the old generation")
+	}
+	// The client keeps its connection, as an idle keep-alive pool does.
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+		if took := time.Since(answered); took > 2*time.Second {
+			t.Errorf("Serve returned %v after the last response: it waited for the drain timeout", took.Round(time.Millisecond))
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Serve did not return")
+	}
+}
+
+func TestServeStandaloneSIGTERM(t *testing.T) {
+	if !inChild(t) {
+		return
+	}
+	DefaultDrainTimeout = 10 * time.Second
+	// Our own subscription keeps SIGTERM from killing the test process before
+	// Serve subscribes.
+	sigc := make(chan os.Signal, 16)
+	signal.Notify(sigc, syscall.SIGTERM)
+	defer signal.Stop(sigc)
+	addr, served := serve(t, context.Background())
+	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
+		t.Fatalf("GET /: %q %v", body, err)
+	}
+	// Serve subscribes to SIGTERM after it reports ready, which is not
+	// observable: signal until the drain starts.
+	waitFor(t, 5*time.Second, "SIGTERM to start the drain", func() bool {
+		_ = syscall.Kill(os.Getpid(), syscall.SIGTERM)
+		time.Sleep(20 * time.Millisecond)
+		return isClosed(Draining())
+	})
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Errorf("Serve returned %v after SIGTERM, want nil", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after SIGTERM")
+	}
+	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		c.Close()
+		t.Error("the port still accepts connections after the drain")
+	}
+}
+
+func TestServeCountsHijackedConnections(t *testing.T) {
+	if !inChild(t) {
+		return
+	}
+	ln, err := Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hijacked sync.WaitGroup
+	mux := http.NewServeMux()
+	mux.HandleFunc("/hijack", func(w http.ResponseWriter, _ *http.Request) {
+		c, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Errorf("hijack: %v", err)
+			return
+		}
+		hijacked.Go(func() {
+			defer c.Close()
+			_, _ = io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: test\r\nConnection: Upgrade\r\n\r\n")
+			_, _ = io.Copy(io.Discard, brw) // until the client hangs up
+		})
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	served := make(chan error, 1)
+	go func() { served <- Serve(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln) }()
+
+	ka := dialKeepAlive(t, ln.Addr().String())
+	ka.send(t, "/hijack")
+	if resp, _ := ka.read(t); resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("hijack: %s", resp.Status)
+	}
+	waitFor(t, 5*time.Second, "the hijacked connection counted, its request finished", func() bool {
+		s := counters(t)
+		return s.Connections == 1 && s.Inflight == 0
+	})
+	ka.conn.Close()
+	hijacked.Wait()
+	waitFor(t, 5*time.Second, "the hijacked connection to be uncounted", func() bool { return counters(t).Connections == 0 })
+	cancel()
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return")
+	}
+}
+
+// --- with a coordinator ---
+
+// fakeCoordinator is the coordinator's end of one generation's control
+// connection.
+type fakeCoordinator struct {
+	t     *testing.T
+	conn  net.Conn
+	hello wire.Msg
+	msgs  chan wire.Msg // everything the generation sends after hello
+	err   chan error    // why msgs ended
+
+	mu    sync.Mutex
+	stats wire.Stats // last reported
+}
+
+// listenCoordinator sets this process up as generation gen of a fake
+// coordinator that answers the hello with welcome. Only a child may call it:
+// it sets ROLLOVER_SOCKET for the process.
+func listenCoordinator(t *testing.T, gen int, secret string, welcome wire.Msg) <-chan *fakeCoordinator {
+	t.Helper()
+	if os.Getenv(envChild) == "" {
+		t.Fatal("listenCoordinator outside a child test process")
+	}
+	dir, err := os.MkdirTemp("", "ra")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock := filepath.Join(dir, "c.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	t.Setenv(EnvSocket, sock)
+	t.Setenv(EnvGeneration, fmt.Sprint(gen))
+	t.Setenv(EnvSecret, secret)
+	ch := make(chan *fakeCoordinator, 1)
+	go func() {
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		f := &fakeCoordinator{t: t, conn: conn, msgs: make(chan wire.Msg, 100), err: make(chan error, 1)}
+		r := wire.NewReader(conn)
+		_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		f.hello, err = r.Read()
+		_ = conn.SetReadDeadline(time.Time{})
+		if err == nil {
+			welcome.Type = wire.TypeWelcome
+			_, err = conn.Write(wire.Encode(welcome))
+		}
+		if err != nil {
+			conn.Close()
+			return
+		}
+		go func() {
+			for {
+				m, err := r.Read()
+				if err != nil {
+					f.err <- err
+					close(f.msgs)
+					return
+				}
+				f.msgs <- m
+			}
+		}()
+		ch <- f
+	}()
+	return ch
+}
+
+// expect returns the next message that is not stats, which must be of type
+// typ.
+func (f *fakeCoordinator) expect(typ string) wire.Msg {
+	f.t.Helper()
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case m, ok := <-f.msgs:
+			if !ok {
+				f.t.Fatalf("waiting for %s: the generation hung up: %v", typ, <-f.err)
+			}
+			if m.Type == wire.TypeStats {
+				if m.Stats != nil {
+					f.mu.Lock()
+					f.stats = *m.Stats
+					f.mu.Unlock()
+				}
+				continue
+			}
+			if m.Type != typ {
+				f.t.Fatalf("got %+v, want %s", m, typ)
+			}
+			return m
+		case <-timeout:
+			f.t.Fatalf("no %s within 10s", typ)
+		}
+	}
+}
+
+// waitStats waits for a stats report that satisfies cond.
+func (f *fakeCoordinator) waitStats(what string, cond func(wire.Stats) bool) {
+	f.t.Helper()
+	timeout := time.After(5 * time.Second)
+	for {
+		select {
+		case m, ok := <-f.msgs:
+			if !ok {
+				f.t.Fatalf("waiting for stats: the generation hung up: %v", <-f.err)
+			}
+			if m.Type != wire.TypeStats || m.Stats == nil {
+				f.t.Fatalf("waiting for stats, got %+v", m)
+			}
+			if cond(*m.Stats) {
+				return
+			}
+		case <-timeout:
+			f.t.Fatalf("no stats report with %s within 5s", what)
+		}
+	}
+}
+
+func (f *fakeCoordinator) send(m wire.Msg) {
+	f.t.Helper()
+	if _, err := f.conn.Write(wire.Encode(m)); err != nil {
+		f.t.Fatal(err)
+	}
+}
+
+func (f *fakeCoordinator) command(m wire.Msg) {
+	f.t.Helper()
+	f.send(m)
+	ack := f.expect(wire.TypeAck)
+	if ack.ID != m.ID || !ack.OK || ack.Error != "" {
+		f.t.Fatalf("%s %d: ack %+v, want an ok ack with the same id", m.Type, m.ID, ack)
+	}
+}
+
+func TestAgentWithCoordinator(t *testing.T) {
+	if !inChild(t) {
+		return
+	}
+	coord := listenCoordinator(t, 7, "s3cret", wire.Msg{OK: true})
+	addr, served := serve(t, context.Background())
+	f := <-coord
+	if f.hello.Type != wire.TypeHello || f.hello.Generation != 7 || f.hello.PID != os.Getpid() || f.hello.Secret != "s3cret" {
+		t.Fatalf("hello %+v, want generation 7, pid %d and the secret", f.hello, os.Getpid())
+	}
+	if Generation() != 7 {
+		t.Errorf("Generation() = %d, want 7", Generation())
+	}
+	ready := f.expect(wire.TypeReady)
+	if !ready.Steerable || ready.SteerError != "" || !slices.Equal(ready.Addrs, []string{addr}) {
+		t.Errorf("ready %+v, want steerable on %s", ready, addr)
+	}
+
+	f.command(wire.Msg{Type: wire.TypeSteer, ID: 1})
+	f.command(wire.Msg{Type: wire.TypePin, ID: 2})
+	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
+		t.Fatalf("GET /: %q %v", body, err)
+	}
+	f.waitStats("1 request", func(s wire.Stats) bool { return s.Requests >= 1 })
+
+	slow := make(chan error, 1)
+	go func() {
+		_, err := getNew(addr, "/slow?d=500ms")
+		slow <- err
+	}()
+	f.waitStats("1 request in flight", func(s wire.Stats) bool { return s.Inflight == 1 && s.Connections == 1 })
+
+	f.command(wire.Msg{Type: wire.TypeDrain, ID: 3, TimeoutMS: 5000})
+	if !isClosed(Draining()) {
+		t.Error("Draining() is open after the drain was acknowledged")
+	}
+	f.expect(wire.TypeClosed)
+	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		c.Close()
+		t.Error("the port still accepts connections after closed")
+	}
+	if err := <-slow; err != nil {
+		t.Errorf("the request in flight during the drain: %v", err)
+	}
+	done := f.expect(wire.TypeDone)
+	if done.Stats == nil || done.Stats.Inflight != 0 || done.Stats.Connections != 0 || done.Stats.Requests != 2 {
+		t.Errorf("done %+v, want final stats of 0 in flight, 0 connections, 2 requests", done.Stats)
+	}
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after done")
+	}
+}
+
+func TestAgentRefused(t *testing.T) {
+	if !inChild(t) {
+		return
+	}
+	listenCoordinator(t, 3, "x", wire.Msg{Error: "wrong secret for generation 3"})
+	_, err := Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "wrong secret") {
+		t.Fatalf("Listen: %v, want ErrRefused with the coordinator's reason", err)
+	}
+	if err := Ready(); !errors.Is(err, ErrRefused) {
+		t.Errorf("Ready: %v, want ErrRefused", err)
+	}
+	if isClosed(Draining()) {
+		t.Error("Draining() is closed for a refused generation")
+	}
+}
+
+// A generation whose coordinator is gone leaves rather than serve
+// unsupervised.
+func TestAgentLostCoordinatorDrains(t *testing.T) {
+	if !inChild(t) {
+		return
+	}
+	DefaultDrainTimeout = 5 * time.Second
+	coord := listenCoordinator(t, 2, "s", wire.Msg{OK: true})
+	addr, served := serve(t, context.Background())
+	f := <-coord
+	f.expect(wire.TypeReady)
+	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
+		t.Fatalf("GET /: %q %v", body, err)
+	}
+	f.conn.Close()
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after the coordinator went away")
+	}
+	if !isClosed(Draining()) {
+		t.Error("Draining() is open")
+	}
+}
