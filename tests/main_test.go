@@ -69,7 +69,7 @@ func needTool(t *testing.T, name string) string {
 
 // shortDir is a private directory with a short path (Unix socket paths are
 // limited to 108 bytes), removed at cleanup.
-func shortDir(t *testing.T) string {
+func shortDir(t testing.TB) string {
 	t.Helper()
 	d, err := os.MkdirTemp("", "ro")
 	if err != nil {
@@ -78,6 +78,9 @@ func shortDir(t *testing.T) string {
 	t.Cleanup(func() { os.RemoveAll(d) })
 	return d
 }
+
+func osMkdirTemp() (string, error) { return os.MkdirTemp("", "ro") }
+func osRemoveAll(d string)         { os.RemoveAll(d) }
 
 // syncBuffer collects a process's output for the race and panic check.
 type syncBuffer struct {

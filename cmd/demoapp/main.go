@@ -6,9 +6,11 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"strconv"
@@ -21,7 +23,24 @@ func main() {
 	addr := flag.String("addr", "127.0.0.1:8080", "listen address")
 	version := flag.String("version", "v1", "version to report")
 	naive := flag.Bool("naive", false, "use the naive hand-over (close + Shutdown) to show what rollover prevents")
+	plain := flag.Bool("plain", false, "serve the same handler on plain net/http, without the library (for the overhead benchmark)")
 	flag.Parse()
+	if *plain {
+		// MPTCP off as in the library, so the benchmark measures only the
+		// library's own cost.
+		var lc net.ListenConfig
+		lc.SetMultipathTCP(false)
+		ln, err := lc.Listen(context.Background(), "tcp", *addr)
+		if err == nil {
+			srv := &http.Server{Handler: handler(*version), ReadHeaderTimeout: 10 * time.Second}
+			err = srv.Serve(ln)
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "demoapp: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if *naive {
 		os.Setenv(rollover.EnvHandover, "naive")
 	}

@@ -58,6 +58,7 @@ func run(args []string) error {
 	drainTimeout := fs.Duration("drain-timeout", 10*time.Second, "coordinator --drain-timeout")
 	asJSON := fs.Bool("json", false, "print the report as JSON (progress goes to stderr)")
 	slow := fs.Int("slow", 0, "clients that keep a 1s request in flight across the rollovers")
+	loadCmd := fs.String("load-cmd", "", `drive load with this command instead (e.g. "wrk -t2 -c32 -d20s {url}"); split on spaces, quotes group, no shell; rollovers run until it exits`)
 	verbose := fs.Bool("v", false, "print a line per rollover and the coordinator's log")
 	netns := fs.Bool("netns-setup", false, "bring lo up first (run inside `unshare -n`)")
 	migrate := fs.Int("migrate-req", -1, "set net.ipv4.tcp_migrate_req to 0 or 1 first (in a namespace of your own)")
@@ -106,6 +107,10 @@ func run(args []string) error {
 	if *naive {
 		handover = "NAIVE hand-over (close + Shutdown)"
 	}
+	if *loadCmd != "" {
+		fmt.Printf("demoapp on %s: %s, a rollover every %v while it runs: %s\n", svc.Addr, handover, *interval, *loadCmd)
+		return external(ctx, svc, *loadCmd, *interval, *drainTimeout)
+	}
 	if !*asJSON {
 		fmt.Printf("demoapp on %s: %d clients, %s, %s, %d rollovers every %v\n", svc.Addr, *clients, mode, handover, *rollovers, *interval)
 	}
@@ -138,4 +143,83 @@ func run(args []string) error {
 		return failedError{fmt.Sprintf("%d rollovers and %d requests failed", rep.Failed, rep.Load.Failures+rep.Slow.Failures)}
 	}
 	return nil
+}
+
+// external rolls svc over every interval while a load tool no one here wrote
+// (wrk, ab) runs against it, then prints the tool's own verdict.
+func external(ctx context.Context, svc *harness.Service, line string, interval, drainTimeout time.Duration) error {
+	argv := splitArgs(strings.ReplaceAll(line, "{url}", "http://"+svc.Addr+"/"))
+	if len(argv) == 0 {
+		return fmt.Errorf("-load-cmd is empty")
+	}
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	ok, failed := 0, 0
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	var loadErr error
+loop:
+	for {
+		select {
+		case loadErr = <-done:
+			break loop
+		case <-t.C:
+			if _, err := svc.Next(ctx, []string{"v2", "v1"}[(ok+failed)%2], false); err != nil {
+				failed++
+				fmt.Fprintf(os.Stderr, "rollover failed: %v\n", err)
+			} else {
+				ok++
+			}
+		}
+	}
+	fmt.Printf("rollovers during the run: %d ok, %d failed\n", ok, failed)
+	sctx, cancel := context.WithTimeout(context.Background(), drainTimeout+10*time.Second)
+	defer cancel()
+	if err := svc.Stop(sctx); err != nil {
+		return failedError{fmt.Sprintf("stop: %v", err)}
+	}
+	if loadErr != nil {
+		return failedError{fmt.Sprintf("%s: %v", argv[0], loadErr)}
+	}
+	if failed > 0 {
+		return failedError{fmt.Sprintf("%d rollovers failed", failed)}
+	}
+	return nil
+}
+
+// splitArgs splits a command line on spaces; single or double quotes group
+// words ("-H 'Connection: close'"). There is no shell and no escaping.
+func splitArgs(line string) []string {
+	var out []string
+	var cur strings.Builder
+	var quote rune
+	inWord := false
+	for _, r := range line {
+		switch {
+		case quote != 0 && r == quote:
+			quote = 0
+		case quote != 0:
+			cur.WriteRune(r)
+		case r == '\'' || r == '"':
+			quote, inWord = r, true
+		case r == ' ' || r == '\t':
+			if inWord {
+				out = append(out, cur.String())
+				cur.Reset()
+				inWord = false
+			}
+		default:
+			cur.WriteRune(r)
+			inWord = true
+		}
+	}
+	if inWord {
+		out = append(out, cur.String())
+	}
+	return out
 }

@@ -1,0 +1,138 @@
+package tests
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rollover-sh/rollover/internal/harness"
+	"github.com/rollover-sh/rollover/internal/load"
+)
+
+// startApp runs demoapp standalone (library) or with -plain (net/http only)
+// and waits until it answers.
+func startApp(b *testing.B, plain bool) string {
+	b.Helper()
+	port, err := harness.FreePort()
+	if err != nil {
+		b.Fatal(err)
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	args := []string{"-addr", addr}
+	if plain {
+		args = append(args, "-plain")
+	}
+	cmd := exec.Command(filepath.Join(bin, "demoapp"), args...)
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, err := http.Get("http://" + addr + "/")
+		if err == nil {
+			resp.Body.Close()
+			return addr
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("demoapp did not answer: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// BenchmarkOverhead compares the demo app's requests/s under the library with
+// the same handler on plain net/http, in alternating rounds within one run
+// so that the machine's noise hits both alike. The figure to reach: a
+// library/plain ratio of at least 0.97 with keep-alive clients.
+func BenchmarkOverhead(b *testing.B) {
+	for _, ka := range []bool{true, false} {
+		b.Run(fmt.Sprintf("keepalive=%v", ka), func(b *testing.B) {
+			plain, lib := startApp(b, true), startApp(b, false)
+			round := 2 * time.Second
+			var plainRPS, libRPS []float64
+			for i := 0; i < b.N; i++ {
+				for _, r := range []struct {
+					addr string
+					out  *[]float64
+				}{{plain, &plainRPS}, {lib, &libRPS}} {
+					res, err := load.Run(context.Background(), load.Options{
+						URL: "http://" + r.addr + "/", Clients: 32, KeepAlive: ka, Duration: round,
+					})
+					if err != nil {
+						b.Fatal(err)
+					}
+					if res.Failures > 0 {
+						b.Fatalf("%d failed requests: %v", res.Failures, res.Samples)
+					}
+					*r.out = append(*r.out, res.RPS())
+				}
+			}
+			p, l := medianF(plainRPS), medianF(libRPS)
+			b.ReportMetric(p, "plain-req/s")
+			b.ReportMetric(l, "library-req/s")
+			b.ReportMetric(l/p, "ratio")
+		})
+	}
+}
+
+func medianF(xs []float64) float64 {
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	return s[len(s)/2]
+}
+
+// BenchmarkRolloverIdle measures a rollover of an idle service from the new
+// generation becoming active to the old one gone. The figure to reach: the
+// drain grace plus 100ms.
+func BenchmarkRolloverIdle(b *testing.B) {
+	const grace = 100 * time.Millisecond
+	dir := shortDir(b)
+	svc, err := harness.Start(context.Background(), harness.Config{
+		Rollover: filepath.Join(bin, "rollover"), App: filepath.Join(bin, "demoapp"), Dir: dir, DrainGrace: grace,
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := svc.Stop(ctx); err != nil {
+			b.Error(err)
+		}
+		svc.Kill()
+	})
+	var drains []float64
+	over := 0
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		r, err := svc.Next(context.Background(), []string{"v2", "v1"}[i%2], true)
+		if err != nil {
+			b.Fatal(err)
+		}
+		drains = append(drains, float64(r.Drain.Milliseconds()))
+		if r.Drain > grace+100*time.Millisecond {
+			over++
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(medianF(drains), "drain-ms/p50")
+	b.ReportMetric(float64(grace.Milliseconds()+100), "budget-ms")
+	b.ReportMetric(float64(over), "over-budget")
+}
