@@ -79,8 +79,6 @@ func shortDir(t testing.TB) string {
 	return d
 }
 
-func osMkdirTemp() (string, error) { return os.MkdirTemp("", "ro") }
-func osRemoveAll(d string)         { os.RemoveAll(d) }
 
 // syncBuffer collects a process's output for the race and panic check.
 type syncBuffer struct {
