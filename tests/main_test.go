@@ -79,7 +79,6 @@ func shortDir(t testing.TB) string {
 	return d
 }
 
-
 // syncBuffer collects a process's output for the race and panic check.
 type syncBuffer struct {
 	mu sync.Mutex
