@@ -159,20 +159,39 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		<-c.dead
 	}()
 
-	if mr, err := reuse.MigrateReq(); err == nil {
-		c.log.Info("tcp_migrate_req", "enabled", mr)
-	}
 	c.do(func() { c.s.busy = true })
 	if _, err := c.rollover(c.cfg.Argv, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
 		c.shutdown()
 		return err
 	}
+	c.reportSteering()
 	select {
 	case <-ctx.Done():
 	case <-c.stopCh:
 	}
 	c.shutdown()
 	return nil
+}
+
+// reportSteering says at start-up how hand-overs will work, with one warning
+// line when neither steering nor the kernel's migration can protect them.
+func (c *Coordinator) reportSteering() {
+	var steerable bool
+	var why string
+	c.do(func() {
+		if a := c.s.active; a != nil {
+			steerable, why = a.steerable, a.steerErr
+		}
+	})
+	mr, err := reuse.MigrateReq()
+	switch {
+	case steerable:
+		c.log.Info("hand-over: BPF steering", "tcp_migrate_req", mr)
+	case err == nil && mr:
+		c.log.Info("hand-over: generation cannot be steered; relying on tcp_migrate_req=1", "reason", why)
+	default:
+		c.log.Warn("hand-over unprotected: the generation cannot be steered and net.ipv4.tcp_migrate_req is 0, so connections queued on an old listener may be reset; enable it (deploy/sysctl/90-rollover.conf)", "reason", why)
+	}
 }
 
 // Reload rolls over to the active command line again (SIGHUP, SIGUSR2).

@@ -119,7 +119,7 @@ func (c *Coordinator) rollover(argv []string, emit func(wire.Event)) (prev *gen,
 	var steerable bool
 	var steerErr string
 	c.do(func() { prev, steerable, steerErr = c.s.active, g.steerable, g.steerErr })
-	if !steerable {
+	if !steerable && prev != nil {
 		c.log.Warn("generation cannot be steered; the hand-over relies on net.ipv4.tcp_migrate_req", "gen", g.n, "reason", steerErr)
 	}
 	if prev != nil && steerable {
