@@ -208,6 +208,12 @@ func (c *Coordinator) genMsg(g *gen, m wire.Msg) {
 
 // command sends m to g and waits for its acknowledgement.
 func (c *Coordinator) command(g *gen, m wire.Msg, timeout time.Duration) error {
+	_, err := c.ask(g, m, timeout)
+	return err
+}
+
+// ask sends m to g and returns its acknowledgement.
+func (c *Coordinator) ask(g *gen, m wire.Msg, timeout time.Duration) (wire.Msg, error) {
 	m.ID = c.cmdID.Add(1)
 	ch := make(chan wire.Msg, 1)
 	var out *genConn
@@ -218,24 +224,24 @@ func (c *Coordinator) command(g *gen, m wire.Msg, timeout time.Duration) error {
 		}
 	})
 	if out == nil {
-		return fmt.Errorf("gen %d has no control connection", g.n)
+		return wire.Msg{}, fmt.Errorf("gen %d has no control connection", g.n)
 	}
 	defer c.do(func() { delete(g.pending, m.ID) })
 	if err := out.send(m); err != nil {
-		return fmt.Errorf("gen %d: send %s: %w", g.n, m.Type, err)
+		return wire.Msg{}, fmt.Errorf("gen %d: send %s: %w", g.n, m.Type, err)
 	}
 	t := time.NewTimer(timeout)
 	defer t.Stop()
 	select {
 	case a := <-ch:
 		if a.Error != "" {
-			return errors.New(a.Error)
+			return a, errors.New(a.Error)
 		}
-		return nil
+		return a, nil
 	case <-g.exited:
-		return fmt.Errorf("gen %d exited (%s)", g.n, exitText(g.exitErr))
+		return wire.Msg{}, fmt.Errorf("gen %d exited (%s)", g.n, exitText(g.exitErr))
 	case <-t.C:
-		return fmt.Errorf("gen %d did not answer %s within %v", g.n, m.Type, timeout)
+		return wire.Msg{}, fmt.Errorf("gen %d did not answer %s within %v", g.n, m.Type, timeout)
 	}
 }
 

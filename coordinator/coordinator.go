@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/rollover-sh/rollover/metrics"
 	"github.com/rollover-sh/rollover/reuse"
 	"github.com/rollover-sh/rollover/rollover/wire"
@@ -283,6 +285,44 @@ func sortGens(gs []wire.GenStatus) {
 			gs[j], gs[j-1] = gs[j-1], gs[j]
 		}
 	}
+}
+
+// Gatherer is what /metrics serves: own (the coordinator's registry) plus
+// every live generation's own metrics, labelled with its generation.
+func (c *Coordinator) Gatherer(own prometheus.Gatherer) prometheus.Gatherer {
+	return c.metrics.Gatherer(own, c.metricSources)
+}
+
+func (c *Coordinator) metricSources() []metrics.Source {
+	var gens []*gen
+	f := func() {
+		for _, g := range c.s.gens {
+			if g.conn != nil {
+				gens = append(gens, g)
+			}
+		}
+	}
+	done := make(chan struct{})
+	select {
+	case c.calls <- func() { f(); close(done) }:
+		<-done
+	case <-c.dead:
+		return nil
+	case <-time.After(time.Second):
+		return nil
+	}
+	srcs := make([]metrics.Source, 0, len(gens))
+	for _, g := range gens {
+		srcs = append(srcs, metrics.Source{Generation: g.n, Fetch: func(ctx context.Context) (string, error) {
+			timeout := metrics.DefaultFetchTimeout
+			if d, ok := ctx.Deadline(); ok {
+				timeout = time.Until(d)
+			}
+			a, err := c.ask(g, wire.Msg{Type: wire.TypeMetrics}, timeout)
+			return a.Metrics, err
+		}})
+	}
+	return srcs
 }
 
 // sample feeds the metrics collector; it gives up rather than block a scrape.

@@ -35,6 +35,8 @@ type Coordinator struct {
 	ForcedDrains prometheus.Counter
 	Ready        prometheus.Histogram
 	Drain        prometheus.Histogram
+	ScrapeErrors prometheus.Counter
+	Clashes      prometheus.Counter
 	read         func() (Sample, bool)
 }
 
@@ -66,6 +68,12 @@ func NewCoordinator(read func() (Sample, bool)) *Coordinator {
 			Name: "rollover_drain_duration_seconds", Help: "Time from telling a generation to drain to its exit.",
 			Buckets: prometheus.ExponentialBuckets(0.01, 2, 14),
 		}),
+		ScrapeErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "rollover_generation_scrape_errors_total", Help: "Generations that did not answer a metrics scrape in time, or answered garbage.",
+		}),
+		Clashes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "rollover_federation_clashes_total", Help: "App metric families dropped because the coordinator exports the name or generations disagree on its type.",
+		}),
 		read: read,
 	}
 	c.Rollovers.WithLabelValues("ok")
@@ -79,6 +87,8 @@ func (c *Coordinator) Describe(ch chan<- *prometheus.Desc) {
 	c.ForcedDrains.Describe(ch)
 	c.Ready.Describe(ch)
 	c.Drain.Describe(ch)
+	c.ScrapeErrors.Describe(ch)
+	c.Clashes.Describe(ch)
 	for _, d := range []*prometheus.Desc{descInfo, descState, descInflight, descConns, descRequests, descActive, descMigrate} {
 		ch <- d
 	}
@@ -90,6 +100,8 @@ func (c *Coordinator) Collect(ch chan<- prometheus.Metric) {
 	c.ForcedDrains.Collect(ch)
 	c.Ready.Collect(ch)
 	c.Drain.Collect(ch)
+	c.ScrapeErrors.Collect(ch)
+	c.Clashes.Collect(ch)
 	s, ok := c.read()
 	if !ok {
 		return

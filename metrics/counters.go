@@ -5,11 +5,18 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Counters counts an app's HTTP work with atomics only, so the hot path costs
 // a few uncontended atomic operations per request. The zero value is ready.
 type Counters struct {
+	// Latency, when set before Handler is used, observes each request's
+	// duration in seconds.
+	Latency prometheus.Observer
+
 	inflight atomic.Int64
 	conns    atomic.Int64
 	requests atomic.Uint64
@@ -43,13 +50,31 @@ func (c *Counters) Closing() bool { return c.closing.Load() }
 // Handler counts requests in flight and in total around h.
 func (c *Counters) Handler(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
 		c.requests.Add(1)
 		c.inflight.Add(1)
-		defer c.inflight.Add(-1)
+		defer c.done(start)
 		if c.closing.Load() {
 			w.Header().Set("Connection", "close")
 		}
 		h.ServeHTTP(w, r)
+	})
+}
+
+func (c *Counters) done(start time.Time) {
+	c.inflight.Add(-1)
+	if c.Latency != nil {
+		c.Latency.Observe(time.Since(start).Seconds())
+	}
+}
+
+// NewLatency is the request-duration histogram the library reports; the
+// coordinator adds the generation label.
+func NewLatency() prometheus.Histogram {
+	return prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "rollover_request_duration_seconds",
+		Help:    "Time to serve a request, from the handler's start to its return.",
+		Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
 	})
 }
 

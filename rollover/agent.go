@@ -1,6 +1,7 @@
 package rollover
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +11,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/common/expfmt"
 
 	"github.com/rollover-sh/rollover/metrics"
 	"github.com/rollover-sh/rollover/reuse"
@@ -55,6 +59,7 @@ type agent struct {
 	conn    net.Conn // nil when standalone
 	wmu     sync.Mutex
 	counter metrics.Counters
+	own     *prometheus.Registry // the library's own metrics
 
 	mu        sync.Mutex
 	listeners []*metrics.Listener
@@ -91,7 +96,11 @@ func newAgent() (*agent, error) {
 		draining: make(chan struct{}),
 		closed:   make(chan struct{}),
 		naive:    os.Getenv(EnvHandover) == "naive",
+		own:      prometheus.NewRegistry(),
 	}
+	latency := metrics.NewLatency()
+	a.own.MustRegister(latency)
+	a.counter.Latency = latency
 	path := os.Getenv(EnvSocket)
 	if path == "" {
 		return a, nil
@@ -169,6 +178,8 @@ func (a *agent) readLoop(r *wire.Reader) {
 			go a.ack(m.ID, a.steer())
 		case wire.TypePin:
 			go a.ack(m.ID, a.pin())
+		case wire.TypeMetrics:
+			go a.answerMetrics(m.ID)
 		case wire.TypeDrain:
 			a.ack(m.ID, nil)
 			a.drain(drainOrder{
@@ -183,6 +194,33 @@ func (a *agent) ack(id uint64, err error) {
 	m := wire.Msg{Type: wire.TypeAck, ID: id, OK: err == nil}
 	if err != nil {
 		m.Error = err.Error()
+	}
+	_ = a.send(m)
+}
+
+// appRegistry holds the app's own collectors; see Registry.
+var appRegistry = prometheus.NewRegistry()
+
+// Registry is where an app registers its own Prometheus collectors. The
+// coordinator's /metrics includes them for every live generation, with a
+// generation label added, so one scrape target shows all generations.
+// Metric names that clash with the coordinator's own are dropped there.
+func Registry() *prometheus.Registry { return appRegistry }
+
+// answerMetrics sends the library's and the app's metrics in the text format.
+func (a *agent) answerMetrics(id uint64) {
+	mfs, err := prometheus.Gatherers{a.own, appRegistry}.Gather()
+	var buf bytes.Buffer
+	for _, mf := range mfs {
+		if _, werr := expfmt.MetricFamilyToText(&buf, mf); werr != nil && err == nil {
+			err = werr
+		}
+	}
+	m := wire.Msg{Type: wire.TypeAck, ID: id, OK: true, Metrics: buf.String()}
+	if err != nil && len(mfs) == 0 {
+		m.OK, m.Error, m.Metrics = false, err.Error(), ""
+	} else if err != nil {
+		fmt.Fprintf(os.Stderr, "rollover: gathering metrics: %v\n", err)
 	}
 	_ = a.send(m)
 }

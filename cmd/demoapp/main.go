@@ -16,6 +16,8 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/rollover-sh/rollover/rollover"
 )
 
@@ -59,8 +61,18 @@ func handler(version string) http.Handler {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		_, _ = w.Write([]byte(body))
 	}
+	// The app's own metric, federated by the coordinator with a generation
+	// label: one scrape target shows every generation.
+	answers := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "demoapp_answers_total", Help: "Answers by endpoint.",
+	}, []string{"endpoint"})
+	rollover.Registry().MustRegister(answers)
+	root, slow := answers.WithLabelValues("/"), answers.WithLabelValues("/slow")
 	mux := http.NewServeMux()
-	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) { answer(w) })
+	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) {
+		root.Inc()
+		answer(w)
+	})
 	mux.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
 		d, err := time.ParseDuration(r.URL.Query().Get("d"))
 		if err != nil || d < 0 || d > time.Minute {
@@ -72,6 +84,7 @@ func handler(version string) http.Handler {
 		case <-r.Context().Done():
 			return
 		}
+		slow.Inc()
 		answer(w)
 	})
 	return mux

@@ -212,7 +212,7 @@ func serveMetrics(addr string, c *coordinator.Coordinator) (*http.Server, error)
 		return nil, fmt.Errorf("metrics: %w (pass --metrics-addr ADDR, or --metrics-addr \"\" to turn it off)", err)
 	}
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
+	mux.Handle("/metrics", promhttp.HandlerFor(c.Gatherer(reg), promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
 	return srv, nil

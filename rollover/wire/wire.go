@@ -9,7 +9,7 @@
 //
 // A generation connects and sends TypeHello (generation, pid, secret), then
 // TypeReady once it serves, then TypeStats every StatsInterval. The
-// coordinator sends commands (TypeSteer, TypePin, TypeDrain) with an ID; the
+// coordinator sends commands (TypeSteer, TypePin, TypeDrain, TypeMetrics) with an ID; the
 // generation answers each with TypeAck carrying the same ID (and Error when it
 // failed). While draining, the generation sends TypeClosed once its listeners
 // are closed and TypeDone right before it exits.
@@ -31,8 +31,9 @@ import (
 // Version is the protocol version spoken by this package.
 const Version = 1
 
-// MaxLine bounds one message, newline included.
-const MaxLine = 64 << 10
+// MaxLine bounds one message, newline included. A generation's metrics
+// (TypeMetrics) travel in one message, so it is generous.
+const MaxLine = 1 << 20
 
 // StatsInterval is how often a generation reports its counters.
 const StatsInterval = 250 * time.Millisecond
@@ -52,6 +53,9 @@ const (
 	TypeSteer   = "steer"
 	TypePin     = "pin"
 	TypeDrain   = "drain"
+	// TypeMetrics asks for the generation's metrics in the Prometheus text
+	// format; the TypeAck carries them in Metrics.
+	TypeMetrics = "metrics"
 
 	// CLI → coordinator
 	TypeNext     = "next"
@@ -66,7 +70,7 @@ const (
 
 var knownTypes = map[string]bool{
 	TypeHello: true, TypeReady: true, TypeStats: true, TypeAck: true, TypeClosed: true, TypeDone: true,
-	TypeWelcome: true, TypeSteer: true, TypePin: true, TypeDrain: true,
+	TypeWelcome: true, TypeSteer: true, TypePin: true, TypeDrain: true, TypeMetrics: true,
 	TypeNext: true, TypeStatus: true, TypeStop: true, TypeRollback: true,
 	TypeEvent: true, TypeResult: true,
 }
@@ -102,6 +106,9 @@ type Msg struct {
 
 	// Event.
 	Event *Event `json:"event,omitempty"`
+
+	// Ack to TypeMetrics: the Prometheus text exposition format.
+	Metrics string `json:"metrics,omitempty"`
 
 	// Result, Ack, Welcome. Error is empty on success. Code is the CLI's exit
 	// code for a failed result.

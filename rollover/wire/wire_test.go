@@ -31,6 +31,7 @@ func golden() []Msg {
 		{Type: TypeSteer, ID: 8},
 		{Type: TypePin, ID: 9},
 		{Type: TypeDrain, ID: 10, GraceMS: 100, TimeoutMS: 30000},
+		{Type: TypeMetrics, ID: 11},
 		{Type: TypeNext, Argv: []string{"./app", "-addr", ":8080"}, Wait: true},
 		{Type: TypeStatus},
 		{Type: TypeStop},
