@@ -490,11 +490,13 @@ func (r *rig) tagged() []int {
 	return pids
 }
 
-// pids returns every generation pid the coordinator reported.
+// pids returns every generation pid the coordinator reported: in log
+// records about a generation, and in started events.
 func (r *rig) pids() []int {
 	var pids []int
 	for _, rec := range r.logs.records() {
-		if p, ok := rec.attrs["pid"]; ok {
+		_, aboutGen := rec.attrs["gen"]
+		if p, ok := rec.attrs["pid"]; ok && aboutGen {
 			if n, err := strconv.Atoi(p); err == nil {
 				pids = append(pids, n)
 			}

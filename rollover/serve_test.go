@@ -576,9 +576,8 @@ func TestAgentWithCoordinator(t *testing.T) {
 	f.waitStats("1 request in flight", func(s wire.Stats) bool { return s.Inflight == 1 && s.Connections == 1 })
 
 	f.command(wire.Msg{Type: wire.TypeDrain, ID: 3, TimeoutMS: 5000})
-	if !isClosed(Draining()) {
-		t.Error("Draining() is open after the drain was acknowledged")
-	}
+	// The agent acknowledges the drain, then starts it.
+	waitFor(t, 5*time.Second, "Draining() to close", func() bool { return isClosed(Draining()) })
 	f.expect(wire.TypeClosed)
 	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 		c.Close()
@@ -643,5 +642,50 @@ func TestAgentLostCoordinatorDrains(t *testing.T) {
 	}
 	if !isClosed(Draining()) {
 		t.Error("Draining() is open")
+	}
+}
+
+// lateListener returns from Accept late once it is closed, as a busy
+// scheduler may: the http.Server still tracks it when Serve shuts down.
+type lateListener struct{ net.Listener }
+
+func (l lateListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		time.Sleep(300 * time.Millisecond) // the scheduling delay under test
+	}
+	return c, err
+}
+
+// NetListener lets the hand-over reach the socket.
+func (l lateListener) NetListener() net.Listener { return l.Listener }
+
+// A clean drain returns nil even if the server has not yet noticed that the
+// hand-over closed its listener (Shutdown then closes it a second time).
+func TestServeCleanDrainReturnsNil(t *testing.T) {
+	if !inChild(t) {
+		return
+	}
+	ln, err := Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	served := make(chan error, 1)
+	srv := &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}
+	go func() { served <- Serve(ctx, srv, lateListener{ln}) }()
+	if body, err := getNew(ln.Addr().String(), "/"); err != nil || body != "ok" {
+		t.Fatalf("GET /: %q %v", body, err)
+	}
+	waitFor(t, 5*time.Second, "the connection to close", func() bool { return counters(t).Connections == 0 })
+	cancel()
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Errorf("Serve returned %v after a clean drain, want nil", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return")
 	}
 }
