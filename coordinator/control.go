@@ -275,6 +275,9 @@ func (c *Coordinator) handleCLI(out *genConn, m wire.Msg) {
 			}
 		}
 		old, err := c.tryRollover(argv, emit)
+		if err != nil {
+			c.log.Warn("rollover failed", "err", err)
+		}
 		if err == nil && m.Wait {
 			c.waitDrain(old, emit)
 		}
