@@ -139,8 +139,9 @@ func (c *Coordinator) handle(conn *net.UnixConn) {
 
 func (c *Coordinator) handleGen(out *genConn, r *wire.Reader, hello wire.Msg, cred *unix.Ucred) {
 	var g *gen
-	reason := ""
+	reason := "coordinator is stopping"
 	c.do(func() {
+		reason = ""
 		g = c.s.gens[hello.Generation]
 		switch {
 		case g == nil:

@@ -40,8 +40,8 @@ var (
 	ErrSocket     = errors.New("control socket")
 )
 
-// Config configures a coordinator. The zero value of every field but Argv
-// and Socket has a default.
+// Config configures a coordinator. A zero duration takes its Default
+// (DrainGrace excepted: 0 is a valid grace on loopback).
 type Config struct {
 	Argv         []string      // generation 1's command line
 	Socket       string        // control socket path
@@ -151,6 +151,9 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	defer os.Remove(c.cfg.Socket)
 	go c.accept()
 	go c.loop()
+	// Canceling ctx also stops a start that still waits for generation 1.
+	stopOnCancel := context.AfterFunc(ctx, c.requestStop)
+	defer stopOnCancel()
 	defer func() {
 		close(c.stopped)
 		// Let `stop` and `next --wait` clients read their results.
@@ -164,6 +167,9 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	c.do(func() { c.s.busy = true })
 	if _, err := c.rollover(c.cfg.Argv, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
 		c.shutdown()
+		if errors.Is(err, ErrStopping) {
+			return nil // stopped (ctx, `stop`) before generation 1 was ready
+		}
 		return err
 	}
 	c.reportSteering()

@@ -99,13 +99,14 @@ func newSecret() string {
 }
 
 // childEnv is the coordinator's environment minus what must not leak into a
-// generation (another generation's identity, systemd's notify socket), plus
-// this generation's identity.
+// generation (the coordinator's own identity when it runs under another
+// coordinator, systemd's notify socket), plus this generation's identity.
 func childEnv(socket string, n int, secret string) []string {
 	var env []string
 	for _, kv := range os.Environ() {
 		k, _, _ := strings.Cut(kv, "=")
-		if strings.HasPrefix(k, "ROLLOVER_") || k == "NOTIFY_SOCKET" {
+		switch k {
+		case rollover.EnvSocket, rollover.EnvGeneration, rollover.EnvSecret, "NOTIFY_SOCKET":
 			continue
 		}
 		env = append(env, kv)

@@ -175,7 +175,9 @@ func testConfig(cfg Config) Config {
 // run it.
 func newRig(t *testing.T, mode string, cfg Config) *rig {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "rt") // short: socket paths max 108 bytes
+	// Short: socket paths max 108 bytes. A child test process uses its
+	// parent's directory, which outlives a crash of the child.
+	dir, err := os.MkdirTemp(os.Getenv(envChildDir), "rt")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -399,6 +401,7 @@ func (r *rig) mustGet(path string) (gen, pid int) {
 const (
 	envChild    = "ROLLOVER_TEST_CHILD"
 	envChildTag = "ROLLOVER_TEST_CHILD_TAG"
+	envChildDir = "ROLLOVER_TEST_CHILD_DIR"
 )
 
 // inChild reports whether this process is the child that runs t. In the
@@ -414,10 +417,15 @@ func inChild(t *testing.T) bool {
 		t.Fatal(err)
 	}
 	tag := randomTag()
+	dir, err := os.MkdirTemp("", "rt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, exe, "-test.run=^"+regexp.QuoteMeta(t.Name())+"$", "-test.count=1", "-test.v", "-test.timeout=50s")
-	cmd.Env = append(os.Environ(), envChild+"="+t.Name(), envChildTag+"="+tag)
+	cmd.Env = append(os.Environ(), envChild+"="+t.Name(), envChildTag+"="+tag, envChildDir+"="+dir)
 	cmd.WaitDelay = 5 * time.Second
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out

@@ -18,7 +18,7 @@ const commandTimeout = 5 * time.Second
 func (c *Coordinator) tryRollover(argv []string, emit func(wire.Event)) (*gen, error) {
 	var busy, stopping bool
 	var active []string
-	c.do(func() {
+	alive := c.do(func() {
 		busy, stopping = c.s.busy, c.s.stopping
 		if !busy && !stopping {
 			c.s.busy = true
@@ -30,7 +30,7 @@ func (c *Coordinator) tryRollover(argv []string, emit func(wire.Event)) (*gen, e
 		}
 	})
 	switch {
-	case stopping:
+	case stopping, !alive:
 		return nil, ErrStopping
 	case busy:
 		return nil, fmt.Errorf("%w: wait for it to finish and try again", ErrInProgress)
@@ -86,13 +86,15 @@ func (c *Coordinator) rollover(argv []string, emit func(wire.Event)) (prev *gen,
 	// Spawn on the owner goroutine, so the generation is known (number and
 	// pid) before its hello can arrive.
 	var spawnErr error
-	c.do(func() {
+	if !c.do(func() {
 		c.s.next++
 		g.n = c.s.next
 		if spawnErr = spawnProcess(g, c.cfg.Socket, c.log); spawnErr == nil {
 			c.s.gens[g.n] = g
 		}
-	})
+	}) {
+		return nil, ErrStopping // the owner loop is gone: Run returned
+	}
 	if spawnErr != nil {
 		return nil, fmt.Errorf("start gen %d: %w", g.n, spawnErr)
 	}
@@ -133,7 +135,15 @@ func (c *Coordinator) rollover(argv []string, emit func(wire.Event)) (prev *gen,
 			return nil, fmt.Errorf("gen %d failed the steering verification: %v", g.n, err)
 		}
 	}
+	exited := false
 	c.do(func() {
+		select {
+		case <-g.exited:
+			// wait() already ran and saw no active generation to restart.
+			exited = true
+			return
+		default:
+		}
 		c.s.active = g
 		g.state = stateActive
 		g.activeAt = time.Now()
@@ -141,6 +151,14 @@ func (c *Coordinator) rollover(argv []string, emit func(wire.Event)) (prev *gen,
 			c.s.previous = prev.argv
 		}
 	})
+	if exited {
+		if prev != nil && steerable {
+			if perr := c.command(prev, wire.Msg{Type: wire.TypePin}, commandTimeout); perr != nil {
+				c.log.Warn("re-pin of the active generation failed", "gen", prev.n, "err", perr)
+			}
+		}
+		return nil, fmt.Errorf("gen %d exited right after it was ready (%s); last stderr: %s", g.n, exitText(g.exitErr), g.stderrTail())
+	}
 	emit(wire.Event{Phase: wire.PhaseActive, Generation: g.n, PID: g.pid})
 
 	if prev != nil {
@@ -183,7 +201,9 @@ func (c *Coordinator) drain(g *gen) {
 	msg := wire.Msg{Type: wire.TypeDrain, GraceMS: c.cfg.DrainGrace.Milliseconds(), TimeoutMS: c.cfg.DrainTimeout.Milliseconds()}
 	if err := c.command(g, msg, commandTimeout); err != nil {
 		c.log.Warn("drain command failed; sending SIGTERM", "gen", g.n, "err", err)
-		_ = syscall.Kill(g.pid, syscall.SIGTERM)
+		// Signal fails safely once the process is reaped; a bare pid might
+		// by then belong to someone else.
+		_ = g.proc.Signal(syscall.SIGTERM)
 	}
 	go func() {
 		select {
@@ -263,7 +283,14 @@ func (c *Coordinator) scheduleRestart() {
 	c.s.restartPending = true
 	c.log.Warn("restarting after backoff", "delay", delay, "attempt", c.s.crashes)
 	time.AfterFunc(delay, func() {
-		c.do(func() { c.s.restartPending = false })
+		stale := false
+		c.do(func() {
+			c.s.restartPending = false
+			stale = c.s.active != nil // someone rolled over meanwhile
+		})
+		if stale {
+			return
+		}
 		if _, err := c.tryRollover(nil, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
 			c.log.Error("restart failed", "err", err)
 		}

@@ -1,6 +1,8 @@
 package metrics
 
 import (
+	"bufio"
+	"io"
 	"net"
 	"net/http"
 	"sync"
@@ -47,17 +49,20 @@ func (c *Counters) SetClosing() { c.closing.Store(true) }
 // Closing reports whether SetClosing was called.
 func (c *Counters) Closing() bool { return c.closing.Load() }
 
-// Handler counts requests in flight and in total around h.
+// Handler counts requests in flight and in total around h. Once SetClosing
+// was called, every response whose header is not yet written says
+// "Connection: close", including those of requests already in flight.
 func (c *Counters) Handler(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		c.requests.Add(1)
 		c.inflight.Add(1)
 		defer c.done(start)
-		if c.closing.Load() {
-			w.Header().Set("Connection", "close")
+		cw := &closeWriter{ResponseWriter: w, c: c}
+		h.ServeHTTP(cw, r)
+		if !cw.wroteHeader {
+			cw.markClose() // the server writes the header after h returns
 		}
-		h.ServeHTTP(w, r)
 	})
 }
 
@@ -132,3 +137,57 @@ func (t *countedConn) Close() error {
 	t.once.Do(func() { t.c.conns.Add(-1) })
 	return t.Conn.Close()
 }
+
+// closeWriter decides on "Connection: close" when the header is written, not
+// when the request arrived: a request in flight when the drain starts must
+// still send its client away, or the client keeps the connection and holds
+// the old generation until the drain timeout.
+type closeWriter struct {
+	http.ResponseWriter
+	c           *Counters
+	wroteHeader bool
+}
+
+func (w *closeWriter) markClose() {
+	if w.c.closing.Load() {
+		w.ResponseWriter.Header().Set("Connection", "close")
+	}
+}
+
+func (w *closeWriter) WriteHeader(code int) {
+	if !w.wroteHeader && code >= 200 {
+		w.wroteHeader = true
+		w.markClose()
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *closeWriter) Write(b []byte) (int, error) {
+	if !w.wroteHeader {
+		w.WriteHeader(http.StatusOK)
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+// ReadFrom keeps sendfile for handlers that io.Copy a file.
+func (w *closeWriter) ReadFrom(r io.Reader) (int64, error) {
+	if !w.wroteHeader {
+		w.WriteHeader(http.StatusOK)
+	}
+	return io.Copy(w.ResponseWriter, r)
+}
+
+// Flush and Hijack keep the interfaces that handlers type-assert for.
+func (w *closeWriter) Flush() {
+	if !w.wroteHeader {
+		w.WriteHeader(http.StatusOK)
+	}
+	_ = http.NewResponseController(w.ResponseWriter).Flush()
+}
+
+func (w *closeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	return http.NewResponseController(w.ResponseWriter).Hijack()
+}
+
+// Unwrap lets http.ResponseController reach the server's writer.
+func (w *closeWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

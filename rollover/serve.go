@@ -125,7 +125,9 @@ func Serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+	// The hand-over closed the listeners; Shutdown closes them again if
+	// srv.Serve has not yet returned from Accept, and says so (net.ErrClosed).
+	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, net.ErrClosed) {
 		return err
 	}
 	_ = srv.Close()
