@@ -58,7 +58,9 @@ func (c *Counters) Handler(h http.Handler) http.Handler {
 		c.requests.Add(1)
 		c.inflight.Add(1)
 		defer c.done(start)
-		cw := &closeWriter{ResponseWriter: w, c: c}
+		cw := closeWriters.Get().(*closeWriter)
+		*cw = closeWriter{ResponseWriter: w, c: c}
+		defer putCloseWriter(cw)
 		h.ServeHTTP(cw, r)
 		if !cw.wroteHeader {
 			cw.markClose() // the server writes the header after h returns
@@ -136,6 +138,15 @@ type countedConn struct {
 func (t *countedConn) Close() error {
 	t.once.Do(func() { t.c.conns.Add(-1) })
 	return t.Conn.Close()
+}
+
+// closeWriters saves an allocation per request on the hot path. A handler
+// must not use its ResponseWriter after returning (net/http's rule too).
+var closeWriters = sync.Pool{New: func() any { return new(closeWriter) }}
+
+func putCloseWriter(cw *closeWriter) {
+	*cw = closeWriter{}
+	closeWriters.Put(cw)
 }
 
 // closeWriter decides on "Connection: close" when the header is written, not

@@ -10,7 +10,7 @@ ROLLOVERS=${ROLLOVERS:-100}
 section() { printf '\n== %s\n' "$*"; }
 
 section "1. requests/s, library vs plain net/http (same handler, alternating 2s rounds), and idle rollover time"
-go test -run '^$' -bench . -benchtime 5x ./tests/ | grep -E '^Benchmark|^ok|FAIL'
+go test -run "^$" -bench . -benchtime 15x ./tests/ | grep -E '^Benchmark|^ok|FAIL'
 
 section "2. stress: $ROLLOVERS rollovers every 0.5s, 32 clients, new connection per request (steered hand-over)"
 $S -rollovers "$ROLLOVERS" -interval 500ms -slow 4 | grep -v '^rollover '
