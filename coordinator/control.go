@@ -267,15 +267,25 @@ func (c *Coordinator) handleCLI(out *genConn, m wire.Msg) {
 		<-c.stopped
 		result(nil)
 	case wire.TypeNext, wire.TypeRollback:
-		argv := m.Argv
+		l := Launch{Argv: m.Argv, Ready: m.Ready, Addr: m.Addr}
+		if m.DrainSignal != "" {
+			sig, err := ParseSignal(m.DrainSignal)
+			if err != nil {
+				result(err)
+				return
+			}
+			l.DrainSignal = sig
+		}
 		if m.Type == wire.TypeRollback {
-			c.do(func() { argv = c.s.previous })
-			if len(argv) == 0 {
+			var prev *Launch
+			c.do(func() { prev = c.s.previous })
+			if prev == nil {
 				result(errors.New("no previous generation to roll back to"))
 				return
 			}
+			l = *prev
 		}
-		old, err := c.tryRollover(argv, emit)
+		old, err := c.tryRollover(l, emit)
 		if err != nil {
 			c.log.Warn("rollover failed", "err", err)
 		}

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -50,12 +51,23 @@ type Config struct {
 	DrainGrace   time.Duration // the old generation keeps accepting this long after the steer
 	KillGrace    time.Duration // SIGTERM to SIGKILL
 	Log          *slog.Logger
+
+	// How generation 1 (and, unless a rollover says otherwise, its
+	// successors) reports ready and drains; see Launch.
+	Ready       string
+	Addr        string
+	DrainSignal syscall.Signal
+
+	// Notify, when set, receives sd_notify messages ("READY=1\nSTATUS=…")
+	// for the service manager: ready, reloading around a rollover, stopping.
+	Notify func(msg string)
 }
 
 // Coordinator spawns generations and rolls them over. At most one rollover
 // runs at a time; one goroutine owns all state (see loop).
 type Coordinator struct {
 	cfg     Config
+	launch  Launch // generation 1's
 	log     *slog.Logger
 	ln      *net.UnixListener
 	metrics *metrics.Coordinator
@@ -77,18 +89,19 @@ type state struct {
 	next           int
 	gens           map[int]*gen
 	active         *gen
-	previous       []string // the command line active before the current one
+	previous       *Launch // what was active before the current one
 	busy           bool
 	stopping       bool
-	started        bool     // generation 1 became active
-	lastArgv       []string // the command line of an active generation that died
+	started        bool    // generation 1 became active
+	lastLaunch     *Launch // an active generation that died
 	crashes        int
 	restartPending bool
 }
 
 // New validates cfg and opens the control socket.
 func New(cfg Config) (*Coordinator, error) {
-	if err := checkCommand(cfg.Argv); err != nil {
+	launch := Launch{Argv: cfg.Argv, Ready: cfg.Ready, Addr: cfg.Addr, DrainSignal: cfg.DrainSignal}.withDefaults(Launch{})
+	if err := launch.check(); err != nil {
 		return nil, err
 	}
 	if cfg.Socket == "" {
@@ -115,6 +128,7 @@ func New(cfg Config) (*Coordinator, error) {
 	}
 	c := &Coordinator{
 		cfg:     cfg,
+		launch:  launch,
 		log:     cfg.Log,
 		ln:      ln,
 		calls:   make(chan func()),
@@ -165,7 +179,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	}()
 
 	c.do(func() { c.s.busy = true })
-	if _, err := c.rollover(c.cfg.Argv, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
+	if _, err := c.rollover(c.launch, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
 		c.shutdown()
 		if errors.Is(err, ErrStopping) {
 			return nil // stopped (ctx, `stop`) before generation 1 was ready
@@ -173,12 +187,36 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		return err
 	}
 	c.reportSteering()
+	c.notifyReady("")
 	select {
 	case <-ctx.Done():
 	case <-c.stopCh:
 	}
 	c.shutdown()
 	return nil
+}
+
+// notify sends msg to the service manager, when there is one.
+func (c *Coordinator) notify(msg string) {
+	if c.cfg.Notify != nil {
+		c.cfg.Notify(msg)
+	}
+}
+
+// notifyReady tells the service manager the service is ready again, with
+// the active generation (and why a rollover failed, if one did).
+func (c *Coordinator) notifyReady(failure string) {
+	var n, pid int
+	c.do(func() {
+		if a := c.s.active; a != nil {
+			n, pid = a.n, a.pid
+		}
+	})
+	status := fmt.Sprintf("active generation %d (pid %d)", n, pid)
+	if failure != "" {
+		status = fmt.Sprintf("rollover failed: %s; active generation %d", failure, n)
+	}
+	c.notify("READY=1\nSTATUS=" + status)
 }
 
 // reportSteering says at start-up how hand-overs will work, with one warning
@@ -205,7 +243,7 @@ func (c *Coordinator) reportSteering() {
 // Reload rolls over to the active command line again (SIGHUP, SIGUSR2).
 func (c *Coordinator) Reload() {
 	go func() {
-		_, err := c.tryRollover(nil, func(e wire.Event) { c.log.Info(e.String()) })
+		_, err := c.tryRollover(Launch{}, func(e wire.Event) { c.log.Info(e.String()) })
 		if err != nil {
 			c.log.Error("reload failed", "err", err)
 		}
@@ -232,6 +270,7 @@ func (c *Coordinator) requestStop() {
 // shutdown drains every generation and waits for them to exit.
 func (c *Coordinator) shutdown() {
 	c.requestStop()
+	c.notify("STOPPING=1\nSTATUS=stopping: draining every generation")
 	var gens []*gen
 	c.do(func() {
 		c.s.stopping = true
@@ -278,6 +317,7 @@ func (c *Coordinator) status() wire.Status {
 			st.Generations = append(st.Generations, wire.GenStatus{
 				Generation: g.n, PID: g.pid, State: g.state, Argv: g.argv,
 				Steerable: g.steerable, StartedAt: g.start, Stats: g.stats,
+				Ready: g.launch.Ready, Notify: g.notifyStatus,
 			})
 		}
 	})

@@ -33,23 +33,26 @@ const (
 // the owner goroutine; the channels are closed once, by the owner.
 type gen struct {
 	n      int
-	argv   []string
+	launch Launch
+	argv   []string // launch.Argv
 	secret string
 	pid    int
 	start  time.Time
 	proc   *os.Process
 	tail   *tail
 	pumps  sync.WaitGroup
+	notify *notifySocket // ReadyNotify only
 
 	// owner
-	state      string
-	conn       *genConn
-	stats      wire.Stats
-	steerable  bool
-	steerErr   string
-	drainStart time.Time
-	activeAt   time.Time
-	pending    map[uint64]chan wire.Msg
+	state        string
+	conn         *genConn
+	stats        wire.Stats
+	steerable    bool
+	steerErr     string
+	drainStart   time.Time
+	activeAt     time.Time
+	pending      map[uint64]chan wire.Msg
+	notifyStatus string // last STATUS= (ReadyNotify)
 
 	hello   chan struct{} // hello accepted
 	ready   chan struct{} // ready received
@@ -101,7 +104,7 @@ func newSecret() string {
 // childEnv is the coordinator's environment minus what must not leak into a
 // generation (the coordinator's own identity when it runs under another
 // coordinator, systemd's notify socket), plus this generation's identity.
-func childEnv(socket string, n int, secret string) []string {
+func childEnv(socket string, n int, secret, notifyPath string) []string {
 	var env []string
 	for _, kv := range os.Environ() {
 		k, _, _ := strings.Cut(kv, "=")
@@ -110,6 +113,9 @@ func childEnv(socket string, n int, secret string) []string {
 			continue
 		}
 		env = append(env, kv)
+	}
+	if notifyPath != "" {
+		env = append(env, "NOTIFY_SOCKET="+notifyPath)
 	}
 	return append(env,
 		rollover.EnvSocket+"="+socket,
@@ -141,8 +147,20 @@ func spawnProcess(g *gen, socket string, log *slog.Logger) error {
 		outW.Close()
 		return err
 	}
+	notifyPath := ""
+	if g.launch.Ready == ReadyNotify {
+		ns, err := openNotify(filepath.Dir(socket), g.n)
+		if err != nil {
+			outR.Close()
+			outW.Close()
+			errR.Close()
+			errW.Close()
+			return err
+		}
+		g.notify, notifyPath = ns, ns.path
+	}
 	attr := &os.ProcAttr{
-		Env:   childEnv(socket, g.n, g.secret),
+		Env:   childEnv(socket, g.n, g.secret, notifyPath),
 		Files: []*os.File{nil, outW, errW},
 		Sys:   &syscall.SysProcAttr{Setpgid: true},
 	}
@@ -158,6 +176,9 @@ func spawnProcess(g *gen, socket string, log *slog.Logger) error {
 	if err != nil {
 		outR.Close()
 		errR.Close()
+		if g.notify != nil {
+			g.notify.close()
+		}
 		return fmt.Errorf("%w: %s: %v", ErrCommand, g.argv[0], err)
 	}
 	g.proc, g.pid = p, p.Pid

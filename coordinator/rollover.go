@@ -12,20 +12,22 @@ import (
 // commandTimeout bounds a generation's answer to steer and pin.
 const commandTimeout = 5 * time.Second
 
-// tryRollover starts a rollover to argv (nil: the active command line) unless
-// one is running. It returns the generation that was active before, which
-// is now draining.
-func (c *Coordinator) tryRollover(argv []string, emit func(wire.Event)) (*gen, error) {
+// tryRollover starts a rollover to l unless one is running; l's empty
+// fields are the active generation's (or, when none, the last active one's
+// or generation 1's). It returns the generation that was active before,
+// which is now draining.
+func (c *Coordinator) tryRollover(l Launch, emit func(wire.Event)) (*gen, error) {
 	var busy, stopping bool
-	var active []string
+	base := c.launch
 	alive := c.do(func() {
 		busy, stopping = c.s.busy, c.s.stopping
 		if !busy && !stopping {
 			c.s.busy = true
-			if c.s.active != nil {
-				active = c.s.active.argv
-			} else {
-				active = c.s.lastArgv
+			switch {
+			case c.s.active != nil:
+				base = c.s.active.launch
+			case c.s.lastLaunch != nil:
+				base = *c.s.lastLaunch
 			}
 		}
 	})
@@ -35,10 +37,7 @@ func (c *Coordinator) tryRollover(argv []string, emit func(wire.Event)) (*gen, e
 	case busy:
 		return nil, fmt.Errorf("%w: wait for it to finish and try again", ErrInProgress)
 	}
-	if len(argv) == 0 {
-		argv = active
-	}
-	return c.rollover(argv, emit)
+	return c.rollover(l.withDefaults(base), emit)
 }
 
 // rollover runs the state machine of DESIGN.md: spawn N+1, wait for ready,
@@ -46,7 +45,8 @@ func (c *Coordinator) tryRollover(argv []string, emit func(wire.Event)) (*gen, e
 // it once N has left the port, so the next rollover can start while N is
 // still finishing its connections. Until N+1 is active, every failure kills
 // N+1 and leaves N alone.
-func (c *Coordinator) rollover(argv []string, emit func(wire.Event)) (prev *gen, err error) {
+func (c *Coordinator) rollover(l Launch, emit func(wire.Event)) (prev *gen, err error) {
+	reloading := false
 	defer func() {
 		result := "ok"
 		if err != nil {
@@ -65,15 +65,24 @@ func (c *Coordinator) rollover(argv []string, emit func(wire.Event)) (prev *gen,
 				c.scheduleRestart()
 			}
 		})
+		if reloading {
+			failure := ""
+			if err != nil {
+				failure = err.Error()
+			}
+			c.notifyReady(failure)
+		}
 	}()
-	if len(argv) == 0 {
+	if len(l.Argv) == 0 {
 		return nil, fmt.Errorf("%w: no command line to roll to; pass one: rollover next -- CMD [ARGS...]", ErrUsage)
 	}
-	if err := checkCommand(argv); err != nil {
+	if err := l.check(); err != nil {
 		return nil, err
 	}
+	l.Argv = append([]string(nil), l.Argv...)
 	g := &gen{
-		argv:    append([]string(nil), argv...),
+		launch:  l,
+		argv:    l.Argv,
 		secret:  newSecret(),
 		tail:    newTail(10),
 		state:   stateStarting,
@@ -82,6 +91,9 @@ func (c *Coordinator) rollover(argv []string, emit func(wire.Event)) (prev *gen,
 		ready:   make(chan struct{}),
 		left:    make(chan struct{}),
 		exited:  make(chan struct{}),
+	}
+	if l.Ready != ReadyLibrary {
+		g.steerErr = "the app does not link the rollover library (--ready=" + l.Ready + ")"
 	}
 	// Spawn on the owner goroutine, so the generation is known (number and
 	// pid) before its hello can arrive.
@@ -100,6 +112,11 @@ func (c *Coordinator) rollover(argv []string, emit func(wire.Event)) (prev *gen,
 	}
 	go c.wait(g)
 	emit(wire.Event{Phase: wire.PhaseStarted, Generation: g.n, PID: g.pid})
+	if c.isStarted() {
+		reloading = true
+		c.notify(fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=rolling over to generation %d", monotonicUsec(), g.n))
+	}
+	c.watchReady(g)
 
 	timer := time.NewTimer(c.cfg.ReadyTimeout)
 	defer timer.Stop()
@@ -109,7 +126,7 @@ func (c *Coordinator) rollover(argv []string, emit func(wire.Event)) (prev *gen,
 		return nil, fmt.Errorf("gen %d exited before it was ready (%s); last stderr: %s", g.n, exitText(g.exitErr), g.stderrTail())
 	case <-timer.C:
 		g.kill(c.cfg.KillGrace)
-		return nil, fmt.Errorf("gen %d was not ready within %v (--ready-timeout; does it serve through the rollover library?); last stderr: %s", g.n, c.cfg.ReadyTimeout, g.stderrTail())
+		return nil, fmt.Errorf("gen %d was not ready within %v (--ready-timeout; %s); last stderr: %s", g.n, c.cfg.ReadyTimeout, readyHint(l), g.stderrTail())
 	case <-c.stopCh:
 		g.kill(c.cfg.KillGrace)
 		return nil, ErrStopping
@@ -148,7 +165,8 @@ func (c *Coordinator) rollover(argv []string, emit func(wire.Event)) (prev *gen,
 		g.state = stateActive
 		g.activeAt = time.Now()
 		if prev != nil {
-			c.s.previous = prev.argv
+			pl := prev.launch
+			c.s.previous = &pl
 		}
 	})
 	if exited {
@@ -198,8 +216,21 @@ func (c *Coordinator) drain(g *gen) {
 	if !first {
 		return
 	}
-	msg := wire.Msg{Type: wire.TypeDrain, GraceMS: c.cfg.DrainGrace.Milliseconds(), TimeoutMS: c.cfg.DrainTimeout.Milliseconds()}
-	if err := c.command(g, msg, commandTimeout); err != nil {
+	var connected bool
+	c.do(func() { connected = g.conn != nil })
+	if !connected {
+		// An app without the library drains on its signal; it leaves the
+		// port when its listener is gone (if we know its address) or, as
+		// far as we can tell, at once.
+		c.log.Info("draining by signal", "gen", g.n, "pid", g.pid, "signal", g.launch.DrainSignal)
+		_ = g.proc.Signal(g.launch.DrainSignal)
+		go func() {
+			if g.launch.Addr != "" {
+				waitListening(g.pid, g.launch.Addr, false, c.cfg.DrainTimeout, g.exited)
+			}
+			c.do(func() { closeOnce(g.left) })
+		}()
+	} else if err := c.command(g, wire.Msg{Type: wire.TypeDrain, GraceMS: c.cfg.DrainGrace.Milliseconds(), TimeoutMS: c.cfg.DrainTimeout.Milliseconds()}, commandTimeout); err != nil {
 		c.log.Warn("drain command failed; sending SIGTERM", "gen", g.n, "err", err)
 		// Signal fails safely once the process is reaped; a bare pid might
 		// by then belong to someone else.
@@ -248,6 +279,9 @@ func (c *Coordinator) wait(g *gen) {
 	}
 	// Leave no process of the generation's group behind.
 	g.signal(syscall.SIGKILL)
+	if g.notify != nil {
+		g.notify.close()
+	}
 	c.do(func() {
 		g.exitErr = err
 		delete(c.s.gens, g.n)
@@ -260,7 +294,8 @@ func (c *Coordinator) wait(g *gen) {
 			c.log.Info("generation drained", "gen", g.n, "pid", g.pid, "after", d.Round(time.Millisecond), "exit", exitText(err))
 		case c.s.active == g:
 			c.s.active = nil
-			c.s.lastArgv = g.argv
+			gl := g.launch
+			c.s.lastLaunch = &gl
 			c.log.Error("ACTIVE GENERATION EXITED ON ITS OWN; restarting its command", "gen", g.n, "pid", g.pid, "exit", exitText(err), "uptime", time.Since(g.start).Round(time.Millisecond))
 			if time.Since(g.activeAt) > time.Minute {
 				c.s.crashes = 0
@@ -275,7 +310,7 @@ func (c *Coordinator) wait(g *gen) {
 // scheduleRestart starts the last active command line again after an
 // exponential backoff. Owner only.
 func (c *Coordinator) scheduleRestart() {
-	if c.s.restartPending || len(c.s.lastArgv) == 0 {
+	if c.s.restartPending || c.s.lastLaunch == nil {
 		return
 	}
 	delay := min(MaxRestartDelay, 500*time.Millisecond<<min(c.s.crashes, 10))
@@ -291,8 +326,55 @@ func (c *Coordinator) scheduleRestart() {
 		if stale {
 			return
 		}
-		if _, err := c.tryRollover(nil, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
+		if _, err := c.tryRollover(Launch{}, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
 			c.log.Error("restart failed", "err", err)
 		}
 	})
+}
+
+func (c *Coordinator) isStarted() bool {
+	var started bool
+	c.do(func() { started = c.s.started })
+	return started
+}
+
+// watchReady makes g's ready channel close the way its launch says; the
+// library's ready message arrives on the control socket (see genMsg).
+func (c *Coordinator) watchReady(g *gen) {
+	markReady := func() {
+		c.do(func() {
+			if g.state == stateStarting {
+				g.state = stateReady
+			}
+			closeOnce(g.ready)
+		})
+	}
+	switch g.launch.Ready {
+	case ReadyNotify:
+		go g.notify.read(func(kv map[string]string) {
+			if st, ok := kv["STATUS"]; ok {
+				c.do(func() { g.notifyStatus = st })
+			}
+			if kv["READY"] == "1" {
+				markReady()
+			}
+		})
+	case ReadyListen:
+		go func() {
+			if waitListening(g.pid, g.launch.Addr, true, c.cfg.ReadyTimeout, g.exited) {
+				markReady()
+			}
+		}()
+	}
+}
+
+func readyHint(l Launch) string {
+	switch l.Ready {
+	case ReadyNotify:
+		return "it never sent READY=1 to $NOTIFY_SOCKET"
+	case ReadyListen:
+		return "nothing in its process group listened on " + l.Addr
+	default:
+		return "does it serve through the rollover library? apps without it need --ready=notify or --ready=listen"
+	}
 }

@@ -142,6 +142,7 @@ func runStart(ctx context.Context, args []string, stderr io.Writer) error {
 	killGrace := fs.Duration("kill-grace", coordinator.DefaultKillGrace, "SIGTERM to SIGKILL when a generation must be killed")
 	metricsAddr := fs.String("metrics-addr", DefaultMetricsAddr, `serve /metrics here; "" turns it off`)
 	logFormat := fs.String("log-format", "text", "log format: text or json")
+	launch := launchFlags(fs)
 	if err := parse(fs, args, stderr); err != nil {
 		return err
 	}
@@ -160,9 +161,14 @@ func runStart(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	log := slog.New(h)
 
+	ready, addr, drainSig, err := launch()
+	if err != nil {
+		return err
+	}
 	c, err := coordinator.New(coordinator.Config{
 		Argv: argv, Socket: socket(), ReadyTimeout: *readyTimeout, DrainTimeout: *drainTimeout,
 		DrainGrace: *drainGrace, KillGrace: *killGrace, Log: log,
+		Ready: ready, Addr: addr, DrainSignal: drainSig, Notify: systemdNotifier(log),
 	})
 	if err != nil {
 		return err
@@ -192,6 +198,10 @@ func runStart(ctx context.Context, args []string, stderr io.Writer) error {
 			}
 		}
 	}()
+	if os.Getpid() == 1 {
+		// As a container's init, orphans are ours to reap.
+		go c.ReapOrphans(ctx)
+	}
 	log.Info("coordinator started", "pid", os.Getpid(), "socket", socket(), "command", strings.Join(argv, " "))
 	return c.Run(ctx)
 }
@@ -274,8 +284,23 @@ func runNext(_ context.Context, args []string, stdout, stderr io.Writer, typ str
 	socket := socketFlags(fs)
 	wait := fs.Bool("wait", false, "also wait until the old generation has drained and exited")
 	asJSON := fs.Bool("json", false, "print events as JSON lines")
+	var launch func() (string, string, syscall.Signal, error)
+	if typ == wire.TypeNext {
+		launch = launchFlags(fs)
+	}
 	if err := parse(fs, args, stderr); err != nil {
 		return err
+	}
+	req := wire.Msg{Type: typ, Wait: *wait}
+	if launch != nil {
+		ready, addr, sig, err := launch()
+		if err != nil {
+			return err
+		}
+		req.Ready, req.Addr = ready, addr
+		if sig != 0 {
+			req.DrainSignal = fmt.Sprint(int(sig))
+		}
 	}
 	argv := fs.Args()
 	if typ == wire.TypeRollback && len(argv) > 0 {
@@ -294,7 +319,8 @@ func runNext(_ context.Context, args []string, stdout, stderr io.Writer, typ str
 		return err
 	}
 	enc := json.NewEncoder(stdout)
-	_, err = c.do(wire.Msg{Type: typ, Argv: argv, Wait: *wait}, func(e wire.Event) {
+	req.Argv = argv
+	_, err = c.do(req, func(e wire.Event) {
 		if *asJSON {
 			_ = enc.Encode(e)
 			return
@@ -369,4 +395,51 @@ func runStop(_ context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintln(stdout, "stopped: every generation drained")
 	return nil
+}
+
+// launchFlags adds --ready, --addr and --drain-signal, for start and next.
+// Empty values mean the coordinator's defaults (next: the active
+// generation's).
+func launchFlags(fs *flag.FlagSet) func() (ready, addr string, sig syscall.Signal, err error) {
+	ready := fs.String("ready", "", "how the app reports ready: library (links github.com/rollover-sh/rollover), notify (READY=1 on $NOTIFY_SOCKET), listen (listens on --addr) (default library)")
+	addr := fs.String("addr", "", "host:port the app listens on; needed by --ready=listen, and tells when an app without the library has left the port")
+	drain := fs.String("drain-signal", "", "signal that makes an app without the library drain (default SIGTERM; nginx wants SIGQUIT)")
+	return func() (string, string, syscall.Signal, error) {
+		var sig syscall.Signal
+		if *drain != "" {
+			s, err := coordinator.ParseSignal(*drain)
+			if err != nil {
+				return "", "", 0, err
+			}
+			sig = s
+		}
+		switch *ready {
+		case "", coordinator.ReadyLibrary, coordinator.ReadyNotify, coordinator.ReadyListen:
+		default:
+			return "", "", 0, usageErr("--ready must be library, notify or listen, not %q", *ready)
+		}
+		return *ready, *addr, sig, nil
+	}
+}
+
+// systemdNotifier returns a sender for sd_notify messages when the service
+// manager gave us NOTIFY_SOCKET (a path, or "@name" for the abstract
+// namespace), else nil.
+func systemdNotifier(log *slog.Logger) func(string) {
+	path := os.Getenv("NOTIFY_SOCKET")
+	if path == "" {
+		return nil
+	}
+	addr := &net.UnixAddr{Name: path, Net: "unixgram"}
+	return func(msg string) {
+		conn, err := net.DialUnix("unixgram", nil, addr)
+		if err != nil {
+			log.Warn("sd_notify", "err", err)
+			return
+		}
+		defer conn.Close()
+		if _, err := conn.Write([]byte(msg)); err != nil {
+			log.Warn("sd_notify", "err", err)
+		}
+	}
 }

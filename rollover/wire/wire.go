@@ -100,9 +100,13 @@ type Msg struct {
 	GraceMS   int64 `json:"grace_ms,omitempty"`
 	TimeoutMS int64 `json:"timeout_ms,omitempty"`
 
-	// Next: the command line (empty: the active one's) and --wait.
-	Argv []string `json:"argv,omitempty"`
-	Wait bool     `json:"wait,omitempty"`
+	// Next: the command line (empty: the active one's) and --wait; how the
+	// new generation reports ready and drains (empty: as the active one).
+	Argv        []string `json:"argv,omitempty"`
+	Wait        bool     `json:"wait,omitempty"`
+	Ready       string   `json:"ready,omitempty"`
+	Addr        string   `json:"addr,omitempty"`
+	DrainSignal string   `json:"drain_signal,omitempty"`
 
 	// Event.
 	Event *Event `json:"event,omitempty"`
@@ -194,6 +198,10 @@ type GenStatus struct {
 	Steerable  bool      `json:"steerable"`
 	StartedAt  time.Time `json:"started_at"`
 	Stats      Stats     `json:"stats"`
+	// Ready is how the generation reports ready: library, notify or listen.
+	Ready string `json:"ready,omitempty"`
+	// Notify is the last STATUS= a notify-mode generation sent.
+	Notify string `json:"notify_status,omitempty"`
 }
 
 // Errors returned by Reader.Read.

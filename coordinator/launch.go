@@ -1,0 +1,278 @@
+package coordinator
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Readiness modes: how a generation says it serves.
+const (
+	// ReadyLibrary: the app links the rollover library, which reports ready
+	// over the control socket, and takes the steered hand-over.
+	ReadyLibrary = "library"
+	// ReadyNotify: the app speaks systemd's notify protocol; the coordinator
+	// gives each generation its own NOTIFY_SOCKET and waits for READY=1.
+	ReadyNotify = "notify"
+	// ReadyListen: the generation is ready when its process tree owns a
+	// listening socket on Launch.Addr, as /proc shows it.
+	ReadyListen = "listen"
+)
+
+// Launch says how a generation runs: its command line, how it reports ready,
+// and, for apps without the library, which signal makes it drain.
+type Launch struct {
+	Argv        []string
+	Ready       string         // ReadyLibrary (default), ReadyNotify or ReadyListen
+	Addr        string         // host:port the app listens on; required for ReadyListen
+	DrainSignal syscall.Signal // for apps without the library; default SIGTERM
+}
+
+// withDefaults fills l's empty fields from base.
+func (l Launch) withDefaults(base Launch) Launch {
+	if len(l.Argv) == 0 {
+		l.Argv = base.Argv
+	}
+	if l.Ready == "" {
+		l.Ready = base.Ready
+	}
+	if l.Addr == "" {
+		l.Addr = base.Addr
+	}
+	if l.DrainSignal == 0 {
+		l.DrainSignal = base.DrainSignal
+	}
+	if l.Ready == "" {
+		l.Ready = ReadyLibrary
+	}
+	if l.DrainSignal == 0 {
+		l.DrainSignal = syscall.SIGTERM
+	}
+	return l
+}
+
+func (l Launch) check() error {
+	if err := checkCommand(l.Argv); err != nil {
+		return err
+	}
+	switch l.Ready {
+	case ReadyLibrary, ReadyNotify, ReadyListen:
+	default:
+		return fmt.Errorf("%w: --ready must be library, notify or listen, not %q", ErrUsage, l.Ready)
+	}
+	if l.Ready == ReadyListen && l.Addr == "" {
+		return fmt.Errorf("%w: --ready=listen needs --addr host:port, the address the app listens on", ErrUsage)
+	}
+	if l.Addr != "" {
+		if _, _, err := parseAddr(l.Addr); err != nil {
+			return fmt.Errorf("%w: --addr %q: %v", ErrUsage, l.Addr, err)
+		}
+	}
+	return nil
+}
+
+// ParseSignal reads "SIGQUIT", "QUIT", "quit" or "3".
+func ParseSignal(s string) (syscall.Signal, error) {
+	if n, err := strconv.Atoi(s); err == nil && n > 0 && n < 65 {
+		return syscall.Signal(n), nil
+	}
+	name := strings.ToUpper(strings.TrimPrefix(strings.ToUpper(s), "SIG"))
+	if sig := unix.SignalNum("SIG" + name); sig != 0 {
+		return sig, nil
+	}
+	return 0, fmt.Errorf("%w: unknown signal %q (try SIGTERM, SIGQUIT, SIGINT)", ErrUsage, s)
+}
+
+// notifySocket is a generation's own NOTIFY_SOCKET.
+type notifySocket struct {
+	path string
+	conn *net.UnixConn
+}
+
+func openNotify(dir string, n int) (*notifySocket, error) {
+	path := filepath.Join(dir, fmt.Sprintf("gen%d.notify", n))
+	_ = os.Remove(path)
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		return nil, fmt.Errorf("notify socket: %w", err)
+	}
+	_ = os.Chmod(path, 0o600)
+	return &notifySocket{path: path, conn: conn}, nil
+}
+
+func (s *notifySocket) close() {
+	s.conn.Close()
+	os.Remove(s.path)
+}
+
+// readNotify delivers each notify datagram's assignments until the socket
+// is closed.
+func (s *notifySocket) read(on func(map[string]string)) {
+	buf := make([]byte, 4096)
+	for {
+		n, err := s.conn.Read(buf)
+		if err != nil {
+			return
+		}
+		kv := map[string]string{}
+		sc := bufio.NewScanner(bytes.NewReader(buf[:n]))
+		for sc.Scan() {
+			if k, v, ok := strings.Cut(sc.Text(), "="); ok {
+				kv[k] = v
+			}
+		}
+		on(kv)
+	}
+}
+
+// parseAddr splits host:port; an empty or unspecified host matches any.
+func parseAddr(addr string) (net.IP, int, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, 0, err
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p <= 0 || p > 65535 {
+		return nil, 0, fmt.Errorf("bad port %q", port)
+	}
+	if host == "" {
+		return nil, p, nil
+	}
+	ip := net.ParseIP(host)
+	if ip == nil {
+		ips, err := net.LookupIP(host)
+		if err != nil || len(ips) == 0 {
+			return nil, 0, fmt.Errorf("cannot resolve %q", host)
+		}
+		ip = ips[0]
+	}
+	return ip, p, nil
+}
+
+// listening reports whether a process in the group pgid owns a listening TCP
+// socket on addr, from /proc/net/tcp{,6} and the processes' fds.
+func listening(pgid int, addr string) bool {
+	ip, port, err := parseAddr(addr)
+	if err != nil {
+		return false
+	}
+	inodes := listeningInodes(ip, port)
+	if len(inodes) == 0 {
+		return false
+	}
+	for _, pid := range groupPIDs(pgid) {
+		fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		if err != nil {
+			continue
+		}
+		for _, fd := range fds {
+			target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()))
+			if err == nil && strings.HasPrefix(target, "socket:[") && inodes[strings.TrimSuffix(strings.TrimPrefix(target, "socket:["), "]")] {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// listeningInodes returns the inodes of TCP sockets in LISTEN state on port
+// whose local address matches ip (any when ip is nil or unspecified).
+func listeningInodes(ip net.IP, port int) map[string]bool {
+	out := map[string]bool{}
+	for _, file := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) < 10 || f[3] != "0A" { // 0A: TCP_LISTEN
+				continue
+			}
+			hexIP, hexPort, ok := strings.Cut(f[1], ":")
+			if !ok {
+				continue
+			}
+			p, err := strconv.ParseUint(hexPort, 16, 16)
+			if err != nil || int(p) != port {
+				continue
+			}
+			if ip != nil && !ip.IsUnspecified() {
+				local := procIP(hexIP)
+				if !local.Equal(ip) && !local.IsUnspecified() {
+					continue
+				}
+			}
+			out[f[9]] = true
+		}
+	}
+	return out
+}
+
+// procIP decodes /proc/net/tcp's address: 32-bit words in host byte order.
+func procIP(h string) net.IP {
+	b := make([]byte, len(h)/2)
+	for i := range b {
+		v, _ := strconv.ParseUint(h[2*i:2*i+2], 16, 8)
+		b[i] = byte(v)
+	}
+	for i := 0; i+4 <= len(b); i += 4 { // little-endian words
+		b[i], b[i+1], b[i+2], b[i+3] = b[i+3], b[i+2], b[i+1], b[i]
+	}
+	return net.IP(b)
+}
+
+// groupPIDs lists the processes whose process group is pgid.
+func groupPIDs(pgid int) []int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if pg, err := unix.Getpgid(pid); err == nil && pg == pgid {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// waitListening polls until the group owns a listener on addr (want true)
+// or owns none (want false), or until stop is closed or d passes.
+func waitListening(pgid int, addr string, want bool, d time.Duration, stop <-chan struct{}) bool {
+	deadline := time.Now().Add(d)
+	for {
+		if listening(pgid, addr) == want {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		select {
+		case <-stop:
+			return false
+		case <-time.After(25 * time.Millisecond):
+		}
+	}
+}
+
+// monotonicUsec is CLOCK_MONOTONIC in microseconds, as sd_notify's
+// MONOTONIC_USEC wants it.
+func monotonicUsec() int64 {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return ts.Sec*1e6 + ts.Nsec/1e3
+}
