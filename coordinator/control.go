@@ -152,7 +152,12 @@ func (c *Coordinator) handleGen(out *genConn, r *wire.Reader, hello wire.Msg, cr
 			reason = fmt.Sprintf("pid %d is not generation %d's pid", cred.Pid, g.n)
 		case g.conn != nil:
 			reason = fmt.Sprintf("generation %d is already connected", g.n)
-		default:
+		case hello.Adopt:
+			reason = c.acceptAdoption(g, hello)
+		case g.adopting:
+			reason = fmt.Sprintf("generation %d must ask to be adopted", g.n)
+		}
+		if reason == "" {
 			g.conn = out
 			closeOnce(g.hello)
 		}

@@ -50,6 +50,11 @@ type Config struct {
 	DrainTimeout time.Duration // drain start to exit, then SIGTERM
 	DrainGrace   time.Duration // the old generation keeps accepting this long after the steer
 	KillGrace    time.Duration // SIGTERM to SIGKILL
+	AdoptWait    time.Duration // at start, wait this long for a crashed predecessor's generations
+	// AdoptTimeout is how long generations keep serving after this
+	// coordinator dies, waiting for a new one to adopt them (0: the
+	// library's default, 30s).
+	AdoptTimeout time.Duration
 	Log          *slog.Logger
 
 	// How generation 1 (and, unless a rollover says otherwise, its
@@ -80,6 +85,9 @@ type Coordinator struct {
 	stopped  chan struct{} // every generation gone
 	cmdID    atomic.Uint64
 	clis     atomic.Int32 // CLI requests being served
+
+	persistMu sync.Mutex
+	final     bool // under persistMu: no more state file
 
 	// owner
 	s state
@@ -118,6 +126,9 @@ func New(cfg Config) (*Coordinator, error) {
 	}
 	if cfg.KillGrace <= 0 {
 		cfg.KillGrace = DefaultKillGrace
+	}
+	if cfg.AdoptWait <= 0 {
+		cfg.AdoptWait = DefaultAdoptWait
 	}
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
@@ -169,6 +180,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	stopOnCancel := context.AfterFunc(ctx, c.requestStop)
 	defer stopOnCancel()
 	defer func() {
+		c.forget()
 		close(c.stopped)
 		// Let `stop` and `next --wait` clients read their results.
 		for deadline := time.Now().Add(2 * time.Second); c.clis.Load() > 0 && time.Now().Before(deadline); {
@@ -179,7 +191,9 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	}()
 
 	c.do(func() { c.s.busy = true })
-	if _, err := c.rollover(c.launch, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
+	if c.adopt() {
+		c.do(func() { c.s.busy = false })
+	} else if _, err := c.rollover(c.launch, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
 		c.shutdown()
 		if errors.Is(err, ErrStopping) {
 			return nil // stopped (ctx, `stop`) before generation 1 was ready

@@ -52,6 +52,8 @@ type gen struct {
 	drainStart   time.Time
 	activeAt     time.Time
 	pending      map[uint64]chan wire.Msg
+	adopting     bool   // left by a crashed coordinator; expecting its hello
+	wasActive    bool   // the predecessor's active generation
 	notifyStatus string // last STATUS= (ReadyNotify)
 
 	hello   chan struct{} // hello accepted
@@ -59,6 +61,21 @@ type gen struct {
 	left    chan struct{} // listeners closed, or exited
 	exited  chan struct{} // process gone; exitErr set before
 	exitErr error
+}
+
+func newGen(l Launch) *gen {
+	return &gen{
+		launch:  l,
+		argv:    l.Argv,
+		secret:  newSecret(),
+		tail:    newTail(10),
+		state:   stateStarting,
+		pending: map[uint64]chan wire.Msg{},
+		hello:   make(chan struct{}),
+		ready:   make(chan struct{}),
+		left:    make(chan struct{}),
+		exited:  make(chan struct{}),
+	}
 }
 
 func closeOnce(ch chan struct{}) {
@@ -104,18 +121,21 @@ func newSecret() string {
 // childEnv is the coordinator's environment minus what must not leak into a
 // generation (the coordinator's own identity when it runs under another
 // coordinator, systemd's notify socket), plus this generation's identity.
-func childEnv(socket string, n int, secret, notifyPath string) []string {
+func childEnv(socket string, n int, secret, notifyPath string, adoptTimeout time.Duration) []string {
 	var env []string
 	for _, kv := range os.Environ() {
 		k, _, _ := strings.Cut(kv, "=")
 		switch k {
-		case rollover.EnvSocket, rollover.EnvGeneration, rollover.EnvSecret, "NOTIFY_SOCKET":
+		case rollover.EnvSocket, rollover.EnvGeneration, rollover.EnvSecret, "NOTIFY_SOCKET", rollover.EnvAdoptTimeout:
 			continue
 		}
 		env = append(env, kv)
 	}
 	if notifyPath != "" {
 		env = append(env, "NOTIFY_SOCKET="+notifyPath)
+	}
+	if adoptTimeout > 0 {
+		env = append(env, rollover.EnvAdoptTimeout+"="+adoptTimeout.String())
 	}
 	return append(env,
 		rollover.EnvSocket+"="+socket,
@@ -126,7 +146,7 @@ func childEnv(socket string, n int, secret, notifyPath string) []string {
 
 // spawnProcess starts g in its own process group with its output forwarded
 // to log. It never goes through a shell.
-func spawnProcess(g *gen, socket string, log *slog.Logger) error {
+func spawnProcess(g *gen, socket string, adoptTimeout time.Duration, log *slog.Logger) error {
 	if err := checkCommand(g.argv); err != nil {
 		return err
 	}
@@ -160,7 +180,7 @@ func spawnProcess(g *gen, socket string, log *slog.Logger) error {
 		g.notify, notifyPath = ns, ns.path
 	}
 	attr := &os.ProcAttr{
-		Env:   childEnv(socket, g.n, g.secret, notifyPath),
+		Env:   childEnv(socket, g.n, g.secret, notifyPath, adoptTimeout),
 		Files: []*os.File{nil, outW, errW},
 		Sys:   &syscall.SysProcAttr{Setpgid: true},
 	}

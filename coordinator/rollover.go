@@ -80,18 +80,7 @@ func (c *Coordinator) rollover(l Launch, emit func(wire.Event)) (prev *gen, err 
 		return nil, err
 	}
 	l.Argv = append([]string(nil), l.Argv...)
-	g := &gen{
-		launch:  l,
-		argv:    l.Argv,
-		secret:  newSecret(),
-		tail:    newTail(10),
-		state:   stateStarting,
-		pending: map[uint64]chan wire.Msg{},
-		hello:   make(chan struct{}),
-		ready:   make(chan struct{}),
-		left:    make(chan struct{}),
-		exited:  make(chan struct{}),
-	}
+	g := newGen(l)
 	if l.Ready != ReadyLibrary {
 		g.steerErr = "the app does not link the rollover library (--ready=" + l.Ready + ")"
 	}
@@ -101,7 +90,7 @@ func (c *Coordinator) rollover(l Launch, emit func(wire.Event)) (prev *gen, err 
 	if !c.do(func() {
 		c.s.next++
 		g.n = c.s.next
-		if spawnErr = spawnProcess(g, c.cfg.Socket, c.log); spawnErr == nil {
+		if spawnErr = spawnProcess(g, c.cfg.Socket, c.cfg.AdoptTimeout, c.log); spawnErr == nil {
 			c.s.gens[g.n] = g
 		}
 	}) {
@@ -111,6 +100,7 @@ func (c *Coordinator) rollover(l Launch, emit func(wire.Event)) (prev *gen, err 
 		return nil, fmt.Errorf("start gen %d: %w", g.n, spawnErr)
 	}
 	go c.wait(g)
+	c.persist()
 	emit(wire.Event{Phase: wire.PhaseStarted, Generation: g.n, PID: g.pid})
 	if c.isStarted() {
 		reloading = true
@@ -177,6 +167,7 @@ func (c *Coordinator) rollover(l Launch, emit func(wire.Event)) (prev *gen, err 
 		}
 		return nil, fmt.Errorf("gen %d exited right after it was ready (%s); last stderr: %s", g.n, exitText(g.exitErr), g.stderrTail())
 	}
+	c.persist()
 	emit(wire.Event{Phase: wire.PhaseActive, Generation: g.n, PID: g.pid})
 
 	if prev != nil {
@@ -236,15 +227,18 @@ func (c *Coordinator) drain(g *gen) {
 		// by then belong to someone else.
 		_ = g.proc.Signal(syscall.SIGTERM)
 	}
-	go func() {
-		select {
-		case <-g.exited:
-		case <-time.After(c.cfg.DrainTimeout):
-			c.metrics.ForcedDrains.Inc()
-			c.log.Warn("drain timed out; killing", "gen", g.n, "pid", g.pid, "drain_timeout", c.cfg.DrainTimeout)
-			g.kill(c.cfg.KillGrace)
-		}
-	}()
+	go c.watchDrain(g)
+}
+
+// watchDrain kills g if it is still draining past the drain timeout.
+func (c *Coordinator) watchDrain(g *gen) {
+	select {
+	case <-g.exited:
+	case <-time.After(c.cfg.DrainTimeout):
+		c.metrics.ForcedDrains.Inc()
+		c.log.Warn("drain timed out; killing", "gen", g.n, "pid", g.pid, "drain_timeout", c.cfg.DrainTimeout)
+		g.kill(c.cfg.KillGrace)
+	}
 }
 
 // waitDrain reports g's drain until it exits.
@@ -277,6 +271,11 @@ func (c *Coordinator) wait(g *gen) {
 	if err == nil && !ps.Success() {
 		err = errors.New(ps.String())
 	}
+	c.gone(g, err)
+}
+
+// gone records that g's process has exited with err.
+func (c *Coordinator) gone(g *gen, err error) {
 	// Leave no process of the generation's group behind.
 	g.signal(syscall.SIGKILL)
 	if g.notify != nil {
@@ -305,6 +304,7 @@ func (c *Coordinator) wait(g *gen) {
 			}
 		}
 	})
+	c.persist()
 }
 
 // scheduleRestart starts the last active command line again after an

@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/signal"
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -25,6 +27,10 @@ const (
 	EnvSocket     = "ROLLOVER_SOCKET"
 	EnvGeneration = "ROLLOVER_GENERATION"
 	EnvSecret     = "ROLLOVER_SECRET"
+	// EnvAdoptTimeout is how long a generation that lost its coordinator
+	// keeps serving while it waits to be adopted by a new one (default
+	// DefaultAdoptTimeout); after that it drains and exits.
+	EnvAdoptTimeout = "ROLLOVER_ADOPT_TIMEOUT"
 	// EnvHandover=naive turns the zero-drop hand-over off: no steering, the
 	// listener is closed at once and the server shut down at once. It exists
 	// only to show what the hand-over prevents (make bench, tests).
@@ -36,6 +42,8 @@ var (
 	DefaultDrainTimeout = 30 * time.Second
 	// DefaultQueueDrain bounds the wait for a listener's accept queue to empty.
 	DefaultQueueDrain = time.Second
+	// DefaultAdoptTimeout: see EnvAdoptTimeout.
+	DefaultAdoptTimeout = 30 * time.Second
 	// helloTimeout bounds the wait for the coordinator's welcome.
 	helloTimeout = 5 * time.Second
 	// probeTimeout bounds the wait for a steering probe to be accepted.
@@ -54,12 +62,14 @@ type drainOrder struct {
 // agent is this process's link to its coordinator. There is one per process
 // because the coordinator sees a generation as a process.
 type agent struct {
-	gen     int
-	naive   bool
-	conn    net.Conn // nil when standalone
-	wmu     sync.Mutex
-	counter metrics.Counters
-	own     *prometheus.Registry // the library's own metrics
+	gen        int
+	naive      bool
+	supervised bool // started by a coordinator
+	path       string
+	wmu        sync.Mutex
+	conn       net.Conn // under wmu; nil when standalone or orphaned
+	counter    metrics.Counters
+	own        *prometheus.Registry // the library's own metrics
 
 	mu        sync.Mutex
 	listeners []*metrics.Listener
@@ -69,12 +79,14 @@ type agent struct {
 
 	readyOnce sync.Once
 	readyErr  error
+	readyMsg  wire.Msg // what ready reported, for a hello to a new coordinator
 
 	drainOnce sync.Once
 	draining  chan struct{} // closed when a drain starts
 	order     drainOrder    // set before draining is closed
 	closed    chan struct{} // closed once every listener is closed
 	doneOnce  sync.Once
+	finished  atomic.Bool
 }
 
 var (
@@ -109,40 +121,61 @@ func newAgent() (*agent, error) {
 	if err != nil || gen <= 0 {
 		return nil, fmt.Errorf("rollover: %s=%q is not a generation number", EnvGeneration, os.Getenv(EnvGeneration))
 	}
-	a.gen = gen
-	conn, err := net.DialTimeout("unix", path, helloTimeout)
+	a.gen, a.path, a.supervised = gen, path, true
+	// Our stdout and stderr are pipes to the coordinator. If it dies, a
+	// write there must fail rather than kill us with SIGPIPE: a coordinator
+	// crash must cost no request.
+	signal.Ignore(syscall.SIGPIPE)
+	conn, r, err := a.hello(wire.Msg{})
 	if err != nil {
-		return nil, fmt.Errorf("rollover: connect to coordinator: %w", err)
+		return nil, err
 	}
-	r := wire.NewReader(conn)
-	_ = conn.SetDeadline(time.Now().Add(helloTimeout))
-	hello := wire.Msg{Type: wire.TypeHello, Generation: gen, PID: os.Getpid(), Secret: os.Getenv(EnvSecret)}
-	if _, err := conn.Write(wire.Encode(hello)); err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("rollover: hello: %w", err)
-	}
-	m, err := r.Read()
-	if err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("rollover: hello: %w", err)
-	}
-	if m.Type != wire.TypeWelcome || m.Error != "" {
-		conn.Close()
-		return nil, fmt.Errorf("%w: %s", ErrRefused, m.Error)
-	}
-	_ = conn.SetDeadline(time.Time{})
-	a.conn = conn
-	go a.readLoop(r)
+	a.setConn(conn)
+	go a.readLoop(conn, r)
 	go a.statsLoop()
 	return a, nil
 }
 
+// hello connects to the coordinator and introduces this generation; extra
+// carries the adoption fields.
+func (a *agent) hello(extra wire.Msg) (net.Conn, *wire.Reader, error) {
+	conn, err := net.DialTimeout("unix", a.path, helloTimeout)
+	if err != nil {
+		return nil, nil, fmt.Errorf("rollover: connect to coordinator: %w", err)
+	}
+	r := wire.NewReader(conn)
+	_ = conn.SetDeadline(time.Now().Add(helloTimeout))
+	hello := extra
+	hello.Type, hello.Generation, hello.PID, hello.Secret = wire.TypeHello, a.gen, os.Getpid(), os.Getenv(EnvSecret)
+	if _, err := conn.Write(wire.Encode(hello)); err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("rollover: hello: %w", err)
+	}
+	m, err := r.Read()
+	if err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("rollover: hello: %w", err)
+	}
+	if m.Type != wire.TypeWelcome || m.Error != "" {
+		conn.Close()
+		return nil, nil, fmt.Errorf("%w: %s", ErrRefused, m.Error)
+	}
+	_ = conn.SetDeadline(time.Time{})
+	return conn, r, nil
+}
+
+func (a *agent) setConn(c net.Conn) {
+	a.wmu.Lock()
+	a.conn = c
+	a.wmu.Unlock()
+}
+
 func (a *agent) send(m wire.Msg) error {
+	a.wmu.Lock()
+	defer a.wmu.Unlock()
 	if a.conn == nil {
 		return nil
 	}
-	a.wmu.Lock()
-	defer a.wmu.Unlock()
 	_ = a.conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
 	_, err := a.conn.Write(wire.Encode(m))
 	return err
@@ -157,20 +190,26 @@ func (a *agent) statsLoop() {
 	t := time.NewTicker(wire.StatsInterval)
 	defer t.Stop()
 	for range t.C {
-		if err := a.send(wire.Msg{Type: wire.TypeStats, Stats: a.stats()}); err != nil {
+		if a.finished.Load() {
 			return
 		}
+		_ = a.send(wire.Msg{Type: wire.TypeStats, Stats: a.stats()})
 	}
 }
 
-func (a *agent) readLoop(r *wire.Reader) {
+func (a *agent) readLoop(conn net.Conn, r *wire.Reader) {
 	for {
 		m, err := r.Read()
 		if err != nil {
-			// Without a coordinator nobody will hand this generation's port
-			// over; leave gracefully rather than serve unsupervised.
-			fmt.Fprintf(os.Stderr, "rollover: lost the coordinator (%v); draining\n", err)
-			a.drain(drainOrder{timeout: DefaultDrainTimeout})
+			conn.Close()
+			a.wmu.Lock()
+			if a.conn == conn {
+				a.conn = nil
+			}
+			a.wmu.Unlock()
+			if !a.finished.Load() {
+				go a.orphaned(err)
+			}
 			return
 		}
 		switch m.Type {
@@ -187,6 +226,44 @@ func (a *agent) readLoop(r *wire.Reader) {
 				timeout: time.Duration(m.TimeoutMS) * time.Millisecond,
 			})
 		}
+	}
+}
+
+// orphaned keeps serving while it waits for a new coordinator to adopt this
+// generation; past the adoption timeout, nobody will hand the port over, so
+// it drains and exits rather than serve unsupervised.
+func (a *agent) orphaned(cause error) {
+	window := DefaultAdoptTimeout
+	if d, err := time.ParseDuration(os.Getenv(EnvAdoptTimeout)); err == nil && d >= 0 {
+		window = d
+	}
+	fmt.Fprintf(os.Stderr, "rollover: lost the coordinator (%v); serving on, waiting up to %v to be adopted\n", cause, window)
+	deadline := time.Now().Add(window)
+	for time.Now().Before(deadline) && !a.finished.Load() {
+		a.mu.Lock()
+		hello := a.readyMsg
+		a.mu.Unlock()
+		wasReady := hello.Type != ""
+		hello.Type, hello.Adopt, hello.State = "", true, "starting"
+		select {
+		case <-a.draining:
+			hello.State = "draining"
+		default:
+			if wasReady {
+				hello.State = "ready"
+			}
+		}
+		if conn, r, err := a.hello(hello); err == nil {
+			fmt.Fprintf(os.Stderr, "rollover: adopted by a new coordinator\n")
+			a.setConn(conn)
+			go a.readLoop(conn, r)
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !a.finished.Load() {
+		fmt.Fprintf(os.Stderr, "rollover: not adopted within %v; draining\n", window)
+		a.drain(drainOrder{timeout: DefaultDrainTimeout})
 	}
 }
 
@@ -258,13 +335,16 @@ func (a *agent) ready() error {
 		}
 		for _, l := range lns {
 			m.Addrs = append(m.Addrs, l.Addr().String())
-			if a.conn == nil {
+			if !a.supervised {
 				continue // standalone: nothing to hand over to
 			}
 			if err := reuse.Steer(l, 0); err != nil && m.Steerable {
 				m.Steerable, m.SteerError = false, err.Error()
 			}
 		}
+		a.mu.Lock()
+		a.readyMsg = m
+		a.mu.Unlock()
 		a.readyErr = a.send(m)
 	})
 	return a.readyErr
@@ -398,6 +478,7 @@ func (a *agent) handOver(o drainOrder) {
 // done reports the final counters; the process exits right after.
 func (a *agent) done() {
 	a.doneOnce.Do(func() {
+		a.finished.Store(true)
 		_ = a.send(wire.Msg{Type: wire.TypeDone, Stats: a.stats()})
 	})
 }

@@ -95,7 +95,7 @@ func Serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	}
 
 	var sig chan os.Signal
-	if a.conn == nil {
+	if !a.supervised {
 		sig = make(chan os.Signal, 1)
 		signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
 		defer signal.Stop(sig)

@@ -14,6 +14,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -441,11 +442,22 @@ func listenCoordinator(t *testing.T, gen int, secret string, welcome wire.Msg) <
 	t.Setenv(EnvSocket, sock)
 	t.Setenv(EnvGeneration, fmt.Sprint(gen))
 	t.Setenv(EnvSecret, secret)
-	ch := make(chan *fakeCoordinator, 1)
+	// Every connection the generation makes (a reconnect to be adopted
+	// included) is delivered as its own fake.
+	ch := make(chan *fakeCoordinator, 4)
 	go func() {
+		for {
+			accept(t, ln, welcome, ch)
+		}
+	}()
+	return ch
+}
+
+func accept(t *testing.T, ln net.Listener, welcome wire.Msg, ch chan<- *fakeCoordinator) {
+	{
 		conn, err := ln.Accept()
 		if err != nil {
-			return
+			runtime.Goexit()
 		}
 		f := &fakeCoordinator{t: t, conn: conn, msgs: make(chan wire.Msg, 100), err: make(chan error, 1)}
 		r := wire.NewReader(conn)
@@ -472,8 +484,7 @@ func listenCoordinator(t *testing.T, gen int, secret string, welcome wire.Msg) <
 			}
 		}()
 		ch <- f
-	}()
-	return ch
+	}
 }
 
 // expect returns the next message that is not stats, which must be of type
@@ -617,19 +628,24 @@ func TestAgentRefused(t *testing.T) {
 	}
 }
 
-// A generation whose coordinator is gone leaves rather than serve
-// unsupervised.
+// A generation whose coordinator is gone, and that no new coordinator
+// adopts within the adoption timeout, leaves rather than serve unsupervised.
 func TestAgentLostCoordinatorDrains(t *testing.T) {
 	if !inChild(t) {
 		return
 	}
 	DefaultDrainTimeout = 5 * time.Second
+	t.Setenv(EnvAdoptTimeout, "300ms")
 	coord := listenCoordinator(t, 2, "s", wire.Msg{OK: true})
 	addr, served := serve(t, context.Background())
 	f := <-coord
 	f.expect(wire.TypeReady)
 	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
 		t.Fatalf("GET /: %q %v", body, err)
+	}
+	// The coordinator dies and nothing answers on its socket any more.
+	if err := os.Remove(os.Getenv(EnvSocket)); err != nil {
+		t.Fatal(err)
 	}
 	f.conn.Close()
 	select {
@@ -642,6 +658,47 @@ func TestAgentLostCoordinatorDrains(t *testing.T) {
 	}
 	if !isClosed(Draining()) {
 		t.Error("Draining() is open")
+	}
+}
+
+// A generation whose coordinator died keeps serving and asks the next
+// coordinator on the socket to adopt it, saying where it stands; the new
+// coordinator can then drain it as usual.
+func TestAgentAdopted(t *testing.T) {
+	if !inChild(t) {
+		return
+	}
+	DefaultDrainTimeout = 5 * time.Second
+	t.Setenv(EnvAdoptTimeout, "20s")
+	coord := listenCoordinator(t, 4, "s4", wire.Msg{OK: true})
+	addr, served := serve(t, context.Background())
+	f := <-coord
+	f.expect(wire.TypeReady)
+	f.conn.Close() // the coordinator dies
+	var f2 *fakeCoordinator
+	select {
+	case f2 = <-coord:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no reconnect to be adopted")
+	}
+	if h := f2.hello; !h.Adopt || h.State != "ready" || h.Generation != 4 || h.Secret != "s4" || !h.Steerable || len(h.Addrs) == 0 {
+		t.Fatalf("adoption hello %+v: want adopt, state ready, generation 4, its secret, steerable, its addresses", h)
+	}
+	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
+		t.Fatalf("GET / while being adopted: %q %v", body, err)
+	}
+	if isClosed(Draining()) {
+		t.Fatal("draining although adopted")
+	}
+	f2.command(wire.Msg{Type: wire.TypeDrain, ID: 1, TimeoutMS: 3000})
+	f2.expect(wire.TypeClosed)
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after the new coordinator's drain")
 	}
 }
 

@@ -140,6 +140,8 @@ func runStart(ctx context.Context, args []string, stderr io.Writer) error {
 	drainTimeout := fs.Duration("drain-timeout", coordinator.DefaultDrainTimeout, "how long an old generation may drain before it is killed")
 	drainGrace := fs.Duration("drain-grace", coordinator.DefaultDrainGrace, "how long the old generation keeps accepting after the steer; cover the clients' round-trip time")
 	killGrace := fs.Duration("kill-grace", coordinator.DefaultKillGrace, "SIGTERM to SIGKILL when a generation must be killed")
+	adoptWait := fs.Duration("adopt-wait", coordinator.DefaultAdoptWait, "at start, how long to wait for the generations of a coordinator that crashed to be adopted")
+	adoptTimeout := fs.Duration("adopt-timeout", 30*time.Second, "how long generations keep serving if this coordinator dies, waiting to be adopted by a new one")
 	metricsAddr := fs.String("metrics-addr", DefaultMetricsAddr, `serve /metrics here; "" turns it off`)
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	launch := launchFlags(fs)
@@ -167,7 +169,7 @@ func runStart(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	c, err := coordinator.New(coordinator.Config{
 		Argv: argv, Socket: socket(), ReadyTimeout: *readyTimeout, DrainTimeout: *drainTimeout,
-		DrainGrace: *drainGrace, KillGrace: *killGrace, Log: log,
+		DrainGrace: *drainGrace, KillGrace: *killGrace, Log: log, AdoptWait: *adoptWait, AdoptTimeout: *adoptTimeout,
 		Ready: ready, Addr: addr, DrainSignal: drainSig, Notify: systemdNotifier(log),
 	})
 	if err != nil {

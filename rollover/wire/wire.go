@@ -82,10 +82,14 @@ type Msg struct {
 	// ID pairs a command with its TypeAck.
 	ID uint64 `json:"id,omitempty"`
 
-	// Hello.
+	// Hello. Adopt: the generation lost its coordinator and asks a new one
+	// to adopt it; State is then where it stands (starting, ready,
+	// draining), with its Steerable, SteerError and Addrs when ready.
 	Generation int    `json:"generation,omitempty"`
 	PID        int    `json:"pid,omitempty"`
 	Secret     string `json:"secret,omitempty"`
+	Adopt      bool   `json:"adopt,omitempty"`
+	State      string `json:"state,omitempty"`
 
 	// Ready: whether the generation's listeners accept BPF steering, and why not.
 	Steerable  bool     `json:"steerable,omitempty"`
