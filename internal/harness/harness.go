@@ -15,6 +15,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"strconv"
 	"sync"
@@ -45,6 +46,7 @@ type Service struct {
 	Addr        string // the app's address, 127.0.0.1:port
 	MetricsAddr string // "" unless Config.Metrics
 	cmd         *exec.Cmd
+	args        []string
 	exited      chan struct{}
 	exitErr     error
 
@@ -97,29 +99,66 @@ func Start(ctx context.Context, cfg Config) (*Service, error) {
 	}
 	args = append(args, "--")
 	args = append(args, s.AppArgv("v1")...)
-	s.cmd = exec.Command(cfg.Rollover, args...)
-	s.cmd.Stdout, s.cmd.Stderr = cfg.Log, cfg.Log
-	if err := s.cmd.Start(); err != nil {
+	s.args = args
+	if err := s.launch(); err != nil {
 		return nil, err
 	}
-	go func() { s.exitErr = s.cmd.Wait(); close(s.exited) }()
-	deadline := time.Now().Add(cfg.ReadyTimeout + 5*time.Second)
+	if err := s.waitActive(ctx); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Service) launch() error {
+	s.cmd = exec.Command(s.cfg.Rollover, s.args...)
+	s.cmd.Stdout, s.cmd.Stderr = s.cfg.Log, s.cfg.Log
+	if err := s.cmd.Start(); err != nil {
+		return err
+	}
+	s.exited = make(chan struct{})
+	cmd, exited := s.cmd, s.exited
+	go func() { s.exitErr = cmd.Wait(); close(exited) }()
+	return nil
+}
+
+// Crash kills the coordinator with SIGKILL, leaving its generations behind.
+func (s *Service) Crash() {
+	_ = s.cmd.Process.Kill()
+	<-s.exited
+}
+
+// Restart starts a new coordinator with the same command line on the same
+// socket, as an operator would after a crash, and waits until a generation
+// is active (adopted or new).
+func (s *Service) Restart(ctx context.Context) error {
+	if err := s.launch(); err != nil {
+		return err
+	}
+	return s.waitActive(ctx)
+}
+
+// Signal sends sig to the coordinator.
+func (s *Service) Signal(sig os.Signal) error { return s.cmd.Process.Signal(sig) }
+
+func (s *Service) waitActive(ctx context.Context) error {
+	cfg := s.cfg
+	deadline := time.Now().Add(cfg.ReadyTimeout + 10*time.Second)
 	for {
 		st, err := s.Status(ctx)
 		if err == nil && st.Active > 0 {
 			for _, g := range st.Generations {
 				s.addPID(g.PID)
 			}
-			return s, nil
+			return nil
 		}
 		select {
 		case <-s.exited:
-			return nil, fmt.Errorf("harness: coordinator exited during start: %v", s.exitErr)
+			return fmt.Errorf("harness: coordinator exited during start: %v", s.exitErr)
 		case <-time.After(20 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
 			s.Kill()
-			return nil, fmt.Errorf("harness: no active generation after %v: %v", cfg.ReadyTimeout, err)
+			return fmt.Errorf("harness: no active generation after %v: %v", cfg.ReadyTimeout, err)
 		}
 	}
 }
