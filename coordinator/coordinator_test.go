@@ -225,6 +225,32 @@ func TestNextCrashOnStart(t *testing.T) {
 	r.activeIs(3, eventOf(events, wire.PhaseStarted).PID)
 }
 
+// A generation that becomes ready but fails the steering verification is
+// ended, the port stays with the active generation, and the next good
+// rollover works.
+func TestNextSteerVerificationFails(t *testing.T) {
+	r := startRig(t, "ready", Config{})
+	_, pid1 := r.mustGet("/")
+	events, res := r.next(r.argv("steer-fails"))
+	if res.OK || !strings.Contains(res.Error, "failed the steering verification") || !strings.Contains(res.Error, "probe was not accepted") {
+		t.Fatalf("next to a generation that fails its steer: ok=%v %q", res.OK, res.Error)
+	}
+	started := eventOf(events, wire.PhaseStarted)
+	if started == nil {
+		t.Fatalf("events %+v, want a started event", events)
+	}
+	r.waitGone(started.PID, 5*time.Second)
+	r.activeIs(1, pid1)
+	if gen, _ := r.mustGet("/"); gen != 1 {
+		t.Fatalf("answered by gen %d after the failed steer, want 1", gen)
+	}
+	events, res = r.next(r.argv("ready"))
+	if !res.OK {
+		t.Fatalf("next after a failed steer: %s", res.Error)
+	}
+	r.activeIs(3, eventOf(events, wire.PhaseStarted).PID)
+}
+
 func TestConcurrentNext(t *testing.T) {
 	r := startRig(t, "ready", Config{})
 	_, pid1 := r.mustGet("/")

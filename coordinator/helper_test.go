@@ -73,6 +73,9 @@ func generation(mode string) int {
 		fmt.Fprintln(os.Stderr, crashLine)
 		return 3
 	}
+	if mode == "steer-fails" {
+		return steerFails()
+	}
 	if d, err := time.ParseDuration(os.Getenv(envDelay)); err == nil {
 		time.Sleep(d) // warm-up, as a real app might
 	}
@@ -114,6 +117,38 @@ func generation(mode string) int {
 		forever()
 	}
 	return fail(fmt.Errorf("unknown mode %q", mode))
+}
+
+// steerFails speaks the protocol by hand: it reports ready and steerable,
+// then fails every steering verification, as a generation whose probe
+// connection landed elsewhere would. It drains by exiting.
+func steerFails() int {
+	conn, err := net.Dial("unix", os.Getenv(rollover.EnvSocket))
+	if err != nil {
+		return 1
+	}
+	gen, _ := strconv.Atoi(os.Getenv(rollover.EnvGeneration))
+	send := func(m wire.Msg) { _, _ = conn.Write(wire.Encode(m)) }
+	send(wire.Msg{Type: wire.TypeHello, Generation: gen, PID: os.Getpid(), Secret: os.Getenv(rollover.EnvSecret)})
+	r := wire.NewReader(conn)
+	if m, err := r.Read(); err != nil || m.Error != "" {
+		return 1
+	}
+	send(wire.Msg{Type: wire.TypeReady, Steerable: true})
+	for {
+		m, err := r.Read()
+		if err != nil {
+			return 1
+		}
+		switch m.Type {
+		case wire.TypeSteer:
+			send(wire.Msg{Type: wire.TypeAck, ID: m.ID, Error: "steer verify: probe was not accepted by this generation"})
+		case wire.TypeDrain:
+			send(wire.Msg{Type: wire.TypeAck, ID: m.ID, OK: true})
+			send(wire.Msg{Type: wire.TypeClosed})
+			return 0
+		}
+	}
 }
 
 // genHandler answers "gen N pid P". /slow?d=DURATION answers after d; /hang
