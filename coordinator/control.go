@@ -290,7 +290,7 @@ func (c *Coordinator) handleCLI(out *genConn, m wire.Msg) {
 			}
 			l = *prev
 		}
-		old, err := c.tryRollover(l, emit)
+		old, err := c.tryRollover(l, m.ExpectGeneration, emit)
 		if err != nil {
 			c.log.Warn("rollover failed", "err", err)
 		}

@@ -36,6 +36,7 @@ var (
 	ErrUsage      = errors.New("usage")
 	ErrCommand    = errors.New("bad command")
 	ErrInProgress = errors.New("rollover in progress")
+	ErrStale      = errors.New("refused")
 	ErrRollover   = errors.New("rollover failed")
 	ErrStopping   = errors.New("coordinator is stopping")
 	ErrSocket     = errors.New("control socket")
@@ -102,7 +103,8 @@ type state struct {
 	stopping       bool
 	started        bool    // generation 1 became active
 	lastLaunch     *Launch // an active generation that died
-	crashes        int
+	crashes        int     // for the backoff; reset after a minute of uptime
+	activeExits    int
 	restartPending bool
 }
 
@@ -257,7 +259,7 @@ func (c *Coordinator) reportSteering() {
 // Reload rolls over to the active command line again (SIGHUP, SIGUSR2).
 func (c *Coordinator) Reload() {
 	go func() {
-		_, err := c.tryRollover(Launch{}, func(e wire.Event) { c.log.Info(e.String()) })
+		_, err := c.tryRollover(Launch{}, 0, func(e wire.Event) { c.log.Info(e.String()) })
 		if err != nil {
 			c.log.Error("reload failed", "err", err)
 		}
@@ -324,6 +326,7 @@ func (c *Coordinator) status() wire.Status {
 	}
 	c.do(func() {
 		st.InProgress = c.s.busy
+		st.ActiveExits, st.RestartPending = c.s.activeExits, c.s.restartPending
 		if c.s.active != nil {
 			st.Active = c.s.active.n
 		}

@@ -723,7 +723,7 @@ func TestGenerationExitingRightAfterReady(t *testing.T) {
 	// The CLI's emit runs on the rollover goroutine between ready and
 	// activation; holding it until the coordinator has reaped the new
 	// generation makes the race deterministic.
-	_, err := r.c.tryRollover(Launch{Argv: r.argv("ready-then-exit")}, func(e wire.Event) {
+	_, err := r.c.tryRollover(Launch{Argv: r.argv("ready-then-exit")}, 0, func(e wire.Event) {
 		events = append(events, e)
 		if e.Phase == wire.PhaseReady {
 			r.waitFor(5*time.Second, "the new generation to be reaped", func() bool {

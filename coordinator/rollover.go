@@ -12,15 +12,23 @@ import (
 // commandTimeout bounds a generation's answer to steer and pin.
 const commandTimeout = 5 * time.Second
 
-// tryRollover starts a rollover to l unless one is running; l's empty
+// tryRollover starts a rollover to l unless one is running (or, with
+// expect, unless the active generation is no longer expect); l's empty
 // fields are the active generation's (or, when none, the last active one's
 // or generation 1's). It returns the generation that was active before,
 // which is now draining.
-func (c *Coordinator) tryRollover(l Launch, emit func(wire.Event)) (*gen, error) {
+func (c *Coordinator) tryRollover(l Launch, expect int, emit func(wire.Event)) (*gen, error) {
 	var busy, stopping bool
+	active := 0
 	base := c.launch
 	alive := c.do(func() {
 		busy, stopping = c.s.busy, c.s.stopping
+		if c.s.active != nil {
+			active = c.s.active.n
+		}
+		if expect != 0 && expect != active {
+			return
+		}
 		if !busy && !stopping {
 			c.s.busy = true
 			switch {
@@ -34,6 +42,8 @@ func (c *Coordinator) tryRollover(l Launch, emit func(wire.Event)) (*gen, error)
 	switch {
 	case stopping, !alive:
 		return nil, ErrStopping
+	case expect != 0 && expect != active:
+		return nil, fmt.Errorf("%w: the active generation is %d, not %d (--expect-generation)", ErrStale, active, expect)
 	case busy:
 		return nil, fmt.Errorf("%w: wait for it to finish and try again", ErrInProgress)
 	}
@@ -293,6 +303,8 @@ func (c *Coordinator) gone(g *gen, err error) {
 			c.log.Info("generation drained", "gen", g.n, "pid", g.pid, "after", d.Round(time.Millisecond), "exit", exitText(err))
 		case c.s.active == g:
 			c.s.active = nil
+			c.s.activeExits++
+			c.metrics.Crashes.Inc()
 			gl := g.launch
 			c.s.lastLaunch = &gl
 			c.log.Error("ACTIVE GENERATION EXITED ON ITS OWN; restarting its command", "gen", g.n, "pid", g.pid, "exit", exitText(err), "uptime", time.Since(g.start).Round(time.Millisecond))
@@ -326,7 +338,7 @@ func (c *Coordinator) scheduleRestart() {
 		if stale {
 			return
 		}
-		if _, err := c.tryRollover(Launch{}, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
+		if _, err := c.tryRollover(Launch{}, 0, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
 			c.log.Error("restart failed", "err", err)
 		}
 	})

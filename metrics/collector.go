@@ -37,6 +37,7 @@ type Coordinator struct {
 	Drain        prometheus.Histogram
 	ScrapeErrors prometheus.Counter
 	Clashes      prometheus.Counter
+	Crashes      prometheus.Counter
 	read         func() (Sample, bool)
 }
 
@@ -74,6 +75,9 @@ func NewCoordinator(read func() (Sample, bool)) *Coordinator {
 		Clashes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "rollover_federation_clashes_total", Help: "App metric families dropped because the coordinator exports the name or generations disagree on its type.",
 		}),
+		Crashes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "rollover_active_exits_total", Help: "Times the active generation exited on its own (and was restarted with backoff).",
+		}),
 		read: read,
 	}
 	c.Rollovers.WithLabelValues("ok")
@@ -89,6 +93,7 @@ func (c *Coordinator) Describe(ch chan<- *prometheus.Desc) {
 	c.Drain.Describe(ch)
 	c.ScrapeErrors.Describe(ch)
 	c.Clashes.Describe(ch)
+	c.Crashes.Describe(ch)
 	for _, d := range []*prometheus.Desc{descInfo, descState, descInflight, descConns, descRequests, descActive, descMigrate} {
 		ch <- d
 	}
@@ -102,6 +107,7 @@ func (c *Coordinator) Collect(ch chan<- prometheus.Metric) {
 	c.Drain.Collect(ch)
 	c.ScrapeErrors.Collect(ch)
 	c.Clashes.Collect(ch)
+	c.Crashes.Collect(ch)
 	s, ok := c.read()
 	if !ok {
 		return

@@ -240,6 +240,28 @@ func TestRollback(t *testing.T) {
 	}
 }
 
+// next --expect-generation is a compare-and-swap: it refuses when the
+// active generation is no longer the one the caller saw.
+func TestExpectGeneration(t *testing.T) {
+	svc := startService(t, harness.Config{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, stderr, code, err := svc.CLI(ctx, "next", "--expect-generation", "7")
+	if err != nil || code != 1 || !strings.Contains(stderr, "the active generation is 1, not 7") {
+		t.Fatalf("next --expect-generation 7 with gen 1 active: exit %d, %q, %v", code, stderr, err)
+	}
+	if _, stderr, code, err := svc.CLI(ctx, "next", "--expect-generation", "1"); err != nil || code != 0 {
+		t.Fatalf("next --expect-generation 1: exit %d: %s %v", code, stderr, err)
+	}
+	st, err := svc.Status(ctx)
+	if err != nil || st.Active != 2 {
+		t.Fatalf("status %+v %v; want gen 2 active", st, err)
+	}
+	if err := svc.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // CLI requests from another user (not root) are refused.
 func TestOtherUserRefused(t *testing.T) {
 	if os.Geteuid() != 0 {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -149,6 +150,13 @@ func TestSlowRequestsSurviveRollover(t *testing.T) {
 func TestBadInput(t *testing.T) {
 	dir := shortDir(t)
 	nosock := filepath.Join(dir, "none.sock")
+	public := filepath.Join(dir, "pub")
+	if err := os.Mkdir(public, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(public, 0o777); err != nil { // past the umask
+		t.Fatal(err)
+	}
 	rollover := filepath.Join(bin, "rollover")
 	cases := []struct {
 		name string
@@ -165,6 +173,9 @@ func TestBadInput(t *testing.T) {
 		{"stop without a coordinator", []string{"stop", "--socket", nosock}, 3, "no coordinator at"},
 		{"unknown flag", []string{"next", "--bogus"}, 2, "flag provided but not defined: -bogus"},
 		{"unknown command", []string{"frobnicate"}, 2, `unknown command "frobnicate"`},
+		{"socket in a world-writable directory", []string{"start", "--socket", filepath.Join(public, "s.sock"), "--metrics-addr", "", "--", "true"}, 1, "is world-writable"},
+		{"--ready=listen without --addr", []string{"start", "--socket", nosock, "--metrics-addr", "", "--ready", "listen", "--", "true"}, 2, "--ready=listen needs --addr"},
+		{"unknown drain signal", []string{"next", "--socket", nosock, "--drain-signal", "SIGNOPE"}, 2, "unknown signal"},
 		{"bad log format", []string{"start", "--socket", nosock, "--log-format", "xml", "--", "true"}, 2, "--log-format must be text or json"},
 	}
 	for _, tc := range cases {

@@ -286,6 +286,7 @@ func runNext(_ context.Context, args []string, stdout, stderr io.Writer, typ str
 	socket := socketFlags(fs)
 	wait := fs.Bool("wait", false, "also wait until the old generation has drained and exited")
 	asJSON := fs.Bool("json", false, "print events as JSON lines")
+	expect := fs.Int("expect-generation", 0, "roll over only if this generation is still the active one")
 	var launch func() (string, string, syscall.Signal, error)
 	if typ == wire.TypeNext {
 		launch = launchFlags(fs)
@@ -293,7 +294,7 @@ func runNext(_ context.Context, args []string, stdout, stderr io.Writer, typ str
 	if err := parse(fs, args, stderr); err != nil {
 		return err
 	}
-	req := wire.Msg{Type: typ, Wait: *wait}
+	req := wire.Msg{Type: typ, Wait: *wait, ExpectGeneration: *expect}
 	if launch != nil {
 		ready, addr, sig, err := launch()
 		if err != nil {

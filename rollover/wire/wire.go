@@ -106,11 +106,14 @@ type Msg struct {
 
 	// Next: the command line (empty: the active one's) and --wait; how the
 	// new generation reports ready and drains (empty: as the active one).
-	Argv        []string `json:"argv,omitempty"`
-	Wait        bool     `json:"wait,omitempty"`
-	Ready       string   `json:"ready,omitempty"`
-	Addr        string   `json:"addr,omitempty"`
-	DrainSignal string   `json:"drain_signal,omitempty"`
+	Argv []string `json:"argv,omitempty"`
+	Wait bool     `json:"wait,omitempty"`
+	// ExpectGeneration, when set, makes next refuse unless this generation
+	// is still the active one (compare-and-swap for deploy scripts).
+	ExpectGeneration int    `json:"expect_generation,omitempty"`
+	Ready            string `json:"ready,omitempty"`
+	Addr             string `json:"addr,omitempty"`
+	DrainSignal      string `json:"drain_signal,omitempty"`
 
 	// Event.
 	Event *Event `json:"event,omitempty"`
@@ -187,6 +190,10 @@ type Status struct {
 	Socket     string `json:"socket"`
 	Active     int    `json:"active"`
 	InProgress bool   `json:"rollover_in_progress"`
+	// ActiveExits counts active generations that exited on their own;
+	// RestartPending is true while the next restart waits out its backoff.
+	ActiveExits    int  `json:"active_exits"`
+	RestartPending bool `json:"restart_pending"`
 	// MigrateReq is net.ipv4.tcp_migrate_req in the coordinator's network
 	// namespace; nil when it could not be read.
 	MigrateReq  *bool       `json:"tcp_migrate_req"`
