@@ -114,11 +114,20 @@ func socketFlags(fs *flag.FlagSet) func() string {
 		if s := os.Getenv("ROLLOVER_SOCKET"); s != "" {
 			return s
 		}
-		dir := "/run/rollover"
+		system := filepath.Join("/run/rollover", *name+".sock")
 		if x := os.Getenv("XDG_RUNTIME_DIR"); x != "" {
-			dir = filepath.Join(x, "rollover")
+			user := filepath.Join(x, "rollover", *name+".sock")
+			// A root login shell has XDG_RUNTIME_DIR set, while the service
+			// (systemd, supervisord) runs without it: take the socket that
+			// exists.
+			if _, err := os.Stat(user); err != nil {
+				if _, err := os.Stat(system); err == nil {
+					return system
+				}
+			}
+			return user
 		}
-		return filepath.Join(dir, *name+".sock")
+		return system
 	}
 }
 

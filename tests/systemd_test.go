@@ -1,0 +1,663 @@
+package tests
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/rollover-sh/rollover/coordinator"
+	"github.com/rollover-sh/rollover/internal/harness"
+	"github.com/rollover-sh/rollover/rollover/wire"
+)
+
+// unitPath is the shipped systemd unit.
+const unitPath = "../deploy/systemd/rollover-api.service"
+
+// The shipped unit, with the real binaries in place of /usr/local/bin,
+// passes `systemd-analyze verify`. Its command lines parse, and its timeouts
+// leave the coordinator time to drain.
+func TestSystemdUnitVerifies(t *testing.T) {
+	analyze := needTool(t, "systemd-analyze")
+	raw, err := os.ReadFile(unitPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unit := string(raw)
+	for _, r := range []struct{ old, new string }{
+		{"/usr/local/bin/rollover ", filepath.Join(bin, "rollover") + " "},
+		{"/usr/local/bin/api ", filepath.Join(bin, "demoapp") + " "},
+	} {
+		if !strings.Contains(unit, r.old) {
+			t.Fatalf("%s has no %q to replace", unitPath, r.old)
+		}
+		unit = strings.ReplaceAll(unit, r.old, r.new)
+	}
+	dir := t.TempDir()
+	good := filepath.Join(dir, "rollover-api.service")
+	broken := filepath.Join(dir, "rollover-broken.service")
+	brokenUnit := strings.Replace(unit, "[Service]\n", "[Service]\nKillMode=not-a-kill-mode\n", 1)
+	for path, text := range map[string]string{good: unit, broken: brokenUnit} {
+		if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// The control: a broken copy must draw a complaint, or verify checks
+	// nothing in this environment.
+	out, err := exec.Command(analyze, "verify", broken).CombinedOutput()
+	if about, _ := splitVerifyOutput(out, broken); len(about) == 0 {
+		envProblem(t, "systemd-analyze verify did not complain about a broken unit (%v); it cannot check units here:\n%s", err, out)
+	}
+
+	out, err = exec.Command(analyze, "verify", good).CombinedOutput()
+	about, host := splitVerifyOutput(out, good)
+	for _, l := range host {
+		t.Logf("systemd-analyze (not about the unit): %s", l)
+	}
+	for _, l := range about {
+		t.Errorf("systemd-analyze verify: %s", l)
+	}
+	if err != nil && len(about) == 0 {
+		envProblem(t, "systemd-analyze verify failed for reasons outside the unit: %v\n%s", err, out)
+	}
+
+	svc := unitSection(t, unit, "Service")
+	for key, want := range map[string]string{
+		"Type": "notify", "NotifyAccess": "main", "KillMode": "mixed", "KillSignal": "SIGTERM",
+		"RuntimeDirectory": "rollover", "RuntimeDirectoryMode": "0700",
+	} {
+		if got := svc[key]; got != want {
+			t.Errorf("%s=%q, want %q", key, got, want)
+		}
+	}
+
+	// Both command lines parse with the real binary: flags are parsed in
+	// order, so a trailing -h exits 0 only if every flag before it is known
+	// and well formed.
+	start := strings.Fields(svc["ExecStart"])
+	reload := strings.Fields(svc["ExecReload"])
+	if len(start) < 3 || start[1] != "start" || len(reload) < 2 || reload[1] != "next" {
+		t.Fatalf("ExecStart=%q, ExecReload=%q: want `rollover start …` and `rollover next …`", svc["ExecStart"], svc["ExecReload"])
+	}
+	dash := indexOf(start, "--")
+	if dash < 0 || dash == len(start)-1 {
+		t.Fatalf("ExecStart=%q has no `-- CMD`", svc["ExecStart"])
+	}
+	startFlags, reloadFlags := start[2:dash], reload[2:]
+	for _, argv := range [][]string{start[:dash], reload} {
+		cmd := exec.Command(argv[0], append(argv[1:], "-h")...)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Errorf("%s -h: %v (a flag the binary does not take?)\n%s", strings.Join(argv, " "), err, out)
+		}
+	}
+	if s, r := flagValue(startFlags, "name"), flagValue(reloadFlags, "name"); s == "" || s != r {
+		t.Errorf("ExecStart --name %q and ExecReload --name %q: the reload would miss the coordinator", s, r)
+	}
+	if indexOf(reloadFlags, "--wait") < 0 {
+		t.Errorf("ExecReload=%q: without --wait, `systemctl reload` returns before the old generation drained", svc["ExecReload"])
+	}
+
+	// systemd's SIGKILL must only ever end a coordinator that hangs: a full
+	// drain (and, for a reload, a full start) fits in its timeouts.
+	drain := durationFlag(t, startFlags, "drain-timeout", coordinator.DefaultDrainTimeout)
+	kill := durationFlag(t, startFlags, "kill-grace", coordinator.DefaultKillGrace)
+	ready := durationFlag(t, startFlags, "ready-timeout", coordinator.DefaultReadyTimeout)
+	grace := durationFlag(t, startFlags, "drain-grace", coordinator.DefaultDrainGrace)
+	if stop := unitSeconds(t, svc, "TimeoutStopSec"); stop <= drain+kill {
+		t.Errorf("TimeoutStopSec=%v, want more than --drain-timeout + --kill-grace = %v", stop, drain+kill)
+	}
+	if st := unitSeconds(t, svc, "TimeoutStartSec"); st <= ready+grace+drain+kill {
+		t.Errorf("TimeoutStartSec=%v (it bounds ExecReload too), want more than ready + grace + drain + kill = %v", st, ready+grace+drain+kill)
+	}
+}
+
+// envProblem skips outside CI and fails in CI.
+func envProblem(t *testing.T, format string, args ...any) {
+	t.Helper()
+	if inCI() {
+		t.Fatalf(format, args...)
+	}
+	t.Skipf("skipping: "+format, args...)
+}
+
+// splitVerifyOutput separates the lines about the unit at path from those
+// about the host (other units, missing man pages and the like).
+func splitVerifyOutput(out []byte, path string) (about, host []string) {
+	for l := range strings.SplitSeq(strings.TrimSpace(string(out)), "\n") {
+		switch {
+		case l == "":
+		case strings.Contains(l, filepath.Base(path)):
+			about = append(about, l)
+		default:
+			host = append(host, l)
+		}
+	}
+	return about, host
+}
+
+// unitSection reads one section of a unit: the last value of each key, with
+// backslash continuations joined and comments dropped.
+func unitSection(t *testing.T, unit, name string) map[string]string {
+	t.Helper()
+	kv := map[string]string{}
+	in := false
+	var cont strings.Builder
+	for line := range strings.SplitSeq(unit, "\n") {
+		line = strings.TrimSpace(line)
+		if cont.Len() == 0 && (line == "" || line[0] == '#' || line[0] == ';') {
+			continue
+		}
+		if strings.HasSuffix(line, "\\") {
+			cont.WriteString(strings.TrimSuffix(line, "\\") + " ")
+			continue
+		}
+		cont.WriteString(line)
+		line = cont.String()
+		cont.Reset()
+		if strings.HasPrefix(line, "[") {
+			in = line == "["+name+"]"
+			continue
+		}
+		if k, v, ok := strings.Cut(line, "="); ok && in {
+			kv[strings.TrimSpace(k)] = strings.TrimSpace(v)
+		}
+	}
+	if len(kv) == 0 {
+		t.Fatalf("unit has no [%s] section", name)
+	}
+	return kv
+}
+
+func indexOf(s []string, x string) int {
+	for i, v := range s {
+		if v == x {
+			return i
+		}
+	}
+	return -1
+}
+
+// flagValue returns the value of --name or --name=value in args.
+func flagValue(args []string, name string) string {
+	for i, a := range args {
+		a = "-" + strings.TrimLeft(a, "-")
+		if a == "-"+name && i+1 < len(args) {
+			return args[i+1]
+		}
+		if v, ok := strings.CutPrefix(a, "-"+name+"="); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+func durationFlag(t *testing.T, args []string, name string, def time.Duration) time.Duration {
+	t.Helper()
+	v := flagValue(args, name)
+	if v == "" {
+		return def
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		t.Fatalf("--%s %q: %v", name, v, err)
+	}
+	return d
+}
+
+// unitSeconds reads a systemd time span written as seconds ("60") or as a
+// Go-style duration ("60s", "1m30s").
+func unitSeconds(t *testing.T, kv map[string]string, key string) time.Duration {
+	t.Helper()
+	v, ok := kv[key]
+	if !ok {
+		t.Fatalf("the unit sets no %s", key)
+	}
+	if n, err := strconv.Atoi(v); err == nil {
+		return time.Duration(n) * time.Second
+	}
+	d, err := time.ParseDuration(strings.ReplaceAll(v, " ", ""))
+	if err != nil {
+		t.Fatalf("%s=%q: write it as seconds or like 1m30s: %v", key, v, err)
+	}
+	return d
+}
+
+// Under systemd (NOTIFY_SOCKET set), the coordinator tells the service
+// manager what it does: READY=1 once generation 1 serves, RELOADING=1 and
+// READY=1 around a rollover, STOPPING=1 on stop, every time from its own pid
+// (NotifyAccess=main). The generations never see systemd's socket.
+func TestCoordinatorNotifiesSystemd(t *testing.T) {
+	t.Run("path", func(t *testing.T) {
+		testNotify(t, filepath.Join(shortDir(t), "notify.sock"))
+	})
+	t.Run("abstract", func(t *testing.T) {
+		b := make([]byte, 8)
+		_, _ = rand.Read(b)
+		// Go maps a leading @ to the abstract namespace, as systemd does.
+		testNotify(t, "@rollover-test-"+hex.EncodeToString(b))
+	})
+}
+
+func testNotify(t *testing.T, notifyAddr string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	const msgTimeout = 15 * time.Second
+	sd := listenNotify(t, notifyAddr)
+	before := binProcesses()
+
+	dir := shortDir(t)
+	socket := filepath.Join(dir, "ctl.sock")
+	port, err := harness.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	cmd := exec.Command(filepath.Join(bin, "rollover"), "start", "--socket", socket,
+		"--metrics-addr", "", "--drain-grace", "100ms",
+		"--", filepath.Join(bin, "demoapp"), "-addr", addr, "-version", "v1")
+	cmd.Env = append(envWithout("NOTIFY_SOCKET"), "NOTIFY_SOCKET="+notifyAddr)
+	out := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	coord := cmd.Process.Pid
+	exited := make(chan struct{})
+	var exitErr error
+	go func() { exitErr = cmd.Wait(); close(exited) }()
+	var gens []int
+	t.Cleanup(func() {
+		tree := descendantsOf(coord)
+		select {
+		case <-exited:
+		default:
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+		left := append(append(tree, gens...), coord)
+		for _, p := range left {
+			_ = syscall.Kill(p, syscall.SIGKILL)
+		}
+		if l := waitAlive(left, 5*time.Second); len(l) > 0 {
+			t.Errorf("processes left behind: %v", l)
+		}
+		if l := newBinProcesses(before); len(l) > 0 {
+			t.Errorf("rollover or demoapp processes left behind: %v", l)
+		}
+		checkOutput(t, "coordinator", out.String())
+		if t.Failed() {
+			t.Logf("coordinator log:\n%s", tailLines(out.String(), 60))
+		}
+	})
+
+	// Generation 1 serves, and only then does systemd hear READY=1.
+	st := waitStatus(t, ctx, socket, exited, func(st wire.Status) bool { return st.Active == 1 && !st.InProgress })
+	gen1 := genPID(t, st, 1)
+	gens = append(gens, gen1)
+	m := sd.next(t, "READY=1 after generation 1 is ready", msgTimeout)
+	sd.check(t, m, coord, "READY", fmt.Sprintf("active generation 1 (pid %d)", gen1))
+	checkNoNotifySocket(t, gen1, 1)
+
+	// A rollover: RELOADING=1 with the time it began, then READY=1.
+	monoBefore := monotonicUsec(t)
+	next := exec.CommandContext(ctx, filepath.Join(bin, "rollover"), "next", "--socket", socket)
+	if b, err := next.CombinedOutput(); err != nil {
+		t.Fatalf("rollover next: %v\n%s", err, b)
+	}
+	m = sd.next(t, "RELOADING=1 when the rollover starts", msgTimeout)
+	monoAfter := monotonicUsec(t)
+	sd.check(t, m, coord, "RELOADING", "rolling over to generation 2")
+	if v, err := strconv.ParseUint(m.vars["MONOTONIC_USEC"], 10, 64); err != nil {
+		t.Errorf("RELOADING=1 without a valid MONOTONIC_USEC (systemd needs it to order the reload): %q", m.raw)
+	} else if slack := uint64(2 * time.Second / time.Microsecond); v+slack < monoBefore || v > monoAfter+slack {
+		t.Errorf("MONOTONIC_USEC=%d, want CLOCK_MONOTONIC in microseconds, between %d and %d", v, monoBefore, monoAfter)
+	}
+	st = waitStatus(t, ctx, socket, exited, func(st wire.Status) bool { return st.Active == 2 && !st.InProgress })
+	gen2 := genPID(t, st, 2)
+	gens = append(gens, gen2)
+	m = sd.next(t, "READY=1 when the rollover is done", msgTimeout)
+	sd.check(t, m, coord, "READY", fmt.Sprintf("active generation 2 (pid %d)", gen2))
+	checkNoNotifySocket(t, gen2, 2)
+
+	// SIGTERM: STOPPING=1, every generation drains, exit 0.
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	m = sd.next(t, "STOPPING=1 on SIGTERM", msgTimeout)
+	sd.check(t, m, coord, "STOPPING", "stopping: draining every generation")
+	select {
+	case <-exited:
+		if exitErr != nil {
+			t.Errorf("coordinator after SIGTERM: %v, want exit 0", exitErr)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("coordinator still running 30s after SIGTERM")
+	}
+	if l := waitAlive(gens, 5*time.Second); len(l) > 0 {
+		t.Errorf("generations still running after the coordinator exited: %v", l)
+	}
+}
+
+// notifyMsg is one sd_notify datagram.
+type notifyMsg struct {
+	raw  string
+	vars map[string]string
+	pid  int32 // the sender, from SCM_CREDENTIALS
+}
+
+// notifyListener plays systemd's side of NOTIFY_SOCKET.
+type notifyListener struct {
+	addr string
+	msgs chan notifyMsg
+}
+
+func listenNotify(t *testing.T, addr string) *notifyListener {
+	t.Helper()
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: addr, Net: "unixgram"})
+	if err != nil {
+		t.Fatalf("notify socket %s: %v", addr, err)
+	}
+	// Like systemd, have the kernel attach each sender's credentials.
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1)
+	}); err != nil || serr != nil {
+		t.Fatalf("SO_PASSCRED: %v %v", err, serr)
+	}
+	l := &notifyListener{addr: addr, msgs: make(chan notifyMsg, 64)}
+	done := make(chan struct{})
+	t.Cleanup(func() { close(done); conn.Close() })
+	go func() {
+		defer close(l.msgs)
+		buf := make([]byte, 64<<10)
+		oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred))
+		for {
+			n, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
+			if err != nil {
+				return
+			}
+			m := notifyMsg{raw: string(buf[:n]), vars: map[string]string{}}
+			for line := range strings.SplitSeq(m.raw, "\n") {
+				if k, v, ok := strings.Cut(line, "="); ok {
+					m.vars[k] = v
+				}
+			}
+			if cmsgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+				for _, c := range cmsgs {
+					if cred, err := unix.ParseUnixCredentials(&c); err == nil {
+						m.pid = cred.Pid
+					}
+				}
+			}
+			select {
+			case l.msgs <- m:
+			case <-done:
+				return
+			}
+		}
+	}()
+	return l
+}
+
+// stateKeys are the assignments that change a unit's state.
+var stateKeys = []string{"READY", "RELOADING", "STOPPING"}
+
+// next returns the next datagram that changes the unit's state, logging
+// STATUS-only ones on the way.
+func (l *notifyListener) next(t *testing.T, what string, d time.Duration) notifyMsg {
+	t.Helper()
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	for {
+		select {
+		case m, ok := <-l.msgs:
+			if !ok {
+				t.Fatalf("notify socket closed while waiting for %s", what)
+			}
+			for _, k := range stateKeys {
+				if m.vars[k] == "1" {
+					return m
+				}
+			}
+			t.Logf("sd_notify: %q", m.raw)
+		case <-timer.C:
+			t.Fatalf("no sd_notify datagram for %s within %v on NOTIFY_SOCKET=%s: does the coordinator speak sd_notify?", what, d, l.addr)
+		}
+	}
+}
+
+// check says m sets key=1 and no other state key, with STATUS=status, sent
+// by the coordinator itself.
+func (l *notifyListener) check(t *testing.T, m notifyMsg, coord int, key, status string) {
+	t.Helper()
+	for _, k := range stateKeys {
+		if want := map[bool]string{true: "1", false: ""}[k == key]; m.vars[k] != want {
+			t.Errorf("sd_notify %q: %s=%q, want %q", m.raw, k, m.vars[k], want)
+		}
+	}
+	if m.vars["STATUS"] != status {
+		t.Errorf("sd_notify %q: STATUS=%q, want %q", m.raw, m.vars["STATUS"], status)
+	}
+	if int(m.pid) != coord {
+		t.Errorf("sd_notify %q came from pid %d, not the coordinator (%d): NotifyAccess=main would drop it", m.raw, m.pid, coord)
+	}
+}
+
+// checkNoNotifySocket fails if generation n (pid) inherited NOTIFY_SOCKET.
+func checkNoNotifySocket(t *testing.T, pid, n int) {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+	if err != nil {
+		t.Errorf("generation %d's environment: %v", n, err)
+		return
+	}
+	env := strings.Split(string(b), "\x00")
+	if indexOf(env, fmt.Sprintf("ROLLOVER_GENERATION=%d", n)) < 0 {
+		t.Errorf("pid %d has no ROLLOVER_GENERATION=%d: not generation %d's environment?", pid, n, n)
+	}
+	for _, kv := range env {
+		if strings.HasPrefix(kv, "NOTIFY_SOCKET=") {
+			t.Errorf("generation %d (pid %d) inherited %s: it could talk to systemd behind the coordinator's back", n, pid, kv)
+		}
+	}
+}
+
+func monotonicUsec(t *testing.T) uint64 {
+	t.Helper()
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		t.Fatal(err)
+	}
+	return uint64(ts.Nano() / 1000)
+}
+
+func envWithout(key string) []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, key+"=") {
+			env = append(env, kv)
+		}
+	}
+	return env
+}
+
+// ctlStatus runs `rollover status --json` against socket.
+func ctlStatus(ctx context.Context, socket string) (wire.Status, error) {
+	var st wire.Status
+	cmd := exec.CommandContext(ctx, filepath.Join(bin, "rollover"), "status", "--json", "--socket", socket)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return st, fmt.Errorf("rollover status: %v: %s", err, bytes.TrimSpace(stderr.Bytes()))
+	}
+	return st, json.Unmarshal(out, &st)
+}
+
+// waitStatus polls the coordinator's status until ok, for 30s at most, and
+// fails at once when exited (the coordinator's, or its supervisor's) is
+// closed.
+func waitStatus(t *testing.T, ctx context.Context, socket string, exited <-chan struct{}, ok func(wire.Status) bool) wire.Status {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		st, err := ctlStatus(ctx, socket)
+		if err == nil && ok(st) {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("coordinator status not as expected after 30s: %+v (%v)", st, err)
+		}
+		select {
+		case <-exited:
+			t.Fatalf("exited while waiting for the coordinator; last status %+v (%v)", st, err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+func genPID(t *testing.T, st wire.Status, n int) int {
+	t.Helper()
+	for _, g := range st.Generations {
+		if g.Generation == n && g.PID > 0 {
+			return g.PID
+		}
+	}
+	t.Fatalf("status has no generation %d: %+v", n, st)
+	return 0
+}
+
+// procStat returns a process's state letter and parent pid.
+func procStat(pid int) (state string, ppid int, err error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return "", 0, err
+	}
+	// pid (comm) state ppid …: comm may hold spaces and parentheses.
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(f) < 2 {
+		return "", 0, errors.New("short stat")
+	}
+	ppid, err = strconv.Atoi(f[1])
+	return f[0], ppid, err
+}
+
+func allPIDs() []int {
+	ents, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range ents {
+		if pid, err := strconv.Atoi(e.Name()); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// descendantsOf lists root's descendants now.
+func descendantsOf(root int) []int {
+	children := map[int][]int{}
+	for _, pid := range allPIDs() {
+		if _, ppid, err := procStat(pid); err == nil {
+			children[ppid] = append(children[ppid], pid)
+		}
+	}
+	var out []int
+	queue := []int{root}
+	for len(queue) > 0 && len(out) < 10000 {
+		p := queue[0]
+		queue = queue[1:]
+		for _, c := range children[p] {
+			out = append(out, c)
+			queue = append(queue, c)
+		}
+	}
+	return out
+}
+
+// waitAlive waits until none of pids runs (zombies count as gone: whoever
+// reaps orphans here may not), for at most d, and returns those that still do.
+func waitAlive(pids []int, d time.Duration) []int {
+	deadline := time.Now().Add(d)
+	for {
+		var left []int
+		for _, p := range pids {
+			if state, _, err := procStat(p); err == nil && state != "Z" {
+				left = append(left, p)
+			}
+		}
+		if len(left) == 0 || time.Now().After(deadline) {
+			return left
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// binProcesses maps the pid of every live process running a binary built
+// for this run to the binary's name.
+func binProcesses() map[int]string {
+	out := map[int]string{}
+	for _, pid := range allPIDs() {
+		exe, err := os.Readlink("/proc/" + strconv.Itoa(pid) + "/exe")
+		if err != nil || filepath.Dir(exe) != filepath.Clean(bin) {
+			continue
+		}
+		if state, _, err := procStat(pid); err == nil && state != "Z" {
+			out[pid] = filepath.Base(exe)
+		}
+	}
+	return out
+}
+
+// newBinProcesses lists the processes of this run's binaries that were not
+// there before, after giving them up to 5s to go.
+func newBinProcesses(before map[int]string) []string {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var left []string
+		for pid, name := range binProcesses() {
+			if _, ok := before[pid]; !ok {
+				left = append(left, fmt.Sprintf("%s (pid %d)", name, pid))
+			}
+		}
+		if len(left) == 0 || time.Now().After(deadline) {
+			return left
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// readLines returns the lines of a file, or nil.
+func readLines(path string) []string {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var lines []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		lines = append(lines, sc.Text())
+	}
+	return lines
+}
