@@ -63,16 +63,27 @@ def main():
     draining = threading.Event()
     srv = Server((host, port), Handler)
 
-    def drain(signum, frame):
-        draining.set()
-        notify("STOPPING=1")
-        threading.Thread(target=srv.shutdown).start()
+    # The handler only sets a flag. A signal handler runs in the main thread
+    # between two bytecodes, possibly while it holds one of threading's
+    # internal locks (it reaps finished request threads on every accept), so
+    # starting a thread there (srv.shutdown) or taking a lock can deadlock
+    # the server: it stops accepting but keeps its listener until killed.
+    term = []
 
-    signal.signal(signal.SIGTERM, drain)
+    def on_sigterm(signum, frame):
+        term.append(signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     notify("READY=1\nSTATUS=serving %s on %s:%d" % (version, host, port))
-    # Notice the shutdown request soon (the default polls every 0.5s): the
-    # listener closes, and the coordinator sees the port left, sooner.
-    srv.serve_forever(poll_interval=0.05)
+    # Accept until SIGTERM, noticing it within 50ms.
+    srv.timeout = 0.05
+    while not term:
+        srv.handle_request()
+    # Drain: answers say Connection: close from now on; close the listener
+    # (the kernel migrates its queue with net.ipv4.tcp_migrate_req=1), then
+    # wait for the requests in flight (server_close joins their threads).
+    draining.set()
+    notify("STOPPING=1")
     srv.server_close()
 
 
