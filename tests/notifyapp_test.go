@@ -1,0 +1,135 @@
+package tests
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rollover-sh/rollover/internal/harness"
+)
+
+// notifyApp copies testdata/notifyapp.py into dir, so that dir is in its
+// command line, and returns the command line of version v on addr and the
+// address. It runs the interpreter itself, not a wrapper script (pyenv's
+// shims), so that the pid the coordinator spawns is the server's.
+func notifyApp(t *testing.T, dir string) (argv func(version string) []string, addr string) {
+	t.Helper()
+	needTool(t, "python3")
+	out, err := exec.Command("python3", "-c", "import sys; print(sys.executable)").Output()
+	if err != nil {
+		t.Fatalf("python3: %v", err)
+	}
+	python := strings.TrimSpace(string(out))
+	src, err := os.ReadFile("testdata/notifyapp.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := filepath.Join(dir, "notifyapp.py")
+	if err := os.WriteFile(script, src, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	port, err := harness.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return func(v string) []string {
+		return []string{python, script, "127.0.0.1", strconv.Itoa(port), v}
+	}, "127.0.0.1:" + strconv.Itoa(port)
+}
+
+// TestNotifyAppRollover rolls a Python app that speaks systemd's notify
+// protocol over between two versions, under load, with tcp_migrate_req=1:
+// --ready=notify, drained by SIGTERM, and every client request must succeed.
+func TestNotifyAppRollover(t *testing.T) {
+	dir := shortDir(t)
+	foreignLeaveNothing(t, dir)
+	argv, addr := notifyApp(t, dir)
+	sc := foreignScenario{
+		Name: "notifyapp", Dir: dir, Addr: addr,
+		// --addr tells the coordinator when the old generation has left the port.
+		StartFlags: []string{"--ready=notify", "--addr", addr},
+		Argv:       [2][]string{argv("v1"), argv("v2")},
+		Rollovers:  10, Interval: 500 * time.Millisecond, Clients: 8, MigrateReq: 1,
+		VersionHeader: "X-Notifyapp-Version", Body: "notifyapp {v} pid ",
+	}
+	rep := runForeignInNetns(t, sc)
+	g1 := foreignGen(t, rep.Start, 1)
+	if want := "serving v1 on " + addr; g1.Ready != "notify" || g1.Notify != want || g1.Steerable {
+		t.Errorf("gen 1: ready %q, notify_status %q, steerable %v; want notify, %q, not steerable", g1.Ready, g1.Notify, g1.Steerable, want)
+	}
+	if len(rep.End.Generations) > 0 {
+		g := rep.End.Generations[len(rep.End.Generations)-1]
+		if want := "serving v1 on " + addr; g.Ready != "notify" || g.Notify != want { // 10 rollovers: back on v1
+			t.Errorf("last generation %d: ready %q, notify_status %q; want notify, %q", g.Generation, g.Ready, g.Notify, want)
+		}
+	}
+	rep.check(t, sc, 0)
+	// The app names its generation: clients were moved to each new one.
+	if n := len(rep.Load.ByGeneration); n < sc.Rollovers/2 {
+		t.Errorf("only %d generations answered the load (%v): clients were not moved to new code", n, rep.Load.ByGeneration)
+	}
+}
+
+// TestNotifyAppReadyListen runs the same Python app with --ready=listen, no
+// namespace and no load: the coordinator sees it listen, and a rollover
+// moves new connections to the new version.
+func TestNotifyAppReadyListen(t *testing.T) {
+	dir := shortDir(t)
+	foreignLeaveNothing(t, dir)
+	argv, addr := notifyApp(t, dir)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out := &syncBuffer{}
+	co, err := startForeignCoordinator(ctx, filepath.Join(bin, "rollover"), dir,
+		[]string{"--ready=listen", "--addr", addr}, argv("v1"), out)
+	if err != nil {
+		t.Fatalf("start: %v\n%s", err, out.String())
+	}
+	t.Cleanup(func() {
+		co.kill()
+		checkOutput(t, "coordinator", out.String())
+		if t.Failed() {
+			t.Logf("coordinator log:\n%s", tailLines(out.String(), 60))
+		}
+	})
+	sc := foreignScenario{VersionHeader: "X-Notifyapp-Version", Body: "notifyapp {v} pid "}
+	url := "http://" + addr + "/"
+
+	g1 := foreignGen(t, co.started, 1)
+	if g1.Ready != "listen" || g1.State != "active" || g1.Notify != "" {
+		t.Errorf("gen 1: ready %q, state %q, notify_status %q; want listen, active, none", g1.Ready, g1.State, g1.Notify)
+	}
+	if err := sc.probe(ctx, url, "v1"); err != nil {
+		t.Fatalf("gen 1: %v", err)
+	}
+	took, err := co.next(ctx, argv("v2"))
+	if err != nil {
+		t.Fatalf("next: %v", err)
+	}
+	// `next` returns once gen 1 has left the port: every new connection
+	// reaches v2 from now on.
+	for i := range 20 {
+		if err := sc.probe(ctx, url, "v2"); err != nil {
+			t.Fatalf("request %d after next: %v", i, err)
+		}
+	}
+	st, err := co.status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g2 := foreignGen(t, st, 2); st.Active != 2 || g2.Ready != "listen" || g2.State != "active" {
+		t.Errorf("after next: active gen %d, gen 2 ready %q state %q; want 2, listen, active", st.Active, g2.Ready, g2.State)
+	}
+	if err := co.stop(ctx); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	if left := harness.WaitGone(append(co.pids(), co.pid()), 5*time.Second); len(left) > 0 {
+		t.Errorf("pids alive after stop: %v", left)
+	}
+	t.Logf("listen-mode rollover took %v; generation pids %v", took.Round(time.Millisecond), co.pids())
+}
