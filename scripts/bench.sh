@@ -31,8 +31,8 @@ else
 	echo "wrk not installed (apt-get install wrk)"
 fi
 if command -v ab >/dev/null; then
-	$S -interval 500ms -load-cmd "ab -q -n 100000 -c 32 {url}" | grep -E 'demoapp on|Complete|Failed|Non-2xx|Requests per|rollovers'
-	$S -interval 500ms -load-cmd "ab -q -k -n 300000 -c 32 {url}" | grep -E 'demoapp on|Complete|Failed|Non-2xx|Keep-Alive|Requests per|rollovers'
+	$S -interval 500ms -load-cmd "ab -q -n 100000 -c 32 {url}" | grep -E 'demoapp on|Complete|Failed|\(Connect|Non-2xx|Requests per|rollovers'
+	$S -interval 500ms -load-cmd "ab -q -k -n 300000 -c 32 {url}" | grep -E 'demoapp on|Complete|Failed|\(Connect|Non-2xx|Keep-Alive|Requests per|rollovers'
 else
 	echo "ab not installed (apt-get install apache2-utils)"
 fi

@@ -54,7 +54,9 @@ func main() {
 
 func handler(version string) http.Handler {
 	gen := strconv.Itoa(rollover.Generation())
-	body := fmt.Sprintf("demoapp %s gen %s\n", version, gen)
+	// Fixed width, so that tools like ab, which count a body of another
+	// length as a failure, see the same length from every generation.
+	body := fmt.Sprintf("demoapp %s gen %06d\n", version, rollover.Generation())
 	answer := func(w http.ResponseWriter) {
 		w.Header().Set("X-Rollover-Generation", gen)
 		w.Header().Set("X-Demoapp-Version", version)
