@@ -251,6 +251,26 @@ func TestNextSteerVerificationFails(t *testing.T) {
 	r.activeIs(3, eventOf(events, wire.PhaseStarted).PID)
 }
 
+// A generation that crashes after its hello but before ready fails the
+// rollover with its stderr; the active generation is untouched.
+func TestNextCrashAfterHello(t *testing.T) {
+	r := startRig(t, "ready", Config{})
+	_, pid1 := r.mustGet("/")
+	events, res := r.next(r.argv("crash-after-hello"))
+	if res.OK || !strings.Contains(res.Error, "exited before it was ready") || !strings.Contains(res.Error, "exit status 2") || !strings.Contains(res.Error, "cache warm-up failed") {
+		t.Fatalf("next to a generation that crashes after hello: ok=%v %q", res.OK, res.Error)
+	}
+	if started := eventOf(events, wire.PhaseStarted); started != nil {
+		r.waitGone(started.PID, 5*time.Second)
+	} else {
+		t.Fatalf("events %+v, want a started event", events)
+	}
+	r.activeIs(1, pid1)
+	if _, res = r.next(r.argv("ready")); !res.OK {
+		t.Fatalf("next after it: %s", res.Error)
+	}
+}
+
 func TestConcurrentNext(t *testing.T) {
 	r := startRig(t, "ready", Config{})
 	_, pid1 := r.mustGet("/")

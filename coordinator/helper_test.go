@@ -92,6 +92,11 @@ func generation(mode string) int {
 	if err != nil {
 		return fail(err)
 	}
+	if mode == "crash-after-hello" {
+		// Listen said hello; die before ready.
+		fmt.Fprintln(os.Stderr, "panic-ish: cache warm-up failed")
+		return 2
+	}
 	srv := &http.Server{Handler: genHandler(), ReadHeaderTimeout: 5 * time.Second}
 	switch mode {
 	case "ready":
