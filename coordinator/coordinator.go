@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -160,12 +161,21 @@ func (c *Coordinator) Metrics() *metrics.Coordinator { return c.metrics }
 
 // do runs f on the owner goroutine and waits for it. f must not block.
 func (c *Coordinator) do(f func()) bool {
+	return c.doWithin(f, nil)
+}
+
+// doWithin is do that gives up, without running f, if the owner does not
+// take f before timeout fires (nil: never). Scrapes use it so that they
+// never hang on a busy coordinator.
+func (c *Coordinator) doWithin(f func(), timeout <-chan time.Time) bool {
 	done := make(chan struct{})
 	select {
 	case c.calls <- func() { f(); close(done) }:
 		<-done
 		return true
 	case <-c.dead:
+		return false
+	case <-timeout:
 		return false
 	}
 }
@@ -338,16 +348,8 @@ func (c *Coordinator) status() wire.Status {
 			})
 		}
 	})
-	sortGens(st.Generations)
+	slices.SortFunc(st.Generations, func(a, b wire.GenStatus) int { return a.Generation - b.Generation })
 	return st
-}
-
-func sortGens(gs []wire.GenStatus) {
-	for i := 1; i < len(gs); i++ {
-		for j := i; j > 0 && gs[j].Generation < gs[j-1].Generation; j-- {
-			gs[j], gs[j-1] = gs[j-1], gs[j]
-		}
-	}
 }
 
 // Gatherer is what /metrics serves: own (the coordinator's registry) plus
@@ -358,20 +360,13 @@ func (c *Coordinator) Gatherer(own prometheus.Gatherer) prometheus.Gatherer {
 
 func (c *Coordinator) metricSources() []metrics.Source {
 	var gens []*gen
-	f := func() {
+	if !c.doWithin(func() {
 		for _, g := range c.s.gens {
 			if g.conn != nil {
 				gens = append(gens, g)
 			}
 		}
-	}
-	done := make(chan struct{})
-	select {
-	case c.calls <- func() { f(); close(done) }:
-		<-done
-	case <-c.dead:
-		return nil
-	case <-time.After(time.Second):
+	}, time.After(time.Second)) {
 		return nil
 	}
 	srcs := make([]metrics.Source, 0, len(gens))
@@ -394,9 +389,7 @@ func (c *Coordinator) sample() (metrics.Sample, bool) {
 	if mr, err := reuse.MigrateReq(); err == nil {
 		s.MigrateReq = &mr
 	}
-	done := make(chan struct{})
-	f := func() {
-		defer close(done)
+	ok := c.doWithin(func() {
 		if c.s.active != nil {
 			s.Active = c.s.active.n
 		}
@@ -406,14 +399,6 @@ func (c *Coordinator) sample() (metrics.Sample, bool) {
 				Inflight: g.stats.Inflight, Connections: g.stats.Connections, Requests: g.stats.Requests,
 			})
 		}
-	}
-	select {
-	case c.calls <- f:
-	case <-c.dead:
-		return s, false
-	case <-time.After(time.Second):
-		return s, false
-	}
-	<-done
-	return s, true
+	}, time.After(time.Second))
+	return s, ok
 }

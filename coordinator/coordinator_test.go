@@ -197,77 +197,46 @@ func TestNextNeverReady(t *testing.T) {
 	r.waitGone(pid1, 5*time.Second)
 }
 
-func TestNextCrashOnStart(t *testing.T) {
-	r := startRig(t, "ready", Config{})
-	_, pid1 := r.mustGet("/")
-
-	events, res := r.next(r.argv("crash-on-start"))
-	if res.OK {
-		t.Fatal("next to a generation that exits at once succeeded")
-	}
-	if !strings.Contains(res.Error, crashLine) {
-		t.Errorf("error %q does not show the generation's stderr %q", res.Error, crashLine)
-	}
-	if !strings.Contains(res.Error, "exit status 3") {
-		t.Errorf("error %q does not show the exit status 3", res.Error)
-	}
-	if started := eventOf(events, wire.PhaseStarted); started == nil {
-		t.Errorf("events %+v, want a started event", events)
-	} else {
-		r.waitGone(started.PID, 5*time.Second)
-	}
-	r.activeIs(1, pid1)
-
-	events, res = r.next(r.argv("ready"))
-	if !res.OK {
-		t.Fatalf("next after a crashed one: %s", res.Error)
-	}
-	r.activeIs(3, eventOf(events, wire.PhaseStarted).PID)
-}
-
-// A generation that becomes ready but fails the steering verification is
-// ended, the port stays with the active generation, and the next good
-// rollover works.
-func TestNextSteerVerificationFails(t *testing.T) {
-	r := startRig(t, "ready", Config{})
-	_, pid1 := r.mustGet("/")
-	events, res := r.next(r.argv("steer-fails"))
-	if res.OK || !strings.Contains(res.Error, "failed the steering verification") || !strings.Contains(res.Error, "probe was not accepted") {
-		t.Fatalf("next to a generation that fails its steer: ok=%v %q", res.OK, res.Error)
-	}
-	started := eventOf(events, wire.PhaseStarted)
-	if started == nil {
-		t.Fatalf("events %+v, want a started event", events)
-	}
-	r.waitGone(started.PID, 5*time.Second)
-	r.activeIs(1, pid1)
-	if gen, _ := r.mustGet("/"); gen != 1 {
-		t.Fatalf("answered by gen %d after the failed steer, want 1", gen)
-	}
-	events, res = r.next(r.argv("ready"))
-	if !res.OK {
-		t.Fatalf("next after a failed steer: %s", res.Error)
-	}
-	r.activeIs(3, eventOf(events, wire.PhaseStarted).PID)
-}
-
-// A generation that crashes after its hello but before ready fails the
-// rollover with its stderr; the active generation is untouched.
-func TestNextCrashAfterHello(t *testing.T) {
-	r := startRig(t, "ready", Config{})
-	_, pid1 := r.mustGet("/")
-	events, res := r.next(r.argv("crash-after-hello"))
-	if res.OK || !strings.Contains(res.Error, "exited before it was ready") || !strings.Contains(res.Error, "exit status 2") || !strings.Contains(res.Error, "cache warm-up failed") {
-		t.Fatalf("next to a generation that crashes after hello: ok=%v %q", res.OK, res.Error)
-	}
-	if started := eventOf(events, wire.PhaseStarted); started != nil {
-		r.waitGone(started.PID, 5*time.Second)
-	} else {
-		t.Fatalf("events %+v, want a started event", events)
-	}
-	r.activeIs(1, pid1)
-	if _, res = r.next(r.argv("ready")); !res.OK {
-		t.Fatalf("next after it: %s", res.Error)
+// A new generation that fails before it is active (exits at once, crashes
+// after its hello, fails the steering verification) fails the rollover with
+// a reason naming it, is gone, leaves the active generation serving, and
+// the next good rollover works.
+func TestNextFailsBeforeActive(t *testing.T) {
+	for _, tc := range []struct {
+		mode string
+		want []string
+	}{
+		{"crash-on-start", []string{"exited before it was ready", "exit status 3", crashLine}},
+		{"crash-after-hello", []string{"exited before it was ready", "exit status 2", "cache warm-up failed"}},
+		{"steer-fails", []string{"failed the steering verification", "probe was not accepted"}},
+	} {
+		t.Run(tc.mode, func(t *testing.T) {
+			r := startRig(t, "ready", Config{})
+			_, pid1 := r.mustGet("/")
+			events, res := r.next(r.argv(tc.mode))
+			if res.OK {
+				t.Fatalf("next to a %s generation succeeded", tc.mode)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(res.Error, w) {
+					t.Errorf("error %q does not say %q", res.Error, w)
+				}
+			}
+			started := eventOf(events, wire.PhaseStarted)
+			if started == nil {
+				t.Fatalf("events %+v, want a started event", events)
+			}
+			r.waitGone(started.PID, 5*time.Second)
+			r.activeIs(1, pid1)
+			if gen, _ := r.mustGet("/"); gen != 1 {
+				t.Fatalf("answered by gen %d after the failed rollover, want 1", gen)
+			}
+			events, res = r.next(r.argv("ready"))
+			if !res.OK {
+				t.Fatalf("next after a failed one: %s", res.Error)
+			}
+			r.activeIs(3, eventOf(events, wire.PhaseStarted).PID)
+		})
 	}
 }
 

@@ -233,17 +233,24 @@ func procIP(h string) net.IP {
 
 // groupPIDs lists the processes whose process group is pgid.
 func groupPIDs(pgid int) []int {
+	var out []int
+	for _, pid := range procPIDs() {
+		if pg, err := unix.Getpgid(pid); err == nil && pg == pgid {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// procPIDs lists the processes in /proc.
+func procPIDs() []int {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
 		return nil
 	}
 	var out []int
 	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if pg, err := unix.Getpgid(pid); err == nil && pg == pgid {
+		if pid, err := strconv.Atoi(e.Name()); err == nil {
 			out = append(out, pid)
 		}
 	}

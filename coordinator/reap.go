@@ -42,17 +42,9 @@ func (c *Coordinator) ReapOrphans(ctx context.Context) {
 
 // zombieChildren lists the zombie processes whose parent is ppid.
 func zombieChildren(ppid int) []int {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
 	var out []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+	for _, pid := range procPIDs() {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 		if err != nil {
 			continue
 		}

@@ -85,15 +85,16 @@ func NewCoordinator(read func() (Sample, bool)) *Coordinator {
 	return c
 }
 
+// instruments are the metrics that outlive generations.
+func (c *Coordinator) instruments() []prometheus.Collector {
+	return []prometheus.Collector{c.Rollovers, c.ForcedDrains, c.Ready, c.Drain, c.ScrapeErrors, c.Clashes, c.Crashes}
+}
+
 // Describe implements prometheus.Collector.
 func (c *Coordinator) Describe(ch chan<- *prometheus.Desc) {
-	c.Rollovers.Describe(ch)
-	c.ForcedDrains.Describe(ch)
-	c.Ready.Describe(ch)
-	c.Drain.Describe(ch)
-	c.ScrapeErrors.Describe(ch)
-	c.Clashes.Describe(ch)
-	c.Crashes.Describe(ch)
+	for _, m := range c.instruments() {
+		m.Describe(ch)
+	}
 	for _, d := range []*prometheus.Desc{descInfo, descState, descInflight, descConns, descRequests, descActive, descMigrate} {
 		ch <- d
 	}
@@ -101,13 +102,9 @@ func (c *Coordinator) Describe(ch chan<- *prometheus.Desc) {
 
 // Collect implements prometheus.Collector.
 func (c *Coordinator) Collect(ch chan<- prometheus.Metric) {
-	c.Rollovers.Collect(ch)
-	c.ForcedDrains.Collect(ch)
-	c.Ready.Collect(ch)
-	c.Drain.Collect(ch)
-	c.ScrapeErrors.Collect(ch)
-	c.Clashes.Collect(ch)
-	c.Crashes.Collect(ch)
+	for _, m := range c.instruments() {
+		m.Collect(ch)
+	}
 	s, ok := c.read()
 	if !ok {
 		return

@@ -46,9 +46,6 @@ func (c *Counters) Snapshot() Snapshot {
 // off while idle.
 func (c *Counters) SetClosing() { c.closing.Store(true) }
 
-// Closing reports whether SetClosing was called.
-func (c *Counters) Closing() bool { return c.closing.Load() }
-
 // Handler counts requests in flight and in total around h. Once SetClosing
 // was called, every response whose header is not yet written says
 // "Connection: close", including those of requests already in flight.

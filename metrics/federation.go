@@ -2,7 +2,6 @@ package metrics
 
 import (
 	"context"
-	"fmt"
 	"sort"
 	"strconv"
 	"strings"
@@ -114,6 +113,3 @@ func labelGeneration(mf *dto.MetricFamily, gen int) {
 		sort.Slice(m.Label, func(i, j int) bool { return m.Label[i].GetName() < m.Label[j].GetName() })
 	}
 }
-
-// String makes a Source readable in test failures.
-func (s Source) String() string { return fmt.Sprintf("gen %d", s.Generation) }

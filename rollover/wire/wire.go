@@ -251,9 +251,11 @@ func Decode(line []byte) (Msg, error) {
 	}
 	// Accept only what Encode can send on: encoding/json parses time offsets
 	// of 24h and more that time.Time then refuses to marshal
-	// (go.dev/issue/54580).
-	if _, err := json.Marshal(m); err != nil {
-		return m, fmt.Errorf("%w: %v", ErrMalformed, err)
+	// (go.dev/issue/54580). Status holds the only times.
+	if m.Status != nil {
+		if _, err := json.Marshal(m.Status); err != nil {
+			return m, fmt.Errorf("%w: %v", ErrMalformed, err)
+		}
 	}
 	return m, nil
 }
