@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rollover-sh/rollover/internal/harness"
-	"github.com/rollover-sh/rollover/internal/load"
+	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/load"
 )
 
 // startApp runs demoapp standalone (library) or with -plain (net/http only)

@@ -12,8 +12,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rollover-sh/rollover/internal/harness"
-	"github.com/rollover-sh/rollover/internal/load"
+	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/load"
 )
 
 // startLoad puts a bounded background load on svc and returns its runner.

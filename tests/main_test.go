@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rollover-sh/rollover/internal/harness"
+	"github.com/rollover-sh/rollover/tests/harness"
 )
 
 // bin holds the binaries built for this run.

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rollover-sh/rollover/internal/harness"
+	"github.com/rollover-sh/rollover/tests/harness"
 )
 
 // The failure matrix end to end: under load, every bad deploy fails with one

@@ -33,8 +33,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/rollover-sh/rollover/internal/harness"
-	"github.com/rollover-sh/rollover/internal/load"
+	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/load"
 	"github.com/rollover-sh/rollover/rollover/wire"
 )
 

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rollover-sh/rollover/internal/harness"
+	"github.com/rollover-sh/rollover/tests/harness"
 )
 
 // notifyApp copies testdata/notifyapp.py into dir, so that dir is in its

@@ -21,7 +21,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rollover-sh/rollover/internal/harness"
+	"github.com/rollover-sh/rollover/tests/harness"
 )
 
 // promDir holds the shipped Prometheus configuration and alert rules.

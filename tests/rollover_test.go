@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rollover-sh/rollover/internal/harness"
-	"github.com/rollover-sh/rollover/internal/load"
+	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/load"
 )
 
 // Ten rollovers between v1 and v2 under load from clients that open a new

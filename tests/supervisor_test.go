@@ -13,9 +13,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rollover-sh/rollover/coordinator"
-	"github.com/rollover-sh/rollover/internal/harness"
-	"github.com/rollover-sh/rollover/internal/load"
+	"github.com/rollover-sh/rollover/rollover/coordinator"
+	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/load"
 	"github.com/rollover-sh/rollover/rollover/wire"
 )
 

@@ -21,8 +21,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/rollover-sh/rollover/coordinator"
-	"github.com/rollover-sh/rollover/internal/harness"
+	"github.com/rollover-sh/rollover/rollover/coordinator"
+	"github.com/rollover-sh/rollover/tests/harness"
 	"github.com/rollover-sh/rollover/rollover/wire"
 )
 

@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rollover-sh/rollover/internal/harness"
+	"github.com/rollover-sh/rollover/tests/harness"
 )
 
 // stressRun is one rollover-stress run inside a network namespace of its

@@ -22,8 +22,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/rollover-sh/rollover/internal/harness"
-	"github.com/rollover-sh/rollover/internal/load"
+	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/load"
 )
 
 func main() {

@@ -8,7 +8,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/rollover-sh/rollover/internal/load"
+	"github.com/rollover-sh/rollover/tests/load"
 )
 
 // StressConfig is a stress run: load on the service while it rolls over.
