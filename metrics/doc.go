@@ -3,6 +3,7 @@
 // collector built at scrape time from the live generations, so a generation
 // that is gone leaves no series behind).
 //
-// Metric names follow DESIGN.md: prefix rollover_, base units, _total for
-// counters, a generation label, and the pid only on rollover_generation_info.
+// Metric names follow Prometheus's naming conventions (base units, _total
+// for counters) with the prefix rollover_, a generation label, and the pid
+// only on rollover_generation_info. The README's Metrics section lists them.
 package metrics

@@ -61,8 +61,8 @@ func startApp(b *testing.B, plain bool) string {
 // the same handler on plain net/http. Each iteration is a pair of 1s rounds,
 // one per server, back to back and in alternating order, and the figure is
 // the median of the pairs' ratios, so the machine's drift hits both alike.
-// The figure to reach: a library/plain ratio of at least 0.97 with
-// keep-alive clients.
+// The figure to reach: a library/plain ratio of at least 0.97, which
+// tests/bench.sh (make bench) checks.
 func BenchmarkOverhead(b *testing.B) {
 	for _, ka := range []bool{true, false} {
 		b.Run(fmt.Sprintf("keepalive=%v", ka), func(b *testing.B) {
@@ -105,10 +105,11 @@ func medianF(xs []float64) float64 {
 }
 
 // BenchmarkRolloverIdle measures a rollover of an idle service from the new
-// generation becoming active to the old one gone. The figure to reach: the
-// drain grace plus 100ms.
+// generation becoming active to the old one gone. The figure to reach: a p50
+// of at most the drain grace plus 100ms, which tests/bench.sh (make bench)
+// checks; over-budget counts the single rollovers beyond it.
 func BenchmarkRolloverIdle(b *testing.B) {
-	const grace = 100 * time.Millisecond
+	const grace, slack = 100 * time.Millisecond, 100 * time.Millisecond
 	dir := shortDir(b)
 	svc, err := harness.Start(context.Background(), harness.Config{
 		Rollover: filepath.Join(bin, "rollover"), App: filepath.Join(bin, "demoapp"), Dir: dir, DrainGrace: grace,
@@ -133,12 +134,13 @@ func BenchmarkRolloverIdle(b *testing.B) {
 			b.Fatal(err)
 		}
 		drains = append(drains, float64(r.Drain.Milliseconds()))
-		if r.Drain > grace+100*time.Millisecond {
+		if r.Drain > grace+slack {
 			over++
 		}
 	}
 	b.StopTimer()
 	b.ReportMetric(medianF(drains), "drain-ms/p50")
-	b.ReportMetric(float64(grace.Milliseconds()+100), "budget-ms")
+	b.ReportMetric(float64(grace.Milliseconds()), "grace-ms")
+	b.ReportMetric(float64((grace + slack).Milliseconds()), "budget-ms")
 	b.ReportMetric(float64(over), "over-budget")
 }

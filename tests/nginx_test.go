@@ -31,11 +31,11 @@ import (
 	"text/template"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/prometheus/procfs"
 
+	"github.com/rollover-sh/rollover/rollover/wire"
 	"github.com/rollover-sh/rollover/tests/harness"
 	"github.com/rollover-sh/rollover/tests/load"
-	"github.com/rollover-sh/rollover/rollover/wire"
 )
 
 // TestNginxRollover rolls real nginx over between two configurations, under
@@ -321,11 +321,11 @@ func (sc foreignScenario) run(ctx context.Context, logf func(string, ...any)) (r
 	}
 	mr, _ := os.ReadFile(sysctl)
 	rep.MigrateReq = strings.TrimSpace(string(mr))
-	ns, err := os.Readlink("/proc/self/ns/net")
+	ns, err := selfNetns()
 	if err != nil {
 		return fail("%v", err)
 	}
-	rep.Netns = ns
+	rep.Netns = fmt.Sprintf("%s:[%d]", ns.Type, ns.Inode)
 	// Whatever happens, nothing of ours outlives the helper: every process
 	// in this namespace but the helper is ours.
 	defer func() {
@@ -414,8 +414,8 @@ func (sc foreignScenario) run(ctx context.Context, logf func(string, ...any)) (r
 		}
 	}
 	lingering := func(pid int) bool {
-		pg, err := unix.Getpgid(pid)
-		return pid != co.pid() && (err != nil || pg != active)
+		st, err := procStat(pid)
+		return pid != co.pid() && (err != nil || st.PGRP != active)
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -660,39 +660,56 @@ func (c *foreignCoordinator) kill() {
 // foreignCmdline is a process's command line, arguments joined by spaces;
 // "" when it is gone.
 func foreignCmdline(pid int) string {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	p, err := procfs.NewProc(pid)
 	if err != nil {
 		return ""
 	}
-	return strings.TrimSpace(string(bytes.ReplaceAll(b, []byte{0}, []byte{' '})))
+	argv, err := p.CmdLine()
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(strings.Join(argv, " "))
 }
 
 // foreignMatch lists the live processes, other than this one, for which
 // match is true.
 func foreignMatch(match func(pid int) bool) []int {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
 	var out []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		if match(pid) {
-			out = append(out, pid)
+	for _, p := range allProcs() {
+		if p.PID != os.Getpid() && match(p.PID) {
+			out = append(out, p.PID)
 		}
 	}
 	return out
 }
 
-// foreignInNetns matches processes in the network namespace ns ("net:[N]",
-// as /proc/PID/ns/net reads). Zombies have none and never match.
-func foreignInNetns(ns string) func(int) bool {
+// selfNetns is this process's network namespace.
+func selfNetns() (procfs.Namespace, error) {
+	p, err := procfs.Self()
+	if err != nil {
+		return procfs.Namespace{}, err
+	}
+	nss, err := p.Namespaces()
+	if err != nil {
+		return procfs.Namespace{}, err
+	}
+	ns, ok := nss["net"]
+	if !ok {
+		return procfs.Namespace{}, fmt.Errorf("pid %d has no network namespace in /proc", p.PID)
+	}
+	return ns, nil
+}
+
+// foreignInNetns matches processes in the network namespace ns. Zombies
+// have none and never match.
+func foreignInNetns(ns procfs.Namespace) func(int) bool {
 	return func(pid int) bool {
-		l, err := os.Readlink("/proc/" + strconv.Itoa(pid) + "/ns/net")
-		return err == nil && l == ns
+		p, err := procfs.NewProc(pid)
+		if err != nil {
+			return false
+		}
+		nss, err := p.Namespaces()
+		return err == nil && nss["net"] == ns
 	}
 }
 
@@ -721,7 +738,7 @@ func foreignKillAll(match func(int) bool) []string {
 	for {
 		var left []int
 		for _, p := range pids {
-			if foreignRunning(p) {
+			if running(p) {
 				left = append(left, p)
 			}
 		}
@@ -735,19 +752,6 @@ func foreignKillAll(match func(int) bool) []string {
 		time.Sleep(10 * time.Millisecond)
 	}
 	return desc
-}
-
-// foreignRunning reports whether pid exists and is not a zombie (a dead
-// process its parent has not reaped yet).
-func foreignRunning(pid int) bool {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return false
-	}
-	// pid (comm) state ...: comm may hold spaces and parentheses.
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
 }
 
 // foreignLeaveNothing fails t at cleanup if a process whose command line

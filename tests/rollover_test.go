@@ -146,7 +146,7 @@ func TestSlowRequestsSurviveRollover(t *testing.T) {
 	}
 }
 
-// Bad input gets one clear line and the exit code of DESIGN.md.
+// Bad input gets one clear line and the exit code the README documents.
 func TestBadInput(t *testing.T) {
 	dir := shortDir(t)
 	nosock := filepath.Join(dir, "none.sock")

@@ -14,9 +14,9 @@ import (
 	"time"
 
 	"github.com/rollover-sh/rollover/rollover/coordinator"
+	"github.com/rollover-sh/rollover/rollover/wire"
 	"github.com/rollover-sh/rollover/tests/harness"
 	"github.com/rollover-sh/rollover/tests/load"
-	"github.com/rollover-sh/rollover/rollover/wire"
 )
 
 // supervisorPath is the shipped supervisord program.

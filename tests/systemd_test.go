@@ -7,7 +7,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -19,11 +18,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/procfs"
 	"golang.org/x/sys/unix"
 
 	"github.com/rollover-sh/rollover/rollover/coordinator"
-	"github.com/rollover-sh/rollover/tests/harness"
 	"github.com/rollover-sh/rollover/rollover/wire"
+	"github.com/rollover-sh/rollover/tests/harness"
 )
 
 // unitPath is the shipped systemd unit.
@@ -466,12 +466,11 @@ func (l *notifyListener) check(t *testing.T, m notifyMsg, coord int, key, status
 // checkNoNotifySocket fails if generation n (pid) inherited NOTIFY_SOCKET.
 func checkNoNotifySocket(t *testing.T, pid, n int) {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+	env, err := procEnviron(pid)
 	if err != nil {
 		t.Errorf("generation %d's environment: %v", n, err)
 		return
 	}
-	env := strings.Split(string(b), "\x00")
 	if indexOf(env, fmt.Sprintf("ROLLOVER_GENERATION=%d", n)) < 0 {
 		t.Errorf("pid %d has no ROLLOVER_GENERATION=%d: not generation %d's environment?", pid, n, n)
 	}
@@ -547,39 +546,47 @@ func genPID(t *testing.T, st wire.Status, n int) int {
 	return 0
 }
 
-// procStat returns a process's state letter and parent pid.
-func procStat(pid int) (state string, ppid int, err error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+// procStat reads a process's /proc/PID/stat.
+func procStat(pid int) (procfs.ProcStat, error) {
+	p, err := procfs.NewProc(pid)
 	if err != nil {
-		return "", 0, err
+		return procfs.ProcStat{}, err
 	}
-	// pid (comm) state ppid …: comm may hold spaces and parentheses.
-	s := string(b)
-	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-	if len(f) < 2 {
-		return "", 0, errors.New("short stat")
-	}
-	ppid, err = strconv.Atoi(f[1])
-	return f[0], ppid, err
+	return p.Stat()
 }
 
-func allPIDs() []int {
-	ents, _ := os.ReadDir("/proc")
-	var pids []int
-	for _, e := range ents {
-		if pid, err := strconv.Atoi(e.Name()); err == nil {
-			pids = append(pids, pid)
-		}
+// running reports whether pid exists and is not a zombie (a dead process
+// its parent has not reaped yet).
+func running(pid int) bool {
+	st, err := procStat(pid)
+	return err == nil && st.State != "Z"
+}
+
+// procEnviron is a process's environment, one KEY=value per entry.
+func procEnviron(pid int) ([]string, error) {
+	p, err := procfs.NewProc(pid)
+	if err != nil {
+		return nil, err
 	}
-	return pids
+	return p.Environ()
+}
+
+// allProcs lists the processes now; none when /proc cannot be read.
+func allProcs() procfs.Procs {
+	fs, err := procfs.NewDefaultFS()
+	if err != nil {
+		return nil
+	}
+	procs, _ := fs.AllProcs()
+	return procs
 }
 
 // descendantsOf lists root's descendants now.
 func descendantsOf(root int) []int {
 	children := map[int][]int{}
-	for _, pid := range allPIDs() {
-		if _, ppid, err := procStat(pid); err == nil {
-			children[ppid] = append(children[ppid], pid)
+	for _, p := range allProcs() {
+		if st, err := p.Stat(); err == nil {
+			children[st.PPID] = append(children[st.PPID], p.PID)
 		}
 	}
 	var out []int
@@ -602,7 +609,7 @@ func waitAlive(pids []int, d time.Duration) []int {
 	for {
 		var left []int
 		for _, p := range pids {
-			if state, _, err := procStat(p); err == nil && state != "Z" {
+			if running(p) {
 				left = append(left, p)
 			}
 		}
@@ -617,13 +624,13 @@ func waitAlive(pids []int, d time.Duration) []int {
 // for this run to the binary's name.
 func binProcesses() map[int]string {
 	out := map[int]string{}
-	for _, pid := range allPIDs() {
-		exe, err := os.Readlink("/proc/" + strconv.Itoa(pid) + "/exe")
+	for _, p := range allProcs() {
+		exe, err := p.Executable()
 		if err != nil || filepath.Dir(exe) != filepath.Clean(bin) {
 			continue
 		}
-		if state, _, err := procStat(pid); err == nil && state != "Z" {
-			out[pid] = filepath.Base(exe)
+		if running(p.PID) {
+			out[p.PID] = filepath.Base(exe)
 		}
 	}
 	return out

@@ -33,7 +33,7 @@ var version = "dev"
 // DefaultMetricsAddr is where the coordinator serves /metrics unless told.
 const DefaultMetricsAddr = "127.0.0.1:9754"
 
-// Exit codes, as in DESIGN.md.
+// Exit codes, as the README documents them (CLI).
 const (
 	exitOK            = 0
 	exitFailed        = 1

@@ -1,21 +1,3 @@
-// Package wire is the control protocol between the rollover coordinator, its
-// generations and the rollover CLI. It is the only description of the
-// protocol: every message that crosses the control socket is a Msg.
-//
-// Framing: one JSON object per line ('\n'-terminated), at most MaxLine bytes.
-// Every message carries the protocol version V and a Type. Unknown fields are
-// ignored, so fields can be added without a version bump; a message with an
-// unknown version or type is an error.
-//
-// A generation connects and sends TypeHello (generation, pid, secret), then
-// TypeReady once it serves, then TypeStats every StatsInterval. The
-// coordinator sends commands (TypeSteer, TypePin, TypeDrain, TypeMetrics) with an ID; the
-// generation answers each with TypeAck carrying the same ID (and Error when it
-// failed). While draining, the generation sends TypeClosed once its listeners
-// are closed and TypeDone right before it exits.
-//
-// The CLI connects, sends one request (TypeNext, TypeStatus, TypeStop,
-// TypeRollback) and reads TypeEvent messages until one TypeResult.
 package wire
 
 import (

@@ -1,8 +1,3 @@
-// Package harness runs the real rollover and demoapp binaries: it starts a
-// coordinator with the demo app on a free loopback port, rolls it over with
-// the real CLI, and puts load on it while it does. The end-to-end tests,
-// `make demo` and `make bench` all use it, so what they report is measured
-// the same way.
 package harness
 
 import (
