@@ -9,9 +9,9 @@ import (
 // States a generation can be in, as exported by rollover_generation_state.
 var States = []string{"starting", "ready", "active", "draining"}
 
-// Generation is one live generation as the coordinator sees it at scrape time.
-type Generation struct {
-	Generation  int
+// GenSample is one live generation as the coordinator sees it at scrape time.
+type GenSample struct {
+	N           int // the generation's number
 	PID         int
 	Command     string
 	State       string
@@ -22,7 +22,7 @@ type Generation struct {
 
 // Sample is what the coordinator knows at scrape time.
 type Sample struct {
-	Generations []Generation
+	Generations []GenSample
 	Active      int   // 0 when none
 	MigrateReq  *bool // nil when unknown
 }
@@ -37,7 +37,7 @@ type Coordinator struct {
 	Drain        prometheus.Histogram
 	ScrapeErrors prometheus.Counter
 	Clashes      prometheus.Counter
-	Crashes      prometheus.Counter
+	ActiveExits  prometheus.Counter
 	read         func() (Sample, bool)
 }
 
@@ -75,7 +75,7 @@ func NewCoordinator(read func() (Sample, bool)) *Coordinator {
 		Clashes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "rollover_federation_clashes_total", Help: "App metric families dropped because the coordinator exports the name or generations disagree on its type.",
 		}),
-		Crashes: prometheus.NewCounter(prometheus.CounterOpts{
+		ActiveExits: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "rollover_active_exits_total", Help: "Times the active generation exited on its own (and was restarted with backoff).",
 		}),
 		read: read,
@@ -87,7 +87,7 @@ func NewCoordinator(read func() (Sample, bool)) *Coordinator {
 
 // instruments are the metrics that outlive generations.
 func (c *Coordinator) instruments() []prometheus.Collector {
-	return []prometheus.Collector{c.Rollovers, c.ForcedDrains, c.Ready, c.Drain, c.ScrapeErrors, c.Clashes, c.Crashes}
+	return []prometheus.Collector{c.Rollovers, c.ForcedDrains, c.Ready, c.Drain, c.ScrapeErrors, c.Clashes, c.ActiveExits}
 }
 
 // Describe implements prometheus.Collector.
@@ -114,7 +114,7 @@ func (c *Coordinator) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descMigrate, prometheus.GaugeValue, b2f(*s.MigrateReq))
 	}
 	for _, g := range s.Generations {
-		n := strconv.Itoa(g.Generation)
+		n := strconv.Itoa(g.N)
 		ch <- prometheus.MustNewConstMetric(descInfo, prometheus.GaugeValue, 1, n, strconv.Itoa(g.PID), g.Command)
 		for _, st := range States {
 			ch <- prometheus.MustNewConstMetric(descState, prometheus.GaugeValue, b2f(st == g.State), n, st)

@@ -3,9 +3,6 @@ package metrics
 import (
 	"context"
 	"errors"
-	"net"
-	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -15,7 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
-func sample(gens ...Generation) func() (Sample, bool) {
+func sample(gens ...GenSample) func() (Sample, bool) {
 	on := true
 	return func() (Sample, bool) {
 		return Sample{Generations: gens, Active: 2, MigrateReq: &on}, true
@@ -24,8 +21,8 @@ func sample(gens ...Generation) func() (Sample, bool) {
 
 func TestCoordinatorMetricsLintAndValues(t *testing.T) {
 	c := NewCoordinator(sample(
-		Generation{Generation: 1, PID: 100, Command: "./api -v1", State: "draining", Inflight: 3, Connections: 4, Requests: 10},
-		Generation{Generation: 2, PID: 200, Command: "./api -v2", State: "active", Inflight: 1, Connections: 2, Requests: 5},
+		GenSample{N: 1, PID: 100, Command: "./api -v1", State: "draining", Inflight: 3, Connections: 4, Requests: 10},
+		GenSample{N: 2, PID: 200, Command: "./api -v2", State: "active", Inflight: 1, Connections: 2, Requests: 5},
 	))
 	c.Rollovers.WithLabelValues("ok").Inc()
 	c.Ready.Observe(0.2)
@@ -70,11 +67,11 @@ rollover_rollovers_total{result="ok"} 1
 // A generation that is gone leaves no series behind.
 func TestNoGhostSeries(t *testing.T) {
 	var mu sync.Mutex
-	gens := []Generation{{Generation: 1, PID: 1, State: "active"}, {Generation: 2, PID: 2, State: "ready"}}
+	gens := []GenSample{{N: 1, PID: 1, State: "active"}, {N: 2, PID: 2, State: "ready"}}
 	c := NewCoordinator(func() (Sample, bool) {
 		mu.Lock()
 		defer mu.Unlock()
-		return Sample{Generations: append([]Generation(nil), gens...), Active: 1}, true
+		return Sample{Generations: append([]GenSample(nil), gens...), Active: 1}, true
 	})
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(c)
@@ -93,7 +90,7 @@ func TestNoGhostSeries(t *testing.T) {
 }
 
 func TestFederation(t *testing.T) {
-	c := NewCoordinator(sample(Generation{Generation: 3, PID: 1, State: "active"}))
+	c := NewCoordinator(sample(GenSample{N: 3, PID: 1, State: "active"}))
 	own := prometheus.NewRegistry()
 	own.MustRegister(c)
 	appText := `# HELP app_jobs_total Jobs done.
@@ -144,64 +141,5 @@ rollover_active_generation 2
 	}
 	if problems, err := testutil.GatherAndLint(g); err != nil || len(problems) > 0 {
 		t.Errorf("lint: %v %v", problems, err)
-	}
-}
-
-func TestCountersHandlerAndListener(t *testing.T) {
-	var c Counters
-	lat := NewLatency()
-	c.Latency = lat
-	release := make(chan struct{})
-	inHandler := make(chan struct{}, 1)
-	h := c.Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/wait" {
-			inHandler <- struct{}{}
-			<-release
-		}
-	}))
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewUnstartedServer(h)
-	srv.Listener.Close()
-	srv.Listener = c.Listener(ln, nil)
-	srv.Start()
-	defer srv.Close()
-
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		resp, err := http.Get(srv.URL + "/wait")
-		if err == nil {
-			resp.Body.Close()
-		}
-	}()
-	<-inHandler
-	if s := c.Snapshot(); s.Inflight != 1 || s.Connections != 1 || s.Requests != 1 {
-		t.Errorf("during a request: %+v, want 1 in flight, 1 connection, 1 request", s)
-	}
-	c.SetClosing()
-	close(release)
-	<-done
-	resp, err := http.Get(srv.URL + "/")
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if !resp.Close {
-		t.Error("a response while closing did not say Connection: close")
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for c.Snapshot().Connections != 0 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond) // the closed connection's Close is asynchronous
-	}
-	// Both requests used one keep-alive connection, which the second
-	// response's Connection: close ended.
-	if s := c.Snapshot(); s.Inflight != 0 || s.Requests != 2 || s.Connections != 0 {
-		t.Errorf("after: %+v, want 0 in flight, 2 requests, 0 connections", s)
-	}
-	if n := testutil.CollectAndCount(lat); n != 1 {
-		t.Errorf("latency histogram: %d series", n)
 	}
 }

@@ -3,14 +3,11 @@ package coordinator
 import (
 	"encoding/json"
 	"errors"
-	"fmt"
 	"os"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/rollover-sh/rollover/rollover/wire"
 )
 
 // DefaultAdoptWait is how long a starting coordinator waits for the
@@ -41,29 +38,16 @@ type savedGen struct {
 
 func (c *Coordinator) statePath() string { return c.cfg.Socket + ".state" }
 
-// persist writes the state file (atomically). It is called after every
-// change a successor would need: a spawn, an activation, an exit.
-func (c *Coordinator) persist() {
-	var s saved
-	if !c.do(func() {
-		s.Next, s.Previous = c.s.next, c.s.previous
-		if c.s.active != nil {
-			s.Active = c.s.active.n
-		}
-		for _, g := range c.s.gens {
-			s.Gens = append(s.Gens, savedGen{N: g.n, PID: g.pid, Secret: g.secret, Launch: g.launch, Start: g.start})
-		}
-	}) {
+// save writes the state file atomically (nil: removes it). The machine calls
+// it, on the owner goroutine.
+func (c *Coordinator) save(s *saved) {
+	if s == nil {
+		_ = os.Remove(c.statePath())
 		return
 	}
 	b, err := json.Marshal(s)
 	if err != nil {
 		return
-	}
-	c.persistMu.Lock()
-	defer c.persistMu.Unlock()
-	if c.final {
-		return // Run is over; the file is gone for good
 	}
 	tmp := c.statePath() + ".tmp"
 	if err := os.WriteFile(tmp, b, 0o600); err != nil {
@@ -90,59 +74,34 @@ func (c *Coordinator) adopt() bool {
 		return false
 	}
 	var waiting []*gen
-	c.do(func() {
-		c.s.next = s.Next
-		c.s.previous = s.Previous
-		for _, sg := range s.Gens {
-			if syscall.Kill(sg.PID, 0) != nil {
-				continue // gone; a recycled pid cannot know the secret anyway
-			}
-			proc, err := os.FindProcess(sg.PID)
-			if err != nil {
-				continue
-			}
-			g := newGen(sg.Launch)
-			g.n, g.pid, g.secret, g.start, g.proc = sg.N, sg.PID, sg.Secret, sg.Start, proc
-			g.adopting = true
-			g.wasActive = sg.N == s.Active
-			c.s.gens[g.n] = g
-			waiting = append(waiting, g)
+	for _, sg := range s.Gens {
+		if syscall.Kill(sg.PID, 0) != nil {
+			continue // gone; a recycled pid cannot know the secret anyway
 		}
-	})
+		proc, err := os.FindProcess(sg.PID)
+		if err != nil {
+			continue
+		}
+		g := newGen(sg.N, sg.Launch)
+		g.pid, g.secret, g.start, g.proc = sg.PID, sg.Secret, sg.Start, proc
+		g.adopting = true
+		g.wasActive = sg.N == s.Active
+		waiting = append(waiting, g)
+	}
 	if len(waiting) == 0 {
 		return false
 	}
+	c.done(func(r chan struct{}) event { return evAdoptLoad{s: s, gens: waiting, reply: r} })
 	c.log.Info("waiting for the generations of a previous coordinator", "count", len(waiting), "up_to", c.cfg.AdoptWait)
-	deadline := time.After(c.cfg.AdoptWait)
+	deadline := time.NewTimer(c.cfg.AdoptWait)
+	defer deadline.Stop()
 	for _, g := range waiting {
 		select {
 		case <-g.hello:
-		case <-deadline:
+		case <-deadline.C:
 		}
 	}
-	var active *gen
-	var others []*gen
-	c.do(func() {
-		for _, g := range waiting {
-			select {
-			case <-g.hello:
-			default:
-				// Not back in time: it drains on its own when its adoption
-				// window ends. Forget it.
-				delete(c.s.gens, g.n)
-				continue
-			}
-			if g.wasActive && g.state == stateReady {
-				active = g
-				g.state = stateActive
-				g.activeAt = time.Now()
-				c.s.active = g
-				c.s.started = true
-			} else {
-				others = append(others, g)
-			}
-		}
-	})
+	a, _ := ask(c, func(r chan adoption) event { return evAdoptDecide{waiting: waiting, reply: r} })
 	for _, g := range waiting {
 		select {
 		case <-g.hello:
@@ -153,72 +112,35 @@ func (c *Coordinator) adopt() bool {
 	// A generation that was starting or ready but not active was a rollover
 	// in progress when the predecessor died: that rollover failed. Point the
 	// port back at the active one and let the others go.
-	if active != nil && active.steerable {
-		if err := c.command(active, wire.Msg{Type: wire.TypePin}, commandTimeout); err != nil {
-			c.log.Warn("re-pin of the adopted active generation failed", "gen", active.n, "err", err)
-		}
+	if a.active != nil && a.active.steerable {
+		c.pin(a.active)
 	}
-	for _, g := range others {
-		if g.state == stateDraining {
-			go c.watchDrain(g) // it was told before the crash
-		} else {
-			c.drain(g)
-		}
+	c.done(func(r chan struct{}) event { return evAdoptEnd{others: a.others, reply: r} })
+	if a.active != nil {
+		c.log.Info("adopted the active generation of a previous coordinator", "gen", a.active.n, "pid", a.active.pid, "command", a.active.launch.Argv)
 	}
-	if active != nil {
-		c.log.Info("adopted the active generation of a previous coordinator", "gen", active.n, "pid", active.pid, "command", active.argv)
-	}
-	c.persist()
-	return active != nil
+	return a.active != nil
 }
 
 // watchAdopted reports an adopted generation's exit; it is not our child,
 // so we watch a pidfd instead of waiting for it.
 func (c *Coordinator) watchAdopted(g *gen) {
+	defer c.exited(g, errAdoptedExit)
 	fd, err := unix.PidfdOpen(g.pid, 0)
 	if err != nil {
-		// No pidfd (old kernel): poll.
+		// No pidfd (linux < 5.3): look once a tenth of a second.
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
 		for syscall.Kill(g.pid, 0) == nil {
-			time.Sleep(100 * time.Millisecond)
+			<-t.C
 		}
-		c.gone(g, errAdoptedExit)
 		return
 	}
 	defer unix.Close(fd)
 	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
 	for {
 		if _, err := unix.Poll(fds, -1); err == nil || !errors.Is(err, unix.EINTR) {
-			break
+			return
 		}
 	}
-	c.gone(g, errAdoptedExit)
-}
-
-// acceptAdoption handles a hello with Adopt from a generation this
-// coordinator expects to adopt. Owner only.
-func (c *Coordinator) acceptAdoption(g *gen, hello wire.Msg) string {
-	if !g.adopting {
-		return fmt.Sprintf("generation %d was not left by a previous coordinator", g.n)
-	}
-	g.adopting = false
-	g.steerable, g.steerErr = hello.Steerable, hello.SteerError
-	switch hello.State {
-	case stateReady:
-		g.state = stateReady
-		closeOnce(g.ready)
-	case stateDraining:
-		g.state = stateDraining
-		g.drainStart = time.Now()
-	default:
-		g.state = stateStarting
-	}
-	return ""
-}
-
-// forget removes the state file once every generation is gone.
-func (c *Coordinator) forget() {
-	c.persistMu.Lock()
-	defer c.persistMu.Unlock()
-	c.final = true
-	_ = os.Remove(c.statePath())
 }

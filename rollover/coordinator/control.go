@@ -82,17 +82,33 @@ func (c *Coordinator) accept() {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
-			time.Sleep(10 * time.Millisecond)
+			// Out of file descriptors, say: back off a little.
+			t := time.NewTimer(10 * time.Millisecond)
+			select {
+			case <-t.C:
+			case <-c.dead:
+				t.Stop()
+				return
+			}
 			continue
 		}
 		go c.handle(conn)
 	}
 }
 
-// genConn is the coordinator's side of a generation's control connection.
+// genConn is the coordinator's side of a peer's control connection. For a
+// generation it pairs commands with their acknowledgements.
 type genConn struct {
-	mu   sync.Mutex
-	conn net.Conn
+	mu      sync.Mutex
+	conn    net.Conn
+	pending map[uint64]chan wire.Msg
+	// welcomed is closed once the generation was sent its welcome; no
+	// command may precede it.
+	welcomed chan struct{}
+}
+
+func newGenConn(conn net.Conn) *genConn {
+	return &genConn{conn: conn, pending: map[uint64]chan wire.Msg{}, welcomed: make(chan struct{})}
 }
 
 func (g *genConn) send(m wire.Msg) error {
@@ -103,9 +119,20 @@ func (g *genConn) send(m wire.Msg) error {
 	return err
 }
 
+// deliver hands an acknowledgement to the command waiting for it.
+func (g *genConn) deliver(a wire.Msg) {
+	g.mu.Lock()
+	ch := g.pending[a.ID]
+	delete(g.pending, a.ID)
+	g.mu.Unlock()
+	if ch != nil {
+		ch <- a // buffered: one answer per command
+	}
+}
+
 func (c *Coordinator) handle(conn *net.UnixConn) {
 	defer conn.Close()
-	out := &genConn{conn: conn}
+	out := newGenConn(conn)
 	cred, err := peerCred(conn)
 	if err != nil {
 		c.log.Warn("control: no peer credentials", "err", err)
@@ -129,8 +156,8 @@ func (c *Coordinator) handle(conn *net.UnixConn) {
 			_ = out.send(wire.Msg{Type: wire.TypeResult, Error: fmt.Sprintf("permission denied: uid %d is not the coordinator's uid %d", cred.Uid, uid), Code: 1})
 			return
 		}
-		c.clis.Add(1)
-		defer c.clis.Add(-1)
+		c.cliStarted()
+		defer c.cliDone()
 		c.handleCLI(out, m)
 	default:
 		_ = out.send(wire.Msg{Type: wire.TypeResult, Error: fmt.Sprintf("unexpected first message %q", m.Type), Code: 2})
@@ -138,77 +165,44 @@ func (c *Coordinator) handle(conn *net.UnixConn) {
 }
 
 func (c *Coordinator) handleGen(out *genConn, r *wire.Reader, hello wire.Msg, cred *unix.Ucred) {
-	var g *gen
-	reason := "coordinator is stopping"
-	c.do(func() {
-		reason = ""
-		g = c.s.gens[hello.Generation]
-		switch {
-		case g == nil:
-			reason = fmt.Sprintf("generation %d is not one this coordinator spawned", hello.Generation)
-		case hello.Secret != g.secret:
-			reason = fmt.Sprintf("wrong secret for generation %d", g.n)
-		case int(cred.Pid) != g.pid || hello.PID != g.pid:
-			reason = fmt.Sprintf("pid %d is not generation %d's pid", cred.Pid, g.n)
-		case g.conn != nil:
-			reason = fmt.Sprintf("generation %d is already connected", g.n)
-		case hello.Adopt:
-			reason = c.acceptAdoption(g, hello)
-		case g.adopting:
-			reason = fmt.Sprintf("generation %d must ask to be adopted", g.n)
-		}
-		if reason == "" {
-			g.conn = out
-			closeOnce(g.hello)
-		}
+	w, ok := ask(c, func(reply chan welcome) event {
+		return evHello{hello: hello, pid: int(cred.Pid), conn: out, reply: reply}
 	})
-	if reason != "" {
-		c.log.Warn("control: refused hello", "reason", reason, "peer_pid", cred.Pid)
-		_ = out.send(wire.Msg{Type: wire.TypeWelcome, Error: reason})
+	if !ok {
+		w.reason = "coordinator is stopping"
+	}
+	if w.reason != "" {
+		c.log.Warn("control: refused hello", "reason", w.reason, "peer_pid", cred.Pid)
+		_ = out.send(wire.Msg{Type: wire.TypeWelcome, Error: w.reason})
 		return
 	}
-	if err := out.send(wire.Msg{Type: wire.TypeWelcome, OK: true}); err != nil {
+	g := w.g
+	err := out.send(wire.Msg{Type: wire.TypeWelcome, OK: true})
+	close(out.welcomed)
+	if err != nil {
+		c.post(evDisconnected{g: g, conn: out})
 		return
 	}
 	for {
 		m, err := r.Read()
 		if err != nil {
-			c.do(func() {
-				if g.conn == out {
-					g.conn = nil
-				}
-			})
+			c.post(evDisconnected{g: g, conn: out})
 			return
 		}
-		c.genMsg(g, m)
-	}
-}
-
-func (c *Coordinator) genMsg(g *gen, m wire.Msg) {
-	switch m.Type {
-	case wire.TypeReady:
-		c.do(func() {
-			g.steerable, g.steerErr = m.Steerable, m.SteerError
-			if g.state == stateStarting {
-				g.state = stateReady
+		switch m.Type {
+		case wire.TypeReady:
+			c.post(evReady{g: g, lib: true, steerable: m.Steerable, steerErr: m.SteerError})
+		case wire.TypeStats, wire.TypeDone:
+			if m.Stats != nil {
+				c.post(evStats{g: g, stats: *m.Stats})
 			}
-			closeOnce(g.ready)
-		})
-	case wire.TypeStats, wire.TypeDone:
-		if m.Stats != nil {
-			c.do(func() { g.stats = *m.Stats })
+		case wire.TypeAck:
+			out.deliver(m)
+		case wire.TypeClosed:
+			c.post(evClosedListener{g: g})
+		default:
+			c.log.Warn("control: unexpected message from generation", "gen", g.n, "type", m.Type)
 		}
-	case wire.TypeAck:
-		c.do(func() {
-			if ch := g.pending[m.ID]; ch != nil {
-				ch <- m
-				delete(g.pending, m.ID)
-			}
-		})
-	case wire.TypeClosed:
-		c.do(func() { closeOnce(g.left) })
-	default:
-		c.log.Warn("control: unexpected message from generation", "gen", g.n, "type", m.Type)
 	}
 }
 
@@ -220,24 +214,34 @@ func (c *Coordinator) command(g *gen, m wire.Msg, timeout time.Duration) error {
 
 // ask sends m to g and returns its acknowledgement.
 func (c *Coordinator) ask(g *gen, m wire.Msg, timeout time.Duration) (wire.Msg, error) {
-	m.ID = c.cmdID.Add(1)
-	ch := make(chan wire.Msg, 1)
-	var out *genConn
-	c.do(func() {
-		out = g.conn
-		if out != nil {
-			g.pending[m.ID] = ch
-		}
-	})
-	if out == nil {
+	out, ok := ask(c, func(reply chan *genConn) event { return qConn{g: g, reply: reply} })
+	if !ok || out == nil {
 		return wire.Msg{}, fmt.Errorf("gen %d has no control connection", g.n)
 	}
-	defer c.do(func() { delete(g.pending, m.ID) })
+	return out.ask(g, c.cmdID.Add(1), m, timeout)
+}
+
+func (out *genConn) ask(g *gen, id uint64, m wire.Msg, timeout time.Duration) (wire.Msg, error) {
+	m.ID = id
+	ch := make(chan wire.Msg, 1)
+	out.mu.Lock()
+	out.pending[m.ID] = ch
+	out.mu.Unlock()
+	defer func() {
+		out.mu.Lock()
+		delete(out.pending, m.ID)
+		out.mu.Unlock()
+	}()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case <-out.welcomed:
+	case <-t.C:
+		return wire.Msg{}, fmt.Errorf("gen %d was not welcomed within %v", g.n, timeout)
+	}
 	if err := out.send(m); err != nil {
 		return wire.Msg{}, fmt.Errorf("gen %d: send %s: %w", g.n, m.Type, err)
 	}
-	t := time.NewTimer(timeout)
-	defer t.Stop()
 	select {
 	case a := <-ch:
 		if a.Error != "" {
@@ -272,25 +276,16 @@ func (c *Coordinator) handleCLI(out *genConn, m wire.Msg) {
 		<-c.stopped
 		result(nil)
 	case wire.TypeNext, wire.TypeRollback:
-		l := Launch{Argv: m.Argv, Ready: m.Ready, Addr: m.Addr}
+		req := rolloverReq{launch: Launch{Argv: m.Argv, Ready: m.Ready, Addr: m.Addr}, expect: m.ExpectGeneration, rollback: m.Type == wire.TypeRollback}
 		if m.DrainSignal != "" {
 			sig, err := ParseSignal(m.DrainSignal)
 			if err != nil {
 				result(err)
 				return
 			}
-			l.DrainSignal = sig
+			req.launch.DrainSignal = sig
 		}
-		if m.Type == wire.TypeRollback {
-			var prev *Launch
-			c.do(func() { prev = c.s.previous })
-			if prev == nil {
-				result(errors.New("no previous generation to roll back to"))
-				return
-			}
-			l = *prev
-		}
-		old, err := c.tryRollover(l, m.ExpectGeneration, emit)
+		old, err := c.tryRollover(req, emit)
 		if err != nil {
 			c.log.Warn("rollover failed", "err", err)
 		}

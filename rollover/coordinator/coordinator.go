@@ -7,8 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -71,42 +69,25 @@ type Config struct {
 }
 
 // Coordinator spawns generations and rolls them over. At most one rollover
-// runs at a time; one goroutine owns all state (see loop).
+// runs at a time. One goroutine (loop) owns all state, in a machine that
+// changes only by events (see machine.go).
 type Coordinator struct {
 	cfg     Config
 	launch  Launch // generation 1's
 	log     *slog.Logger
 	ln      *net.UnixListener
 	metrics *metrics.Coordinator
+	m       *machine // owned by loop
 
-	calls    chan func()
+	events   chan event
 	quit     chan struct{} // ends the owner loop
 	dead     chan struct{} // owner loop gone
 	stopCh   chan struct{} // stop requested
 	stopOnce sync.Once
 	stopped  chan struct{} // every generation gone
 	cmdID    atomic.Uint64
-	clis     atomic.Int32 // CLI requests being served
-
-	persistMu sync.Mutex
-	final     bool // under persistMu: no more state file
-
-	// owner
-	s state
-}
-
-type state struct {
-	next           int
-	gens           map[int]*gen
-	active         *gen
-	previous       *Launch // what was active before the current one
-	busy           bool
-	stopping       bool
-	started        bool    // generation 1 became active
-	lastLaunch     *Launch // an active generation that died
-	crashes        int     // for the backoff; reset after a minute of uptime
-	activeExits    int
-	restartPending bool
+	clis     atomic.Int32  // CLI requests being served
+	cliLeft  chan struct{} // a CLI request ended
 }
 
 // New validates cfg and opens the control socket.
@@ -145,38 +126,94 @@ func New(cfg Config) (*Coordinator, error) {
 		launch:  launch,
 		log:     cfg.Log,
 		ln:      ln,
-		calls:   make(chan func()),
+		events:  make(chan event),
 		quit:    make(chan struct{}),
 		dead:    make(chan struct{}),
 		stopCh:  make(chan struct{}),
 		stopped: make(chan struct{}),
-		s:       state{gens: map[int]*gen{}},
+		cliLeft: make(chan struct{}, 1),
 	}
 	c.metrics = metrics.NewCoordinator(c.sample)
+	sp := &spawner{socket: cfg.Socket, adoptTimeout: cfg.AdoptTimeout, killGrace: cfg.KillGrace, log: cfg.Log, exited: c.exited}
+	c.m = newMachine(launch, effects{
+		log:          cfg.Log,
+		metrics:      c.metrics,
+		now:          time.Now,
+		spawn:        sp.spawn,
+		order:        c.order,
+		kill:         func(g *gen) { g.kill(cfg.KillGrace) },
+		after:        func(d time.Duration, ev event) { time.AfterFunc(d, func() { c.post(ev) }) },
+		save:         c.save,
+		restart:      c.restart,
+		notify:       c.notify,
+		drainTimeout: cfg.DrainTimeout,
+	})
 	return c, nil
 }
 
 // Metrics is the coordinator's Prometheus collector.
 func (c *Coordinator) Metrics() *metrics.Coordinator { return c.metrics }
 
-// do runs f on the owner goroutine and waits for it. f must not block.
-func (c *Coordinator) do(f func()) bool {
-	return c.doWithin(f, nil)
-}
-
-// doWithin is do that gives up, without running f, if the owner does not
-// take f before timeout fires (nil: never). Scrapes use it so that they
-// never hang on a busy coordinator.
-func (c *Coordinator) doWithin(f func(), timeout <-chan time.Time) bool {
-	done := make(chan struct{})
+// post hands ev to the owner loop. It reports false when the loop is gone.
+func (c *Coordinator) post(ev event) bool {
 	select {
-	case c.calls <- func() { f(); close(done) }:
-		<-done
+	case c.events <- ev:
 		return true
 	case <-c.dead:
 		return false
+	}
+}
+
+// ask posts the request that mk builds around a reply channel and waits for
+// the answer. It reports false when the owner loop is gone.
+func ask[T any](c *Coordinator, mk func(chan T) event) (T, bool) {
+	return askWithin(c, mk, nil)
+}
+
+// askWithin is ask that gives up if the owner does not take the request
+// before timeout fires (nil: never). Scrapes use it, so that they never
+// hang on a busy coordinator.
+func askWithin[T any](c *Coordinator, mk func(chan T) event, timeout <-chan time.Time) (T, bool) {
+	var zero T
+	reply := make(chan T, 1)
+	select {
+	case c.events <- mk(reply):
+	case <-c.dead:
+		return zero, false
 	case <-timeout:
+		return zero, false
+	}
+	select {
+	case v := <-reply:
+		return v, true
+	case <-c.dead:
+		return zero, false
+	}
+}
+
+// done posts a request whose answer is that it ran.
+func (c *Coordinator) done(mk func(chan struct{}) event) bool {
+	reply := make(chan struct{})
+	if !c.post(mk(reply)) {
 		return false
+	}
+	select {
+	case <-reply:
+		return true
+	case <-c.dead:
+		return false
+	}
+}
+
+func (c *Coordinator) loop() {
+	defer close(c.dead)
+	for {
+		select {
+		case ev := <-c.events:
+			c.m.step(ev)
+		case <-c.quit:
+			return
+		}
 	}
 }
 
@@ -192,34 +229,54 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	stopOnCancel := context.AfterFunc(ctx, c.requestStop)
 	defer stopOnCancel()
 	defer func() {
-		c.forget()
+		c.done(func(r chan struct{}) event { return evForget{reply: r} })
 		close(c.stopped)
-		// Let `stop` and `next --wait` clients read their results.
-		for deadline := time.Now().Add(2 * time.Second); c.clis.Load() > 0 && time.Now().Before(deadline); {
-			time.Sleep(5 * time.Millisecond)
-		}
+		c.awaitCLIs(2 * time.Second) // let `stop` and `next --wait` clients read their results
 		close(c.quit)
 		<-c.dead
 	}()
 
-	c.do(func() { c.s.busy = true })
-	if c.adopt() {
-		c.do(func() { c.s.busy = false })
-	} else if _, err := c.rollover(c.launch, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
-		c.shutdown()
-		if errors.Is(err, ErrStopping) {
-			return nil // stopped (ctx, `stop`) before generation 1 was ready
+	if !c.adopt() {
+		if _, err := c.tryRollover(rolloverReq{}, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
+			c.shutdown()
+			if errors.Is(err, ErrStopping) {
+				return nil // stopped (ctx, `stop`) before generation 1 was ready
+			}
+			return err
 		}
-		return err
 	}
-	c.reportSteering()
-	c.notifyReady("")
+	v, _ := ask(c, func(r chan view) event { return qView{reply: r} })
+	c.reportSteering(v)
+	c.notify(fmt.Sprintf("READY=1\nSTATUS=active generation %d (pid %d)", v.active, v.activePID))
 	select {
 	case <-ctx.Done():
 	case <-c.stopCh:
 	}
 	c.shutdown()
 	return nil
+}
+
+func (c *Coordinator) cliStarted() { c.clis.Add(1) }
+
+func (c *Coordinator) cliDone() {
+	c.clis.Add(-1)
+	select {
+	case c.cliLeft <- struct{}{}:
+	default:
+	}
+}
+
+// awaitCLIs waits, at most d, until no CLI request is being served.
+func (c *Coordinator) awaitCLIs(d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for c.clis.Load() > 0 {
+		select {
+		case <-c.cliLeft:
+		case <-t.C:
+			return
+		}
+	}
 }
 
 // notify sends msg to the service manager, when there is one.
@@ -229,63 +286,27 @@ func (c *Coordinator) notify(msg string) {
 	}
 }
 
-// notifyReady tells the service manager the service is ready again, with
-// the active generation (and why a rollover failed, if one did).
-func (c *Coordinator) notifyReady(failure string) {
-	var n, pid int
-	c.do(func() {
-		if a := c.s.active; a != nil {
-			n, pid = a.n, a.pid
-		}
-	})
-	status := fmt.Sprintf("active generation %d (pid %d)", n, pid)
-	if failure != "" {
-		status = fmt.Sprintf("rollover failed: %s; active generation %d", failure, n)
-	}
-	c.notify("READY=1\nSTATUS=" + status)
-}
-
 // reportSteering says at start-up how hand-overs will work, with one warning
 // line when neither steering nor the kernel's migration can protect them.
-func (c *Coordinator) reportSteering() {
-	var steerable bool
-	var why string
-	c.do(func() {
-		if a := c.s.active; a != nil {
-			steerable, why = a.steerable, a.steerErr
-		}
-	})
+func (c *Coordinator) reportSteering(v view) {
 	mr, err := reuse.MigrateReq()
 	switch {
-	case steerable:
+	case v.steerable:
 		c.log.Info("hand-over: BPF steering", "tcp_migrate_req", mr)
 	case err == nil && mr:
-		c.log.Info("hand-over: generation cannot be steered; relying on tcp_migrate_req=1", "reason", why)
+		c.log.Info("hand-over: generation cannot be steered; relying on tcp_migrate_req=1", "reason", v.steerErr)
 	default:
-		c.log.Warn("hand-over unprotected: the generation cannot be steered and net.ipv4.tcp_migrate_req is 0, so connections queued on an old listener may be reset; enable it (deploy/sysctl/90-rollover.conf)", "reason", why)
+		c.log.Warn("hand-over unprotected: the generation cannot be steered and net.ipv4.tcp_migrate_req is 0, so connections queued on an old listener may be reset; enable it (deploy/sysctl/90-rollover.conf)", "reason", v.steerErr)
 	}
 }
 
 // Reload rolls over to the active command line again (SIGHUP, SIGUSR2).
 func (c *Coordinator) Reload() {
 	go func() {
-		_, err := c.tryRollover(Launch{}, 0, func(e wire.Event) { c.log.Info(e.String()) })
-		if err != nil {
+		if _, err := c.tryRollover(rolloverReq{}, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
 			c.log.Error("reload failed", "err", err)
 		}
 	}()
-}
-
-func (c *Coordinator) loop() {
-	defer close(c.dead)
-	for {
-		select {
-		case f := <-c.calls:
-			f()
-		case <-c.quit:
-			return
-		}
-	}
 }
 
 // requestStop makes Run return after draining.
@@ -293,62 +314,28 @@ func (c *Coordinator) requestStop() {
 	c.stopOnce.Do(func() { close(c.stopCh) })
 }
 
-// shutdown drains every generation and waits for them to exit.
+// shutdown drains every generation (a rollover past activation finishes its
+// hand-over first) and waits until they are gone.
 func (c *Coordinator) shutdown() {
 	c.requestStop()
 	c.notify("STOPPING=1\nSTATUS=stopping: draining every generation")
-	var gens []*gen
-	c.do(func() {
-		c.s.stopping = true
-		for _, g := range c.s.gens {
-			gens = append(gens, g)
-		}
-	})
-	// A rollover that is past activation finishes its hand-over first.
-	deadline := time.Now().Add(c.cfg.ReadyTimeout + c.cfg.DrainTimeout)
-	for time.Now().Before(deadline) {
-		busy := false
-		c.do(func() {
-			busy = c.s.busy
-			gens = gens[:0]
-			for _, g := range c.s.gens {
-				gens = append(gens, g)
-			}
-		})
-		if !busy {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	for _, g := range gens {
-		c.drain(g)
-	}
-	for _, g := range gens {
-		<-g.exited
+	c.post(evStop{})
+	select {
+	case <-c.m.idle:
+	case <-c.dead:
 	}
 	c.log.Info("stopped: every generation drained")
 }
 
 func (c *Coordinator) status() wire.Status {
-	st := wire.Status{PID: os.Getpid(), Socket: c.cfg.Socket, Generations: []wire.GenStatus{}}
+	st, _ := ask(c, func(r chan wire.Status) event { return qStatus{reply: r} })
+	st.PID, st.Socket = os.Getpid(), c.cfg.Socket
+	if st.Generations == nil {
+		st.Generations = []wire.GenStatus{}
+	}
 	if mr, err := reuse.MigrateReq(); err == nil {
 		st.MigrateReq = &mr
 	}
-	c.do(func() {
-		st.InProgress = c.s.busy
-		st.ActiveExits, st.RestartPending = c.s.activeExits, c.s.restartPending
-		if c.s.active != nil {
-			st.Active = c.s.active.n
-		}
-		for _, g := range c.s.gens {
-			st.Generations = append(st.Generations, wire.GenStatus{
-				Generation: g.n, PID: g.pid, State: g.state, Argv: g.argv,
-				Steerable: g.steerable, StartedAt: g.start, Stats: g.stats,
-				Ready: g.launch.Ready, Notify: g.notifyStatus,
-			})
-		}
-	})
-	slices.SortFunc(st.Generations, func(a, b wire.GenStatus) int { return a.Generation - b.Generation })
 	return st
 }
 
@@ -359,14 +346,8 @@ func (c *Coordinator) Gatherer(own prometheus.Gatherer) prometheus.Gatherer {
 }
 
 func (c *Coordinator) metricSources() []metrics.Source {
-	var gens []*gen
-	if !c.doWithin(func() {
-		for _, g := range c.s.gens {
-			if g.conn != nil {
-				gens = append(gens, g)
-			}
-		}
-	}, time.After(time.Second)) {
+	gens, ok := askWithin(c, func(r chan []*gen) event { return qConnected{reply: r} }, time.After(time.Second))
+	if !ok {
 		return nil
 	}
 	srcs := make([]metrics.Source, 0, len(gens))
@@ -385,20 +366,9 @@ func (c *Coordinator) metricSources() []metrics.Source {
 
 // sample feeds the metrics collector; it gives up rather than block a scrape.
 func (c *Coordinator) sample() (metrics.Sample, bool) {
-	var s metrics.Sample
+	s, ok := askWithin(c, func(r chan metrics.Sample) event { return qSample{reply: r} }, time.After(time.Second))
 	if mr, err := reuse.MigrateReq(); err == nil {
 		s.MigrateReq = &mr
 	}
-	ok := c.doWithin(func() {
-		if c.s.active != nil {
-			s.Active = c.s.active.n
-		}
-		for _, g := range c.s.gens {
-			s.Generations = append(s.Generations, metrics.Generation{
-				Generation: g.n, PID: g.pid, Command: strings.Join(g.argv, " "), State: g.state,
-				Inflight: g.stats.Inflight, Connections: g.stats.Connections, Requests: g.stats.Requests,
-			})
-		}
-	}, time.After(time.Second))
 	return s, ok
 }

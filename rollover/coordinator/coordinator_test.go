@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/procfs"
 
 	"github.com/rollover-sh/rollover/rollover/wire"
 )
@@ -80,7 +80,7 @@ func (r *rig) activeIs(n, pid int) {
 		r.t.Fatalf("status: active gen %d, want %d", st.Active, n)
 	}
 	g := genOf(st, n)
-	if g == nil || g.State != stateActive || g.PID != pid {
+	if g == nil || g.State != stateActive.String() || g.PID != pid {
 		r.t.Fatalf("status: gen %d is %+v, want active with pid %d", n, g, pid)
 	}
 	if gotGen, gotPID := r.mustGet("/"); gotGen != n || gotPID != pid {
@@ -314,7 +314,7 @@ func TestForcedDrain(t *testing.T) {
 	}
 	nextDone := time.Now()
 	r.activeIs(2, eventOf(events, wire.PhaseStarted).PID)
-	if gen1 := genOf(r.status(), 1); gen1 == nil || gen1.State != stateDraining {
+	if gen1 := genOf(r.status(), 1); gen1 == nil || gen1.State != stateDraining.String() {
 		t.Fatalf("right after next, gen 1 is %+v, want draining", gen1)
 	}
 	if got := toFloat64(t, r.c.Metrics().ForcedDrains); got != 0 {
@@ -520,14 +520,18 @@ func TestControlSocketSecurity(t *testing.T) {
 		}
 	}
 	// Even with generation 1's secret, this process is not generation 1.
-	environ, err := os.ReadFile("/proc/" + strconv.Itoa(pid1) + "/environ")
+	p1, err := procfs.NewProc(pid1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	environ, err := p1.Environ()
 	if err != nil {
 		t.Fatal(err)
 	}
 	var secret string
-	for kv := range bytes.SplitSeq(environ, []byte{0}) {
-		if v, ok := bytes.CutPrefix(kv, []byte("ROLLOVER_SECRET=")); ok {
-			secret = string(v)
+	for _, kv := range environ {
+		if v, ok := strings.CutPrefix(kv, "ROLLOVER_SECRET="); ok {
+			secret = v
 		}
 	}
 	if secret == "" {
@@ -712,7 +716,7 @@ func TestGenerationExitingRightAfterReady(t *testing.T) {
 	// The CLI's emit runs on the rollover goroutine between ready and
 	// activation; holding it until the coordinator has reaped the new
 	// generation makes the race deterministic.
-	_, err := r.c.tryRollover(Launch{Argv: r.argv("ready-then-exit")}, 0, func(e wire.Event) {
+	_, err := r.c.tryRollover(rolloverReq{launch: Launch{Argv: r.argv("ready-then-exit")}}, func(e wire.Event) {
 		events = append(events, e)
 		if e.Phase == wire.PhaseReady {
 			r.waitFor(5*time.Second, "the new generation to be reaped", func() bool {

@@ -23,6 +23,13 @@
 //     must present their secret from the pid that was spawned, and CLI peers
 //     must be the coordinator's uid or root (SO_PEERCRED).
 //
-// One goroutine owns all state; everything else sends it closures and waits
-// for them to run (see Coordinator.do).
+// One goroutine owns all state. It lives in machine.go: typed generation
+// states, typed events, and one transition function (machine.step) that is
+// the only writer. Everything else (the control socket, process waiters,
+// timers, the rollover sequence in rollover.go) posts events and waits on
+// channels; nothing waits by sleeping.
+//
+// Generations are exec.Cmds (Cancel sends SIGTERM to the process group,
+// WaitDelay bounds it before SIGKILL); /proc is read through
+// github.com/prometheus/procfs.
 package coordinator

@@ -1,12 +1,12 @@
 package coordinator
 
 import (
-	"bufio"
+	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -21,61 +21,59 @@ import (
 	"github.com/rollover-sh/rollover/rollover/wire"
 )
 
-// Generation states.
-const (
-	stateStarting = "starting"
-	stateReady    = "ready"
-	stateActive   = "active"
-	stateDraining = "draining"
-)
-
-// gen is one spawned generation. Fields marked "owner" are touched only by
-// the owner goroutine; the channels are closed once, by the owner.
+// gen is one generation. The fields above "owner" are set before the
+// machine knows the generation and never change after; the owner fields are
+// written only by machine.step. Its channels are closed once, by step.
 type gen struct {
 	n      int
 	launch Launch
-	argv   []string // launch.Argv
 	secret string
-	pid    int
 	start  time.Time
+	pid    int
 	proc   *os.Process
+	// end, for a spawned generation, cancels its command: SIGTERM to its
+	// process group, SIGKILL after the kill grace (exec.Cmd's Cancel and
+	// WaitDelay). Nil for an adopted one, which is not our child.
+	end    context.CancelFunc
 	tail   *tail
-	pumps  sync.WaitGroup
 	notify *notifySocket // ReadyNotify only
 
 	// owner
-	state        string
+	state        genState
 	conn         *genConn
 	stats        wire.Stats
 	steerable    bool
 	steerErr     string
-	drainStart   time.Time
+	readyAt      time.Time
 	activeAt     time.Time
-	pending      map[uint64]chan wire.Msg
+	drainStart   time.Time
 	adopting     bool   // left by a crashed coordinator; expecting its hello
 	wasActive    bool   // the predecessor's active generation
 	notifyStatus string // last STATUS= (ReadyNotify)
+	exitErr      error
 
-	hello   chan struct{} // hello accepted
-	ready   chan struct{} // ready received
-	left    chan struct{} // listeners closed, or exited
-	exited  chan struct{} // process gone; exitErr set before
-	exitErr error
+	hello  chan struct{} // hello accepted
+	ready  chan struct{} // ready
+	left   chan struct{} // listeners closed, or exited
+	exited chan struct{} // process gone; exitErr set before
 }
 
-func newGen(l Launch) *gen {
-	return &gen{
-		launch:  l,
-		argv:    l.Argv,
-		secret:  newSecret(),
-		tail:    newTail(10),
-		state:   stateStarting,
-		pending: map[uint64]chan wire.Msg{},
-		hello:   make(chan struct{}),
-		ready:   make(chan struct{}),
-		left:    make(chan struct{}),
-		exited:  make(chan struct{}),
+func newGen(n int, l Launch) *gen {
+	g := &gen{
+		n:      n,
+		launch: l,
+		secret: newSecret(),
+		tail:   newTail(10),
+		state:  stateStarting,
+		hello:  make(chan struct{}),
+		ready:  make(chan struct{}),
+		left:   make(chan struct{}),
+		exited: make(chan struct{}),
 	}
+	if l.Ready != ReadyLibrary {
+		g.steerErr = "the app does not link the rollover library (--ready=" + l.Ready + ")"
+	}
+	return g
 }
 
 func closeOnce(ch chan struct{}) {
@@ -144,83 +142,80 @@ func childEnv(socket string, n int, secret, notifyPath string, adoptTimeout time
 	)
 }
 
-// spawnProcess starts g in its own process group with its output forwarded
-// to log. It never goes through a shell.
-func spawnProcess(g *gen, socket string, adoptTimeout time.Duration, log *slog.Logger) error {
-	if err := checkCommand(g.argv); err != nil {
+// spawner starts generations as exec.Cmds: argv (never a shell), in their
+// own process group, stdout and stderr logged line by line.
+type spawner struct {
+	socket       string
+	adoptTimeout time.Duration
+	killGrace    time.Duration
+	log          *slog.Logger
+	exited       func(g *gen, err error) // reports the process's end
+}
+
+func (s *spawner) spawn(g *gen) error {
+	if err := checkCommand(g.launch.Argv); err != nil {
 		return err
 	}
-	path, err := exec.LookPath(g.argv[0])
+	path, err := exec.LookPath(g.launch.Argv[0])
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrCommand, err)
 	}
 	if abs, err := filepath.Abs(path); err == nil {
 		path = abs
 	}
-	outR, outW, err := os.Pipe()
-	if err != nil {
-		return err
-	}
-	errR, errW, err := os.Pipe()
-	if err != nil {
-		outR.Close()
-		outW.Close()
-		return err
-	}
 	notifyPath := ""
 	if g.launch.Ready == ReadyNotify {
-		ns, err := openNotify(filepath.Dir(socket), g.n)
+		ns, err := openNotify(filepath.Dir(s.socket), g.n)
 		if err != nil {
-			outR.Close()
-			outW.Close()
-			errR.Close()
-			errW.Close()
 			return err
 		}
 		g.notify, notifyPath = ns, ns.path
 	}
-	attr := &os.ProcAttr{
-		Env:   childEnv(socket, g.n, g.secret, notifyPath, adoptTimeout),
-		Files: []*os.File{nil, outW, errW},
-		Sys:   &syscall.SysProcAttr{Setpgid: true},
-	}
-	devnull, err := os.Open(os.DevNull)
-	if err == nil {
-		attr.Files[0] = devnull
-		defer devnull.Close()
-	}
+	ctx, end := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(ctx, path, g.launch.Argv[1:]...)
+	cmd.Args[0] = g.launch.Argv[0]
+	cmd.Env = childEnv(s.socket, g.n, g.secret, notifyPath, s.adoptTimeout)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// Polite first: SIGTERM to the whole group. Past WaitDelay, exec kills
+	// the process, and exited kills what is left of its group.
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM) }
+	cmd.WaitDelay = s.killGrace
+	l := s.log.With("gen", g.n)
+	stdout := &lineLog{log: l, stream: "stdout"}
+	stderr := &lineLog{log: l, stream: "stderr", tail: g.tail}
+	cmd.Stdout, cmd.Stderr = stdout, stderr
+	// Hold the streams until they know the pid: the first line may come
+	// before Start returns.
+	stdout.mu.Lock()
+	stderr.mu.Lock()
 	g.start = time.Now()
-	p, err := os.StartProcess(path, g.argv, attr)
-	outW.Close()
-	errW.Close()
+	err = cmd.Start()
+	if err == nil {
+		stdout.log = stdout.log.With("pid", cmd.Process.Pid, "stream", stdout.stream)
+		stderr.log = stderr.log.With("pid", cmd.Process.Pid, "stream", stderr.stream)
+	}
+	stdout.mu.Unlock()
+	stderr.mu.Unlock()
 	if err != nil {
-		outR.Close()
-		errR.Close()
+		end()
 		if g.notify != nil {
 			g.notify.close()
 		}
-		return fmt.Errorf("%w: %s: %v", ErrCommand, g.argv[0], err)
+		return fmt.Errorf("%w: %s: %v", ErrCommand, g.launch.Argv[0], err)
 	}
-	g.proc, g.pid = p, p.Pid
-	l := log.With("gen", g.n, "pid", g.pid)
-	g.pumps.Add(2)
-	go g.pump(outR, l.With("stream", "stdout"), nil)
-	go g.pump(errR, l.With("stream", "stderr"), g.tail)
-	return nil
-}
-
-func (g *gen) pump(r io.ReadCloser, log *slog.Logger, t *tail) {
-	defer g.pumps.Done()
-	defer r.Close()
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		log.Info(line)
-		if t != nil {
-			t.add(line)
+	g.proc, g.pid, g.end = cmd.Process, cmd.Process.Pid, end
+	go func() {
+		_ = cmd.Wait() // its error may be the context's; the process state tells how it ended
+		end()
+		stdout.flush()
+		stderr.flush()
+		var err error
+		if ps := cmd.ProcessState; ps != nil && !ps.Success() {
+			err = errors.New(ps.String())
 		}
-	}
+		s.exited(g, err)
+	}()
+	return nil
 }
 
 // signal sends sig to the generation's process group.
@@ -230,26 +225,69 @@ func (g *gen) signal(sig syscall.Signal) {
 	}
 }
 
-// kill ends the generation: SIGTERM to its group, SIGKILL after grace.
+// kill ends g without blocking: SIGTERM to its group, SIGKILL after grace.
 func (g *gen) kill(grace time.Duration) {
+	if g.end != nil {
+		g.end()
+		return
+	}
 	g.signal(syscall.SIGTERM)
-	select {
-	case <-g.exited:
-	case <-time.After(grace):
-		g.signal(syscall.SIGKILL)
-		<-g.exited
+	time.AfterFunc(grace, func() {
+		select {
+		case <-g.exited:
+		default:
+			g.signal(syscall.SIGKILL)
+		}
+	})
+}
+
+// lineLog logs a stream of output one line at a time, tagged with the
+// generation, its pid and the stream.
+type lineLog struct {
+	mu     sync.Mutex
+	log    *slog.Logger
+	stream string
+	tail   *tail
+	buf    []byte
+}
+
+// maxLine bounds a line that never ends.
+const maxLine = 64 << 10
+
+func (w *lineLog) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.buf = append(w.buf, p...)
+	for {
+		i := bytes.IndexByte(w.buf, '\n')
+		if i < 0 {
+			if len(w.buf) >= maxLine {
+				w.line(w.buf)
+				w.buf = w.buf[:0]
+			}
+			return len(p), nil
+		}
+		w.line(w.buf[:i])
+		w.buf = w.buf[i+1:]
 	}
 }
 
-// stderrTail returns the last stderr lines once the pumps caught up (bounded).
-func (g *gen) stderrTail() string {
-	done := make(chan struct{})
-	go func() { g.pumps.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(500 * time.Millisecond):
+func (w *lineLog) line(b []byte) {
+	s := string(bytes.TrimSuffix(b, []byte("\r")))
+	w.log.Info(s)
+	if w.tail != nil {
+		w.tail.add(s)
 	}
-	return g.tail.String()
+}
+
+// flush logs a last line that had no newline.
+func (w *lineLog) flush() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.buf) > 0 {
+		w.line(w.buf)
+		w.buf = nil
+	}
 }
 
 // tail keeps the last lines of a stream.

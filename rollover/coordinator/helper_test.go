@@ -25,6 +25,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/procfs"
+
 	"github.com/rollover-sh/rollover/rollover"
 	"github.com/rollover-sh/rollover/rollover/wire"
 )
@@ -519,20 +521,15 @@ func (r *rig) waitGone(pid int, timeout time.Duration) {
 // tagged returns the live processes whose command line carries this rig's
 // tag: every generation it started, and only those.
 func (r *rig) tagged() []int {
-	want := []byte(envTag + "=" + r.tag)
-	ents, _ := os.ReadDir("/proc")
+	want := envTag + "=" + r.tag
+	procs, err := procfs.AllProcs()
+	if err != nil {
+		r.t.Fatalf("list processes: %v", err)
+	}
 	var pids []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		cmdline, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
-		if err != nil {
-			continue
-		}
-		if slices.ContainsFunc(bytes.Split(cmdline, []byte{0}), func(arg []byte) bool { return bytes.Equal(arg, want) }) {
-			pids = append(pids, pid)
+	for _, p := range procs {
+		if args, err := p.CmdLine(); err == nil && slices.Contains(args, want) {
+			pids = append(pids, p.PID)
 		}
 	}
 	return pids

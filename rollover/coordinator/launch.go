@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/procfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -61,6 +62,15 @@ func (l Launch) withDefaults(base Launch) Launch {
 }
 
 func (l Launch) check() error {
+	if err := l.checkMode(); err != nil {
+		return err
+	}
+	return l.checkAddr()
+}
+
+// checkMode checks the command and the readiness mode; it never blocks (no
+// name resolution), so the machine can call it.
+func (l Launch) checkMode() error {
 	if err := checkCommand(l.Argv); err != nil {
 		return err
 	}
@@ -72,6 +82,11 @@ func (l Launch) check() error {
 	if l.Ready == ReadyListen && l.Addr == "" {
 		return fmt.Errorf("%w: --ready=listen needs --addr host:port, the address the app listens on", ErrUsage)
 	}
+	return nil
+}
+
+// checkAddr checks --addr, resolving its host.
+func (l Launch) checkAddr() error {
 	if l.Addr != "" {
 		if _, _, err := parseAddr(l.Addr); err != nil {
 			return fmt.Errorf("%w: --addr %q: %v", ErrUsage, l.Addr, err)
@@ -165,18 +180,28 @@ func listening(pgid int, addr string) bool {
 	if err != nil {
 		return false
 	}
-	inodes := listeningInodes(ip, port)
+	fs, err := procfs.NewDefaultFS()
+	if err != nil {
+		return false
+	}
+	inodes := listeningInodes(fs, ip, port)
 	if len(inodes) == 0 {
 		return false
 	}
-	for _, pid := range groupPIDs(pgid) {
-		fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	procs, err := fs.AllProcs()
+	if err != nil {
+		return false
+	}
+	for _, p := range procs {
+		if st, err := p.Stat(); err != nil || st.PGRP != pgid {
+			continue
+		}
+		targets, err := p.FileDescriptorTargets()
 		if err != nil {
 			continue
 		}
-		for _, fd := range fds {
-			target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()))
-			if err == nil && strings.HasPrefix(target, "socket:[") && inodes[strings.TrimSuffix(strings.TrimPrefix(target, "socket:["), "]")] {
+		for _, t := range targets {
+			if inode, ok := strings.CutPrefix(t, "socket:["); ok && inodes[strings.TrimSuffix(inode, "]")] {
 				return true
 			}
 		}
@@ -184,94 +209,49 @@ func listening(pgid int, addr string) bool {
 	return false
 }
 
+// tcpListen is TCP_LISTEN, the state of a listening socket in /proc/net/tcp.
+const tcpListen = 0x0A
+
 // listeningInodes returns the inodes of TCP sockets in LISTEN state on port
 // whose local address matches ip (any when ip is nil or unspecified).
-func listeningInodes(ip net.IP, port int) map[string]bool {
+func listeningInodes(fs procfs.FS, ip net.IP, port int) map[string]bool {
 	out := map[string]bool{}
-	for _, file := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
-		b, err := os.ReadFile(file)
+	for _, read := range []func() (procfs.NetTCP, error){fs.NetTCP, fs.NetTCP6} {
+		lines, err := read()
 		if err != nil {
-			continue
+			continue // no IPv6, say
 		}
-		for _, line := range strings.Split(string(b), "\n")[1:] {
-			f := strings.Fields(line)
-			if len(f) < 10 || f[3] != "0A" { // 0A: TCP_LISTEN
+		for _, l := range lines {
+			if l.St != tcpListen || l.LocalPort != uint64(port) {
 				continue
 			}
-			hexIP, hexPort, ok := strings.Cut(f[1], ":")
-			if !ok {
+			if ip != nil && !ip.IsUnspecified() && !l.LocalAddr.Equal(ip) && !l.LocalAddr.IsUnspecified() {
 				continue
 			}
-			p, err := strconv.ParseUint(hexPort, 16, 16)
-			if err != nil || int(p) != port {
-				continue
-			}
-			if ip != nil && !ip.IsUnspecified() {
-				local := procIP(hexIP)
-				if !local.Equal(ip) && !local.IsUnspecified() {
-					continue
-				}
-			}
-			out[f[9]] = true
+			out[strconv.FormatUint(l.Inode, 10)] = true
 		}
 	}
 	return out
 }
 
-// procIP decodes /proc/net/tcp's address: 32-bit words in host byte order.
-func procIP(h string) net.IP {
-	b := make([]byte, len(h)/2)
-	for i := range b {
-		v, _ := strconv.ParseUint(h[2*i:2*i+2], 16, 8)
-		b[i] = byte(v)
-	}
-	for i := 0; i+4 <= len(b); i += 4 { // little-endian words
-		b[i], b[i+1], b[i+2], b[i+3] = b[i+3], b[i+2], b[i+1], b[i]
-	}
-	return net.IP(b)
-}
-
-// groupPIDs lists the processes whose process group is pgid.
-func groupPIDs(pgid int) []int {
-	var out []int
-	for _, pid := range procPIDs() {
-		if pg, err := unix.Getpgid(pid); err == nil && pg == pgid {
-			out = append(out, pid)
-		}
-	}
-	return out
-}
-
-// procPIDs lists the processes in /proc.
-func procPIDs() []int {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
-	var out []int
-	for _, e := range ents {
-		if pid, err := strconv.Atoi(e.Name()); err == nil {
-			out = append(out, pid)
-		}
-	}
-	return out
-}
-
-// waitListening polls until the group owns a listener on addr (want true)
-// or owns none (want false), or until stop is closed or d passes.
+// waitListening looks every 25ms until the group owns a listener on addr
+// (want true) or owns none (want false), or until stop is closed or d
+// passes. /proc has no event to wait for.
 func waitListening(pgid int, addr string, want bool, d time.Duration, stop <-chan struct{}) bool {
-	deadline := time.Now().Add(d)
+	deadline := time.NewTimer(d)
+	defer deadline.Stop()
+	tick := time.NewTicker(25 * time.Millisecond)
+	defer tick.Stop()
 	for {
 		if listening(pgid, addr) == want {
 			return true
 		}
-		if time.Now().After(deadline) {
-			return false
-		}
 		select {
 		case <-stop:
 			return false
-		case <-time.After(25 * time.Millisecond):
+		case <-deadline.C:
+			return false
+		case <-tick.C:
 		}
 	}
 }

@@ -3,10 +3,11 @@ package coordinator
 import (
 	"context"
 	"os"
-	"strconv"
-	"strings"
 	"time"
 
+	"github.com/prometheus/procfs"
+
+	"github.com/rollover-sh/rollover/rollover/wire"
 	"golang.org/x/sys/unix"
 )
 
@@ -23,13 +24,13 @@ func (c *Coordinator) ReapOrphans(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		ours := map[int]bool{}
-		if !c.do(func() {
-			for _, g := range c.s.gens {
-				ours[g.pid] = true
-			}
-		}) {
+		st, ok := ask(c, func(r chan wire.Status) event { return qStatus{reply: r} })
+		if !ok {
 			return
+		}
+		ours := map[int]bool{}
+		for _, g := range st.Generations {
+			ours[g.PID] = true
 		}
 		for _, pid := range zombieChildren(os.Getpid()) {
 			if !ours[pid] {
@@ -42,21 +43,14 @@ func (c *Coordinator) ReapOrphans(ctx context.Context) {
 
 // zombieChildren lists the zombie processes whose parent is ppid.
 func zombieChildren(ppid int) []int {
+	procs, err := procfs.AllProcs()
+	if err != nil {
+		return nil
+	}
 	var out []int
-	for _, pid := range procPIDs() {
-		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-		if err != nil {
-			continue
-		}
-		// pid (comm) state ppid ...: comm may hold spaces and parentheses.
-		s := string(b)
-		i := strings.LastIndexByte(s, ')')
-		if i < 0 {
-			continue
-		}
-		f := strings.Fields(s[i+1:])
-		if len(f) >= 2 && f[0] == "Z" && f[1] == strconv.Itoa(ppid) {
-			out = append(out, pid)
+	for _, p := range procs {
+		if st, err := p.Stat(); err == nil && st.State == "Z" && st.PPID == ppid {
+			out = append(out, p.PID)
 		}
 	}
 	return out

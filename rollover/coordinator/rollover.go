@@ -12,243 +12,142 @@ import (
 // commandTimeout bounds a generation's answer to steer and pin.
 const commandTimeout = 5 * time.Second
 
-// tryRollover starts a rollover to l unless one is running (or, with
-// expect, unless the active generation is no longer expect); l's empty
-// fields are the active generation's (or, when none, the last active one's
-// or generation 1's). It returns the generation that was active before,
-// which is now draining.
-func (c *Coordinator) tryRollover(l Launch, expect int, emit func(wire.Event)) (*gen, error) {
-	var busy, stopping bool
-	active := 0
-	base := c.launch
-	alive := c.do(func() {
-		busy, stopping = c.s.busy, c.s.stopping
-		if c.s.active != nil {
-			active = c.s.active.n
-		}
-		if expect != 0 && expect != active {
-			return
-		}
-		if !busy && !stopping {
-			c.s.busy = true
-			switch {
-			case c.s.active != nil:
-				base = c.s.active.launch
-			case c.s.lastLaunch != nil:
-				base = *c.s.lastLaunch
-			}
-		}
-	})
-	switch {
-	case stopping, !alive:
-		return nil, ErrStopping
-	case expect != 0 && expect != active:
-		return nil, fmt.Errorf("%w: the active generation is %d, not %d (--expect-generation)", ErrStale, active, expect)
-	case busy:
-		return nil, fmt.Errorf("%w: wait for it to finish and try again", ErrInProgress)
+// tryRollover runs one rollover unless the machine refuses it (one is in
+// progress, the coordinator stops, the active generation is not the one
+// expected). It returns the generation that was active before, which is
+// now draining.
+func (c *Coordinator) tryRollover(req rolloverReq, emit func(wire.Event)) (*gen, error) {
+	if err := req.launch.checkAddr(); err != nil {
+		return nil, err // refused before it began: not a failed rollover
 	}
-	return c.rollover(l.withDefaults(base), emit)
-}
-
-// rollover runs the state machine of DESIGN.md: spawn N+1, wait for ready,
-// steer, activate, drain N, re-pin. The caller has set busy; rollover clears
-// it once N has left the port, so the next rollover can start while N is
-// still finishing its connections. Until N+1 is active, every failure kills
-// N+1 and leaves N alone.
-func (c *Coordinator) rollover(l Launch, emit func(wire.Event)) (prev *gen, err error) {
-	reloading := false
-	defer func() {
-		result := "ok"
-		if err != nil {
-			result = "failed"
-			if !errors.Is(err, ErrCommand) && !errors.Is(err, ErrStopping) && !errors.Is(err, ErrUsage) {
-				err = fmt.Errorf("%w: %v", ErrRollover, err)
-			}
-		}
-		c.metrics.Rollovers.WithLabelValues(result).Inc()
-		c.do(func() {
-			c.s.busy = false
-			if err == nil {
-				c.s.started = true
-			}
-			if c.s.active == nil && c.s.started && !c.s.stopping {
-				c.scheduleRestart()
-			}
-		})
-		if reloading {
-			failure := ""
-			if err != nil {
-				failure = err.Error()
-			}
-			c.notifyReady(failure)
-		}
-	}()
-	if len(l.Argv) == 0 {
-		return nil, fmt.Errorf("%w: no command line to roll to; pass one: rollover next -- CMD [ARGS...]", ErrUsage)
-	}
-	if err := l.check(); err != nil {
-		return nil, err
-	}
-	l.Argv = append([]string(nil), l.Argv...)
-	g := newGen(l)
-	if l.Ready != ReadyLibrary {
-		g.steerErr = "the app does not link the rollover library (--ready=" + l.Ready + ")"
-	}
-	// Spawn on the owner goroutine, so the generation is known (number and
-	// pid) before its hello can arrive.
-	var spawnErr error
-	if !c.do(func() {
-		c.s.next++
-		g.n = c.s.next
-		if spawnErr = spawnProcess(g, c.cfg.Socket, c.cfg.AdoptTimeout, c.log); spawnErr == nil {
-			c.s.gens[g.n] = g
-		}
-	}) {
+	b, ok := ask(c, func(r chan began) event { return evBegin{req: req, reply: r} })
+	if !ok {
 		return nil, ErrStopping // the owner loop is gone: Run returned
 	}
-	if spawnErr != nil {
-		return nil, fmt.Errorf("start gen %d: %w", g.n, spawnErr)
+	if b.err != nil {
+		return nil, b.err
 	}
-	go c.wait(g)
-	c.persist()
+	err := c.roll(b, emit)
+	if err != nil && !errors.Is(err, ErrCommand) && !errors.Is(err, ErrStopping) && !errors.Is(err, ErrUsage) {
+		err = fmt.Errorf("%w: %v", ErrRollover, err)
+	}
+	c.done(func(r chan struct{}) event { return evFinish{g: b.g, err: err, reply: r} })
+	if err != nil {
+		return nil, err
+	}
+	return b.prev, nil
+}
+
+// roll takes a spawned generation through the rollover: ready, steered,
+// active, then the old generation drained off the port and the new one
+// re-pinned. Until the new generation is active, every failure ends it and
+// leaves the old one serving untouched.
+func (c *Coordinator) roll(b began, emit func(wire.Event)) error {
+	g, prev := b.g, b.prev
 	emit(wire.Event{Phase: wire.PhaseStarted, Generation: g.n, PID: g.pid})
-	if c.isStarted() {
-		reloading = true
+	if b.reloading {
 		c.notify(fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=rolling over to generation %d", monotonicUsec(), g.n))
 	}
 	c.watchReady(g)
-
-	timer := time.NewTimer(c.cfg.ReadyTimeout)
-	defer timer.Stop()
-	select {
-	case <-g.ready:
-	case <-g.exited:
-		return nil, fmt.Errorf("gen %d exited before it was ready (%s); last stderr: %s", g.n, exitText(g.exitErr), g.stderrTail())
-	case <-timer.C:
-		g.kill(c.cfg.KillGrace)
-		return nil, fmt.Errorf("gen %d was not ready within %v (--ready-timeout; %s); last stderr: %s", g.n, c.cfg.ReadyTimeout, readyHint(l), g.stderrTail())
-	case <-c.stopCh:
-		g.kill(c.cfg.KillGrace)
-		return nil, ErrStopping
+	if err := c.awaitReady(g); err != nil {
+		return err
 	}
-	readyIn := time.Since(g.start)
-	c.metrics.Ready.Observe(readyIn.Seconds())
-	emit(wire.Event{Phase: wire.PhaseReady, Generation: g.n, Millis: readyIn.Milliseconds()})
+	emit(wire.Event{Phase: wire.PhaseReady, Generation: g.n, Millis: g.readyAt.Sub(g.start).Milliseconds()})
 
-	var steerable bool
-	var steerErr string
-	c.do(func() { prev, steerable, steerErr = c.s.active, g.steerable, g.steerErr })
-	if !steerable && prev != nil {
-		c.log.Warn("generation cannot be steered; the hand-over relies on net.ipv4.tcp_migrate_req", "gen", g.n, "reason", steerErr)
+	steer := prev != nil && g.steerable
+	if prev != nil && !g.steerable {
+		c.log.Warn("generation cannot be steered; the hand-over relies on net.ipv4.tcp_migrate_req", "gen", g.n, "reason", g.steerErr)
 	}
-	if prev != nil && steerable {
+	if steer {
 		if err := c.command(g, wire.Msg{Type: wire.TypeSteer}, commandTimeout); err != nil {
 			// The group may already point at N+1: point it back at N, then
 			// let N+1 hand over what it queued rather than reset it.
-			if perr := c.command(prev, wire.Msg{Type: wire.TypePin}, commandTimeout); perr != nil {
-				c.log.Warn("re-pin of the active generation failed", "gen", prev.n, "err", perr)
-			}
-			c.drain(g)
-			return nil, fmt.Errorf("gen %d failed the steering verification: %v", g.n, err)
+			c.pin(prev)
+			c.post(evDrain{g: g})
+			return fmt.Errorf("gen %d failed the steering verification: %v", g.n, err)
 		}
 	}
-	exited := false
-	c.do(func() {
-		select {
-		case <-g.exited:
-			// wait() already ran and saw no active generation to restart.
-			exited = true
-			return
-		default:
-		}
-		c.s.active = g
-		g.state = stateActive
-		g.activeAt = time.Now()
-		if prev != nil {
-			pl := prev.launch
-			c.s.previous = &pl
-		}
-	})
-	if exited {
-		if prev != nil && steerable {
-			if perr := c.command(prev, wire.Msg{Type: wire.TypePin}, commandTimeout); perr != nil {
-				c.log.Warn("re-pin of the active generation failed", "gen", prev.n, "err", perr)
-			}
-		}
-		return nil, fmt.Errorf("gen %d exited right after it was ready (%s); last stderr: %s", g.n, exitText(g.exitErr), g.stderrTail())
+	activated, ok := ask(c, func(r chan error) event { return evActivate{g: g, last: prev == nil, reply: r} })
+	if !ok {
+		return ErrStopping
 	}
-	c.persist()
+	if activated != nil {
+		if steer {
+			c.pin(prev)
+		}
+		return activated
+	}
 	emit(wire.Event{Phase: wire.PhaseActive, Generation: g.n, PID: g.pid})
-
-	if prev != nil {
-		c.drain(prev)
-		emit(wire.Event{Phase: wire.PhaseDraining, Generation: prev.n, Stats: c.statsOf(prev)})
-		select {
-		case <-prev.left:
-		case <-time.After(c.cfg.DrainTimeout + c.cfg.KillGrace + time.Second):
-		}
-		emit(wire.Event{Phase: wire.PhaseLeft, Generation: prev.n})
+	if prev == nil {
+		return nil // generation 1 (or a restart): pinned at ready, alone on the port
 	}
-	if steerable {
-		if err := c.command(g, wire.Msg{Type: wire.TypePin}, commandTimeout); err != nil {
-			c.log.Warn("re-pin failed", "gen", g.n, "err", err)
-		}
+	st, _ := ask(c, func(r chan wire.Stats) event { return evDrain{g: prev, reply: r} })
+	emit(wire.Event{Phase: wire.PhaseDraining, Generation: prev.n, Stats: &st})
+	t := time.NewTimer(c.cfg.DrainTimeout + c.cfg.KillGrace + time.Second)
+	defer t.Stop()
+	select {
+	case <-prev.left:
+	case <-t.C:
 	}
-	return prev, nil
+	emit(wire.Event{Phase: wire.PhaseLeft, Generation: prev.n})
+	if g.steerable {
+		c.pin(g)
+	}
+	return nil
 }
 
-func (c *Coordinator) statsOf(g *gen) *wire.Stats {
-	var st wire.Stats
-	c.do(func() { st = g.stats })
-	return &st
+// awaitReady waits for g's ready, its exit, the ready timeout or a stop.
+func (c *Coordinator) awaitReady(g *gen) error {
+	t := time.NewTimer(c.cfg.ReadyTimeout)
+	defer t.Stop()
+	select {
+	case <-g.ready:
+		return nil
+	case <-g.exited:
+		return fmt.Errorf("gen %d exited before it was ready (%s); last stderr: %s", g.n, exitText(g.exitErr), g.tail.String())
+	case <-t.C:
+		g.kill(c.cfg.KillGrace)
+		<-g.exited
+		return fmt.Errorf("gen %d was not ready within %v (--ready-timeout; %s); last stderr: %s", g.n, c.cfg.ReadyTimeout, readyHint(g.launch), g.tail.String())
+	case <-c.stopCh:
+		g.kill(c.cfg.KillGrace)
+		<-g.exited
+		return ErrStopping
+	}
 }
 
-// drain tells g to hand its port over and finish its connections, once. Past
-// the drain timeout it is killed and counted as a forced drain.
-func (c *Coordinator) drain(g *gen) {
-	first := false
-	c.do(func() {
-		if g.drainStart.IsZero() {
-			first = true
-			g.drainStart = time.Now()
-			g.state = stateDraining
-		}
-	})
-	if !first {
-		return
+// pin points g's reuseport groups at index 0 (the longest-serving member).
+func (c *Coordinator) pin(g *gen) {
+	if err := c.command(g, wire.Msg{Type: wire.TypePin}, commandTimeout); err != nil {
+		c.log.Warn("re-pin failed", "gen", g.n, "err", err)
 	}
-	var connected bool
-	c.do(func() { connected = g.conn != nil })
-	if !connected {
-		// An app without the library drains on its signal; it leaves the
-		// port when its listener is gone (if we know its address) or, as
-		// far as we can tell, at once.
+}
+
+// order sends g its drain order: the library's drain command, or, for an
+// app without the library, its drain signal. It returns at once.
+func (c *Coordinator) order(g *gen, conn *genConn) {
+	if conn == nil {
+		// The app leaves the port when its listener is gone (if we know its
+		// address) or, as far as we can tell, at once.
 		c.log.Info("draining by signal", "gen", g.n, "pid", g.pid, "signal", g.launch.DrainSignal)
 		_ = g.proc.Signal(g.launch.DrainSignal)
 		go func() {
 			if g.launch.Addr != "" {
 				waitListening(g.pid, g.launch.Addr, false, c.cfg.DrainTimeout, g.exited)
 			}
-			c.do(func() { closeOnce(g.left) })
+			c.post(evClosedListener{g: g})
 		}()
-	} else if err := c.command(g, wire.Msg{Type: wire.TypeDrain, GraceMS: c.cfg.DrainGrace.Milliseconds(), TimeoutMS: c.cfg.DrainTimeout.Milliseconds()}, commandTimeout); err != nil {
-		c.log.Warn("drain command failed; sending SIGTERM", "gen", g.n, "err", err)
-		// Signal fails safely once the process is reaped; a bare pid might
-		// by then belong to someone else.
-		_ = g.proc.Signal(syscall.SIGTERM)
+		return
 	}
-	go c.watchDrain(g)
-}
-
-// watchDrain kills g if it is still draining past the drain timeout.
-func (c *Coordinator) watchDrain(g *gen) {
-	select {
-	case <-g.exited:
-	case <-time.After(c.cfg.DrainTimeout):
-		c.metrics.ForcedDrains.Inc()
-		c.log.Warn("drain timed out; killing", "gen", g.n, "pid", g.pid, "drain_timeout", c.cfg.DrainTimeout)
-		g.kill(c.cfg.KillGrace)
-	}
+	go func() {
+		m := wire.Msg{Type: wire.TypeDrain, GraceMS: c.cfg.DrainGrace.Milliseconds(), TimeoutMS: c.cfg.DrainTimeout.Milliseconds()}
+		if _, err := conn.ask(g, c.cmdID.Add(1), m, commandTimeout); err != nil {
+			c.log.Warn("drain command failed; sending SIGTERM", "gen", g.n, "err", err)
+			// Signal fails safely once the process is reaped; a bare pid
+			// might by then belong to someone else.
+			_ = g.proc.Signal(syscall.SIGTERM)
+		}
+	}()
 }
 
 // waitDrain reports g's drain until it exits.
@@ -262,119 +161,54 @@ func (c *Coordinator) waitDrain(g *gen, emit func(wire.Event)) {
 	for {
 		select {
 		case <-g.exited:
-			var start time.Time
-			c.do(func() { start = g.drainStart })
-			emit(wire.Event{Phase: wire.PhaseDrained, Generation: g.n, Millis: time.Since(start).Milliseconds()})
+			emit(wire.Event{Phase: wire.PhaseDrained, Generation: g.n, Millis: time.Since(g.drainStart).Milliseconds()})
 			return
 		case <-t.C:
-			if st := c.statsOf(g); *st != last {
-				last = *st
-				emit(wire.Event{Phase: wire.PhaseDraining, Generation: g.n, Stats: st})
+			st, ok := ask(c, func(r chan wire.Stats) event { return qStats{g: g, reply: r} })
+			if ok && st != last {
+				last = st
+				emit(wire.Event{Phase: wire.PhaseDraining, Generation: g.n, Stats: &st})
 			}
 		}
 	}
 }
 
-// wait reaps g and updates the state when it exits.
-func (c *Coordinator) wait(g *gen) {
-	ps, err := g.proc.Wait()
-	if err == nil && !ps.Success() {
-		err = errors.New(ps.String())
-	}
-	c.gone(g, err)
-}
-
-// gone records that g's process has exited with err.
-func (c *Coordinator) gone(g *gen, err error) {
-	// Leave no process of the generation's group behind.
+// exited reports the end of g's process: what is left of its group is
+// killed, then the machine learns of it.
+func (c *Coordinator) exited(g *gen, err error) {
 	g.signal(syscall.SIGKILL)
 	if g.notify != nil {
 		g.notify.close()
 	}
-	c.do(func() {
-		g.exitErr = err
-		delete(c.s.gens, g.n)
-		closeOnce(g.left)
-		close(g.exited)
-		switch {
-		case !g.drainStart.IsZero():
-			d := time.Since(g.drainStart)
-			c.metrics.Drain.Observe(d.Seconds())
-			c.log.Info("generation drained", "gen", g.n, "pid", g.pid, "after", d.Round(time.Millisecond), "exit", exitText(err))
-		case c.s.active == g:
-			c.s.active = nil
-			c.s.activeExits++
-			c.metrics.Crashes.Inc()
-			gl := g.launch
-			c.s.lastLaunch = &gl
-			c.log.Error("ACTIVE GENERATION EXITED ON ITS OWN; restarting its command", "gen", g.n, "pid", g.pid, "exit", exitText(err), "uptime", time.Since(g.start).Round(time.Millisecond))
-			if time.Since(g.activeAt) > time.Minute {
-				c.s.crashes = 0
-			}
-			if !c.s.busy && !c.s.stopping {
-				c.scheduleRestart()
-			}
-		}
-	})
-	c.persist()
+	c.post(evExited{g: g, err: err})
 }
 
-// scheduleRestart starts the last active command line again after an
-// exponential backoff. Owner only.
-func (c *Coordinator) scheduleRestart() {
-	if c.s.restartPending || c.s.lastLaunch == nil {
-		return
-	}
-	delay := min(MaxRestartDelay, 500*time.Millisecond<<min(c.s.crashes, 10))
-	c.s.crashes++
-	c.s.restartPending = true
-	c.log.Warn("restarting after backoff", "delay", delay, "attempt", c.s.crashes)
-	time.AfterFunc(delay, func() {
-		stale := false
-		c.do(func() {
-			c.s.restartPending = false
-			stale = c.s.active != nil // someone rolled over meanwhile
-		})
-		if stale {
-			return
-		}
-		if _, err := c.tryRollover(Launch{}, 0, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
+// restart rolls over to the last active command line.
+func (c *Coordinator) restart() {
+	go func() {
+		if _, err := c.tryRollover(rolloverReq{}, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
 			c.log.Error("restart failed", "err", err)
 		}
-	})
+	}()
 }
 
-func (c *Coordinator) isStarted() bool {
-	var started bool
-	c.do(func() { started = c.s.started })
-	return started
-}
-
-// watchReady makes g's ready channel close the way its launch says; the
-// library's ready message arrives on the control socket (see genMsg).
+// watchReady makes g ready the way its launch says; the library's ready
+// message arrives on the control socket instead.
 func (c *Coordinator) watchReady(g *gen) {
-	markReady := func() {
-		c.do(func() {
-			if g.state == stateStarting {
-				g.state = stateReady
-			}
-			closeOnce(g.ready)
-		})
-	}
 	switch g.launch.Ready {
 	case ReadyNotify:
 		go g.notify.read(func(kv map[string]string) {
 			if st, ok := kv["STATUS"]; ok {
-				c.do(func() { g.notifyStatus = st })
+				c.post(evNotifyStatus{g: g, text: st})
 			}
 			if kv["READY"] == "1" {
-				markReady()
+				c.post(evReady{g: g})
 			}
 		})
 	case ReadyListen:
 		go func() {
 			if waitListening(g.pid, g.launch.Addr, true, c.cfg.ReadyTimeout, g.exited) {
-				markReady()
+				c.post(evReady{g: g})
 			}
 		}()
 	}

@@ -1,0 +1,396 @@
+package coordinator
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/rollover-sh/rollover/metrics"
+	"github.com/rollover-sh/rollover/rollover/wire"
+)
+
+// The machine without processes: each case is a sequence of events and
+// what the machine must say and do after them. Effects are recorded.
+
+type fakeWorld struct {
+	t        *testing.T
+	m        *machine
+	now      time.Time
+	pid      int
+	spawnErr error
+	did      []string // effects, in order: "spawn 1", "order 1", "kill 1", "after 30s evDrainTimeout 1", "restart", "save", "notify ..."
+	timers   []event  // events posted by after, in order
+}
+
+func newWorld(t *testing.T) *fakeWorld {
+	w := &fakeWorld{t: t, now: time.Unix(1_000_000, 0), pid: 100}
+	fx := effects{
+		log:     slog.New(slog.NewTextHandler(io.Discard, nil)),
+		metrics: metrics.NewCoordinator(func() (metrics.Sample, bool) { return metrics.Sample{}, false }),
+		now:     func() time.Time { return w.now },
+		spawn: func(g *gen) error {
+			if w.spawnErr != nil {
+				return w.spawnErr
+			}
+			w.pid++
+			g.pid, g.start = w.pid, w.now
+			w.did = append(w.did, fmt.Sprintf("spawn %d", g.n))
+			return nil
+		},
+		order: func(g *gen, conn *genConn) { w.did = append(w.did, fmt.Sprintf("order %d", g.n)) },
+		kill:  func(g *gen) { w.did = append(w.did, fmt.Sprintf("kill %d", g.n)) },
+		after: func(d time.Duration, ev event) {
+			w.did = append(w.did, fmt.Sprintf("after %v %T", d, ev))
+			w.timers = append(w.timers, ev)
+		},
+		save:         func(*saved) {},
+		restart:      func() { w.did = append(w.did, "restart") },
+		notify:       func(msg string) { w.did = append(w.did, "notify "+strings.ReplaceAll(msg, "\n", " ")) },
+		drainTimeout: 30 * time.Second,
+	}
+	w.m = newMachine(Launch{Argv: []string{"/bin/true"}, Ready: ReadyLibrary}, fx)
+	return w
+}
+
+// begin asks for a rollover and returns the answer.
+func (w *fakeWorld) begin(req rolloverReq) began {
+	reply := make(chan began, 1)
+	w.m.step(evBegin{req: req, reply: reply})
+	return <-reply
+}
+
+func (w *fakeWorld) activate(g *gen, last bool) error {
+	reply := make(chan error, 1)
+	w.m.step(evActivate{g: g, last: last, reply: reply})
+	return <-reply
+}
+
+func (w *fakeWorld) finish(g *gen, err error) {
+	w.m.step(evFinish{g: g, err: err, reply: make(chan struct{})})
+}
+
+func (w *fakeWorld) status() wire.Status {
+	reply := make(chan wire.Status, 1)
+	w.m.step(qStatus{reply: reply})
+	return <-reply
+}
+
+// states renders every live generation as "N:state", in order.
+func (w *fakeWorld) states() string {
+	var out []string
+	for _, g := range w.status().Generations {
+		out = append(out, fmt.Sprintf("%d:%s", g.Generation, g.State))
+	}
+	return strings.Join(out, " ")
+}
+
+func (w *fakeWorld) didAny(effect string) bool { return slices.Contains(w.did, effect) }
+
+// start takes generation 1 to active, as Run does.
+func (w *fakeWorld) start() *gen {
+	b := w.begin(rolloverReq{})
+	if b.err != nil {
+		w.t.Fatalf("begin: %v", b.err)
+	}
+	w.m.step(evReady{g: b.g, lib: true, steerable: true})
+	if err := w.activate(b.g, true); err != nil {
+		w.t.Fatalf("activate: %v", err)
+	}
+	return b.g
+}
+
+func isClosed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+func TestMachine(t *testing.T) {
+	errBoom := errors.New("exit status 3")
+	for _, tc := range []struct {
+		name string
+		run  func(t *testing.T, w *fakeWorld)
+	}{
+		{"generation 1 starts, readies and becomes active in one transition", func(t *testing.T, w *fakeWorld) {
+			b := w.begin(rolloverReq{})
+			if b.err != nil || b.g.n != 1 || b.prev != nil || b.reloading {
+				t.Fatalf("begin = %+v", b)
+			}
+			if got := w.states(); got != "1:starting" || !w.status().InProgress {
+				t.Fatalf("after spawn: %q, in progress %v", got, w.status().InProgress)
+			}
+			w.m.step(evReady{g: b.g, lib: true, steerable: true})
+			if !isClosed(b.g.ready) || !b.g.steerable || w.states() != "1:ready" {
+				t.Fatalf("after ready: %q steerable %v", w.states(), b.g.steerable)
+			}
+			if err := w.activate(b.g, true); err != nil {
+				t.Fatal(err)
+			}
+			// The status that shows gen 1 active shows the rollover over:
+			// no window in between (the flake of issue 9).
+			if st := w.status(); st.Active != 1 || st.InProgress || w.states() != "1:active" {
+				t.Fatalf("after activate: active %d in progress %v %q", st.Active, st.InProgress, w.states())
+			}
+			w.finish(b.g, nil) // the rollover goroutine's finish is then a no-op
+			if got := testutil.ToFloat64(w.m.fx.metrics.Rollovers.WithLabelValues("ok")); got != 1 {
+				t.Errorf("rollovers ok = %v, want 1 (counted once)", got)
+			}
+		}},
+		{"a rollover hands over and drains the old generation", func(t *testing.T, w *fakeWorld) {
+			g1 := w.start()
+			b := w.begin(rolloverReq{launch: Launch{Argv: []string{"/bin/echo", "v2"}}})
+			if b.err != nil || b.prev != g1 || !b.reloading || b.g.launch.Argv[0] != "/bin/echo" || b.g.launch.Ready != ReadyLibrary {
+				t.Fatalf("begin = %+v (launch %+v)", b, b.g.launch)
+			}
+			w.m.step(evReady{g: b.g, lib: true, steerable: true})
+			if err := w.activate(b.g, false); err != nil {
+				t.Fatal(err)
+			}
+			if st := w.status(); st.Active != 2 || !st.InProgress {
+				t.Fatalf("after activate: active %d, in progress %v; want 2, still in progress until gen 1 left", st.Active, st.InProgress)
+			}
+			w.m.step(evDrain{g: g1})
+			w.m.step(evDrain{g: g1}) // once only
+			if got := w.states(); got != "1:draining 2:active" {
+				t.Fatalf("after drain: %q", got)
+			}
+			if n := strings.Count(strings.Join(w.did, ","), "order 1"); n != 1 {
+				t.Errorf("gen 1 ordered to drain %d times, want 1: %v", n, w.did)
+			}
+			if !w.didAny("after 30s coordinator.evDrainTimeout") {
+				t.Errorf("no drain clock started: %v", w.did)
+			}
+			w.m.step(evClosedListener{g: g1})
+			if !isClosed(g1.left) {
+				t.Fatal("gen 1 left the port but left is open")
+			}
+			w.finish(b.g, nil)
+			if st := w.status(); st.InProgress {
+				t.Fatal("still in progress after finish")
+			}
+			if !w.didAny("notify READY=1 STATUS=active generation 2 (pid 102)") {
+				t.Errorf("no READY=1 to the service manager after the reload: %v", w.did)
+			}
+			w.m.step(evExited{g: g1})
+			if got := w.states(); got != "2:active" || !isClosed(g1.exited) {
+				t.Fatalf("after gen 1 exited: %q", got)
+			}
+			w.m.step(evDrainTimeout{g: g1}) // fires late: nothing to kill
+			if w.didAny("kill 1") || testutil.ToFloat64(w.m.fx.metrics.ForcedDrains) != 0 {
+				t.Errorf("a drain timeout after the exit killed or counted: %v", w.did)
+			}
+		}},
+		{"refusals: in progress, stale expectation, no previous, stopping", func(t *testing.T, w *fakeWorld) {
+			w.start()
+			if b := w.begin(rolloverReq{rollback: true}); b.err == nil || !strings.Contains(b.err.Error(), "no previous generation") {
+				t.Errorf("rollback without a previous: %v", b.err)
+			}
+			if b := w.begin(rolloverReq{expect: 7}); !errors.Is(b.err, ErrStale) {
+				t.Errorf("expect 7 with gen 1 active: %v, want ErrStale", b.err)
+			}
+			b := w.begin(rolloverReq{})
+			if b.err != nil {
+				t.Fatal(b.err)
+			}
+			if b2 := w.begin(rolloverReq{}); !errors.Is(b2.err, ErrInProgress) {
+				t.Errorf("second rollover: %v, want ErrInProgress", b2.err)
+			}
+			w.m.step(evStop{})
+			if b2 := w.begin(rolloverReq{}); !errors.Is(b2.err, ErrStopping) {
+				t.Errorf("rollover while stopping: %v, want ErrStopping", b2.err)
+			}
+			if got := testutil.ToFloat64(w.m.fx.metrics.Rollovers.WithLabelValues("failed")); got != 0 {
+				t.Errorf("refusals counted as failed rollovers: %v", got)
+			}
+		}},
+		{"a failed spawn is a failed rollover and keeps the active generation", func(t *testing.T, w *fakeWorld) {
+			w.start()
+			w.spawnErr = fmt.Errorf("%w: ./api-v2: permission denied", ErrCommand)
+			b := w.begin(rolloverReq{})
+			if !errors.Is(b.err, ErrCommand) || !strings.Contains(b.err.Error(), "start gen 2") {
+				t.Fatalf("begin = %v", b.err)
+			}
+			if st := w.status(); st.Active != 1 || st.InProgress || w.states() != "1:active" {
+				t.Fatalf("after a failed spawn: active %d, in progress %v, %q", st.Active, st.InProgress, w.states())
+			}
+			if got := testutil.ToFloat64(w.m.fx.metrics.Rollovers.WithLabelValues("failed")); got != 1 {
+				t.Errorf("failed rollovers = %v, want 1", got)
+			}
+			if b := w.begin(rolloverReq{launch: Launch{Argv: []string{"/no/such/binary"}}}); !errors.Is(b.err, ErrCommand) {
+				t.Errorf("missing binary: %v, want ErrCommand", b.err)
+			}
+		}},
+		{"a generation that exits before activation is never activated", func(t *testing.T, w *fakeWorld) {
+			w.start()
+			b := w.begin(rolloverReq{})
+			w.m.step(evReady{g: b.g, lib: true, steerable: true})
+			w.m.step(evExited{g: b.g, err: errBoom})
+			if err := w.activate(b.g, false); err == nil || !strings.Contains(err.Error(), "exited right after it was ready (exit status 3)") {
+				t.Fatalf("activate a dead generation: %v", err)
+			}
+			w.finish(b.g, errors.New("failed"))
+			if st := w.status(); st.Active != 1 || st.InProgress || st.ActiveExits != 0 || w.didAny("restart") {
+				t.Fatalf("after: %+v, did %v", st, w.did)
+			}
+		}},
+		{"the active generation crashes: restart after backoff, not while a rollover runs", func(t *testing.T, w *fakeWorld) {
+			g1 := w.start()
+			w.m.step(evExited{g: g1, err: errBoom})
+			st := w.status()
+			if st.Active != 0 || st.ActiveExits != 1 || !st.RestartPending {
+				t.Fatalf("after the crash: %+v", st)
+			}
+			if !w.didAny("after 500ms coordinator.evRestartDue") {
+				t.Fatalf("no restart scheduled: %v", w.did)
+			}
+			w.m.step(evRestartDue{})
+			if !w.didAny("restart") || w.status().RestartPending {
+				t.Fatalf("restart did not run: %v", w.did)
+			}
+			// The restart (gen 2) and its own crash while active: the
+			// backoff doubles.
+			b := w.begin(rolloverReq{})
+			if b.err != nil || b.g.launch.Argv[0] != "/bin/true" {
+				t.Fatalf("restart begin: %+v", b)
+			}
+			w.m.step(evReady{g: b.g, lib: true})
+			_ = w.activate(b.g, true)
+			w.m.step(evExited{g: b.g, err: errBoom})
+			if !w.didAny("after 1s coordinator.evRestartDue") {
+				t.Fatalf("second backoff not 1s: %v", w.did)
+			}
+		}},
+		{"a restart that comes due after someone rolled over by hand does nothing", func(t *testing.T, w *fakeWorld) {
+			g1 := w.start()
+			w.m.step(evExited{g: g1, err: errBoom})
+			b := w.begin(rolloverReq{})
+			w.m.step(evReady{g: b.g, lib: true})
+			_ = w.activate(b.g, true)
+			w.did = nil
+			w.m.step(evRestartDue{})
+			if w.didAny("restart") {
+				t.Fatalf("a stale restart ran with gen %d active", w.status().Active)
+			}
+		}},
+		{"the active generation crashes during a rollover: restart once the rollover ends", func(t *testing.T, w *fakeWorld) {
+			g1 := w.start()
+			b := w.begin(rolloverReq{})
+			w.m.step(evExited{g: g1, err: errBoom})
+			if w.status().RestartPending {
+				t.Fatal("restart scheduled while a rollover runs")
+			}
+			w.m.step(evExited{g: b.g, err: errBoom})
+			w.finish(b.g, errors.New("gen 2 exited before it was ready"))
+			if !w.status().RestartPending {
+				t.Fatalf("no restart after the failed rollover left nothing active: %v", w.did)
+			}
+		}},
+		{"a drain past its deadline is killed and counted", func(t *testing.T, w *fakeWorld) {
+			g1 := w.start()
+			w.m.step(evDrain{g: g1})
+			w.m.step(w.timers[len(w.timers)-1])
+			if !w.didAny("kill 1") || testutil.ToFloat64(w.m.fx.metrics.ForcedDrains) != 1 {
+				t.Fatalf("forced drain: did %v, forced %v", w.did, testutil.ToFloat64(w.m.fx.metrics.ForcedDrains))
+			}
+		}},
+		{"stop drains everything and goes idle when the last generation is gone", func(t *testing.T, w *fakeWorld) {
+			g1 := w.start()
+			b := w.begin(rolloverReq{})
+			w.m.step(evStop{})
+			if w.didAny("order 1") {
+				t.Fatal("stop drained while a rollover was in progress")
+			}
+			w.m.step(evExited{g: b.g}) // the rollover ends it (ErrStopping)
+			w.finish(b.g, ErrStopping)
+			if !w.didAny("order 1") {
+				t.Fatalf("gen 1 not drained after the rollover ended: %v", w.did)
+			}
+			if isClosed(w.m.idle) {
+				t.Fatal("idle before gen 1 exited")
+			}
+			w.m.step(evExited{g: g1})
+			if !isClosed(w.m.idle) {
+				t.Fatal("not idle with every generation gone")
+			}
+			if w.didAny("restart") || w.status().RestartPending {
+				t.Fatal("a restart scheduled while stopping")
+			}
+		}},
+		{"hello: only the spawned pid with its secret, once", func(t *testing.T, w *fakeWorld) {
+			b := w.begin(rolloverReq{})
+			hello := func(m wire.Msg, pid int) welcome {
+				reply := make(chan welcome, 1)
+				w.m.step(evHello{hello: m, pid: pid, conn: &genConn{}, reply: reply})
+				return <-reply
+			}
+			good := wire.Msg{Generation: 1, PID: b.g.pid, Secret: b.g.secret}
+			for _, tc := range []struct {
+				m    wire.Msg
+				pid  int
+				want string
+			}{
+				{wire.Msg{Generation: 9, PID: b.g.pid, Secret: b.g.secret}, b.g.pid, "not one this coordinator spawned"},
+				{wire.Msg{Generation: 1, PID: b.g.pid, Secret: "nope"}, b.g.pid, "wrong secret"},
+				{good, b.g.pid + 1, "is not generation 1's pid"},
+				{wire.Msg{Generation: 1, PID: b.g.pid, Secret: b.g.secret, Adopt: true}, b.g.pid, "not left by a previous coordinator"},
+			} {
+				if got := hello(tc.m, tc.pid); got.g != nil || !strings.Contains(got.reason, tc.want) {
+					t.Errorf("hello %+v from pid %d: %+v, want refused: %s", tc.m, tc.pid, got, tc.want)
+				}
+			}
+			if got := hello(good, b.g.pid); got.g != b.g || !isClosed(b.g.hello) {
+				t.Fatalf("good hello: %+v", got)
+			}
+			if got := hello(good, b.g.pid); !strings.Contains(got.reason, "already connected") {
+				t.Errorf("second hello: %+v", got)
+			}
+		}},
+		{"adoption: the predecessor's active generation is active again, the others drain", func(t *testing.T, w *fakeWorld) {
+			mk := func(n int, active bool) *gen {
+				g := newGen(n, Launch{Argv: []string{"/bin/true"}, Ready: ReadyLibrary})
+				g.pid, g.adopting, g.wasActive = 200+n, true, active
+				return g
+			}
+			g4, g5, g6 := mk(4, true), mk(5, false), mk(6, false)
+			w.m.step(evAdoptLoad{s: saved{Next: 6, Active: 4}, gens: []*gen{g4, g5, g6}, reply: make(chan struct{})})
+			if !w.status().InProgress {
+				t.Fatal("rollovers allowed while adopting")
+			}
+			for _, hc := range []struct {
+				g     *gen
+				state string
+			}{{g4, "ready"}, {g5, "starting"}} { // g6 never comes back
+				reply := make(chan welcome, 1)
+				w.m.step(evHello{hello: wire.Msg{Generation: hc.g.n, PID: hc.g.pid, Secret: hc.g.secret, Adopt: true, State: hc.state, Steerable: true}, pid: hc.g.pid, conn: &genConn{}, reply: reply})
+				if r := <-reply; r.reason != "" {
+					t.Fatalf("adoption hello of gen %d refused: %s", hc.g.n, r.reason)
+				}
+			}
+			reply := make(chan adoption, 1)
+			w.m.step(evAdoptDecide{waiting: []*gen{g4, g5, g6}, reply: reply})
+			a := <-reply
+			if a.active != g4 || len(a.others) != 1 || a.others[0] != g5 {
+				t.Fatalf("decide = %+v", a)
+			}
+			w.m.step(evAdoptEnd{others: a.others, reply: make(chan struct{})})
+			if got, st := w.states(), w.status(); got != "4:active 5:draining" || st.InProgress || st.Active != 4 {
+				t.Fatalf("after adoption: %q, %+v", got, st)
+			}
+			if b := w.begin(rolloverReq{}); b.err != nil || b.g.n != 7 {
+				t.Fatalf("the next rollover after adoption: %+v", b)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { tc.run(t, newWorld(t)) })
+	}
+}
