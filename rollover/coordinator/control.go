@@ -24,9 +24,13 @@ const firstMessageTimeout = 5 * time.Second
 // replaced, and the new one is private (0600 in a directory that is not
 // world-writable).
 func listenControl(path string) (*net.UnixListener, error) {
+	// sun_path holds 108 bytes with the terminating NUL.
+	if len(path) > maxSocketPath {
+		return nil, fmt.Errorf("%w: %s is %d bytes, over the %d-byte limit of a Unix socket path; pass a shorter --socket", ErrSocket, path, len(path), maxSocketPath)
+	}
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("%w: create %s: %v (pass --socket with a writable path)", ErrSocket, dir, err)
+		return nil, fmt.Errorf("%w: create %s: %v; %s", ErrSocket, dir, unwrapPath(err), socketHint(dir))
 	}
 	di, err := os.Stat(dir)
 	if err != nil {
@@ -50,6 +54,9 @@ func listenControl(path string) (*net.UnixListener, error) {
 	old := syscall.Umask(0o177)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	syscall.Umask(old)
+	if errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EROFS) {
+		return nil, fmt.Errorf("%w: bind %s: %v; %s", ErrSocket, path, unwrapPath(err), socketHint(dir))
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrSocket, err)
 	}
@@ -58,6 +65,31 @@ func listenControl(path string) (*net.UnixListener, error) {
 		return nil, fmt.Errorf("%w: %v", ErrSocket, err)
 	}
 	return ln, nil
+}
+
+// maxSocketPath is the longest path a Unix socket can bind.
+const maxSocketPath = 107
+
+// socketHint names the ways out of a socket directory we may not write.
+func socketHint(dir string) string {
+	if os.Getenv("XDG_RUNTIME_DIR") == "" && os.Geteuid() != 0 {
+		return fmt.Sprintf("pass --socket PATH in a directory you own, or set XDG_RUNTIME_DIR (a non-root user cannot write %s)", dir)
+	}
+	return fmt.Sprintf("pass --socket PATH in a directory you own, or make %s writable by uid %d", dir, os.Geteuid())
+}
+
+// unwrapPath drops the operation and path from an *os.PathError or
+// *net.OpError, which the message names already.
+func unwrapPath(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	var se *os.SyscallError
+	if errors.As(err, &se) {
+		return se.Err
+	}
+	return err
 }
 
 func peerCred(c *net.UnixConn) (*unix.Ucred, error) {

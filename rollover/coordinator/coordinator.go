@@ -39,6 +39,9 @@ var (
 	ErrRollover   = errors.New("rollover failed")
 	ErrStopping   = errors.New("coordinator is stopping")
 	ErrSocket     = errors.New("control socket")
+	// ErrForced: Run stopped, but some generation had to be killed (a
+	// drain past its timeout, or Force): work in flight may have been cut.
+	ErrForced = errors.New("forced")
 )
 
 // Config configures a coordinator. A zero duration takes its Default
@@ -142,6 +145,7 @@ func New(cfg Config) (*Coordinator, error) {
 		spawn:        sp.spawn,
 		order:        c.order,
 		kill:         func(g *gen) { g.kill(cfg.KillGrace) },
+		signal:       func(g *gen, sig syscall.Signal) { g.signal(sig) },
 		after:        func(d time.Duration, ev event) { time.AfterFunc(d, func() { c.post(ev) }) },
 		save:         c.save,
 		restart:      c.restart,
@@ -217,9 +221,33 @@ func (c *Coordinator) loop() {
 	}
 }
 
+// Close releases the control socket of a coordinator whose Run was never
+// called (Run releases it itself).
+func (c *Coordinator) Close() error {
+	err := c.ln.Close()
+	_ = os.Remove(c.cfg.Socket)
+	return err
+}
+
+// Stop makes Run drain every generation and return, as canceling its
+// context does.
+func (c *Coordinator) Stop() { c.requestStop() }
+
+// Force escalates a stop that is under way: the first call sends SIGTERM
+// to every generation's process group (SIGKILL after the kill grace), later
+// calls SIGKILL at once. It returns how many times the stop was forced.
+// Run then returns ErrForced.
+func (c *Coordinator) Force() int {
+	c.requestStop()
+	n, _ := ask(c, func(r chan int) event { return evForce{reply: r} })
+	return n
+}
+
 // Run starts generation 1, serves the control socket and rolls over on
-// request until ctx is done or `stop` arrives; then it drains every
-// generation and returns nil. It fails if generation 1 never gets ready.
+// request until ctx is done, Stop is called or `stop` arrives; then it
+// drains every generation and returns nil, or an error wrapping ErrForced
+// when a generation had to be killed on the way (see Force). It fails if
+// generation 1 never gets ready.
 func (c *Coordinator) Run(ctx context.Context) error {
 	defer c.ln.Close()
 	defer os.Remove(c.cfg.Socket)
@@ -237,10 +265,10 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	}()
 
 	if !c.adopt() {
-		if _, err := c.tryRollover(rolloverReq{}, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
-			c.shutdown()
+		if _, err := c.tryRollover(rolloverReq{}, nil); err != nil {
+			serr := c.shutdown()
 			if errors.Is(err, ErrStopping) {
-				return nil // stopped (ctx, `stop`) before generation 1 was ready
+				return serr // stopped (ctx, `stop`) before generation 1 was ready
 			}
 			return err
 		}
@@ -252,8 +280,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	case <-ctx.Done():
 	case <-c.stopCh:
 	}
-	c.shutdown()
-	return nil
+	return c.shutdown()
 }
 
 func (c *Coordinator) cliStarted() { c.clis.Add(1) }
@@ -303,7 +330,7 @@ func (c *Coordinator) reportSteering(v view) {
 // Reload rolls over to the active command line again (SIGHUP, SIGUSR2).
 func (c *Coordinator) Reload() {
 	go func() {
-		if _, err := c.tryRollover(rolloverReq{}, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
+		if _, err := c.tryRollover(rolloverReq{}, nil); err != nil {
 			c.log.Error("reload failed", "err", err)
 		}
 	}()
@@ -316,15 +343,21 @@ func (c *Coordinator) requestStop() {
 
 // shutdown drains every generation (a rollover past activation finishes its
 // hand-over first) and waits until they are gone.
-func (c *Coordinator) shutdown() {
+func (c *Coordinator) shutdown() error {
 	c.requestStop()
 	c.notify("STOPPING=1\nSTATUS=stopping: draining every generation")
-	c.post(evStop{})
+	n, _ := ask(c, func(r chan int) event { return evStop{reply: r} })
+	c.log.Info(fmt.Sprintf("draining %d generations (max %v; Ctrl-C again to force)", n, c.cfg.DrainTimeout), "generations", n, "drain_timeout", c.cfg.DrainTimeout)
 	select {
 	case <-c.m.idle:
 	case <-c.dead:
 	}
+	if v, _ := ask(c, func(r chan view) event { return qView{reply: r} }); v.forced {
+		c.log.Warn("stopped: every generation is gone, some of them killed")
+		return fmt.Errorf("%w: some generation was killed before it finished draining", ErrForced)
+	}
 	c.log.Info("stopped: every generation drained")
+	return nil
 }
 
 func (c *Coordinator) status() wire.Status {

@@ -2,12 +2,16 @@ package coordinator
 
 import (
 	"bytes"
+	"errors"
+	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -800,4 +804,91 @@ func TestPendingRestartAfterNext(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	r.activeIs(started.Generation, started.PID)
+}
+
+// Socket paths that cannot work are refused with the fix in the message.
+func TestSocketPathErrors(t *testing.T) {
+	exe, _ := os.Executable()
+	long := filepath.Join(t.TempDir(), strings.Repeat("x", 120)+".sock")
+	_, err := New(testConfig(Config{Argv: []string{exe}, Socket: long}))
+	if !errors.Is(err, ErrSocket) || !strings.Contains(err.Error(), "over the 107-byte limit") || !strings.Contains(err.Error(), "--socket") {
+		t.Errorf("a %d-byte socket path: %v, want the length limit and --socket", len(long), err)
+	}
+	if _, err := os.Stat(long); err == nil {
+		t.Error("a socket was created at the long path")
+	}
+	// Nobody, root included, creates directories in /proc.
+	_, err = New(testConfig(Config{Argv: []string{exe}, Socket: "/proc/rollover-test/c.sock"}))
+	if !errors.Is(err, ErrSocket) || !strings.Contains(err.Error(), "--socket") {
+		t.Errorf("an unwritable socket directory: %v, want a hint naming --socket", err)
+	}
+	dir := t.TempDir()
+	if err := os.Chmod(dir, 0o500); err != nil {
+		t.Fatal(err)
+	}
+	if os.Geteuid() != 0 { // root writes anywhere
+		_, err := New(testConfig(Config{Argv: []string{exe}, Socket: filepath.Join(dir, "c.sock")}))
+		if !errors.Is(err, ErrSocket) || !strings.Contains(err.Error(), "permission denied") || !strings.Contains(err.Error(), "--socket") {
+			t.Errorf("a read-only socket directory: %v, want permission denied and a hint naming --socket", err)
+		}
+	}
+}
+
+// An app's own timestamp is dropped from its forwarded lines; the rest of
+// the line stays whole.
+func TestAppTimestampsDropped(t *testing.T) {
+	for in, want := range map[string]string{
+		"2026/12/01 07:37:53 listening on :8080":          "listening on :8080",
+		"2026/12/01 07:37:53.123456 listening":            "listening",
+		"2026-12-01T07:37:53.573Z INFO started":           "INFO started",
+		"2026-12-01T07:37:53+01:00 started":               "started",
+		"2026-12-01 07:37:53,123 INFO root: started":      "INFO root: started",
+		"time=2026-12-01T07:37:53.573Z level=INFO msg=up": "level=INFO msg=up",
+		"no time here":        "no time here",
+		"2026/12/01 07:37:53": "2026/12/01 07:37:53", // nothing else to say
+		`{"time":"2026-12-01T07:37:53Z","msg":"json stays"}`: `{"time":"2026-12-01T07:37:53Z","msg":"json stays"}`,
+	} {
+		var got []string
+		w := &lineLog{log: slog.New(sinkHandler{s: &logSink{}}), tail: newTail(3)}
+		_, _ = w.Write([]byte(in + "\n"))
+		got = strings.Split(w.tail.String(), " | ")
+		if len(got) != 1 || got[0] != want {
+			t.Errorf("%q forwarded as %q, want %q", in, got, want)
+		}
+	}
+}
+
+// A rollover started from the CLI is logged phase by phase with gen and pid
+// fields, and rolling to the very same program says so.
+func TestCLIRolloverLoggedAndSameProgramNoted(t *testing.T) {
+	r := startRig(t, "ready", Config{})
+	events, res := r.next(nil) // the active command line, the same file
+	if !res.OK {
+		t.Fatalf("next: %s", res.Error)
+	}
+	note := eventOf(events, wire.PhaseInfo)
+	if note == nil || !strings.Contains(note.Text, "runs the same") || !strings.Contains(note.Text, "Text file busy") {
+		t.Errorf("rolling to the unchanged program: events %+v, want a note saying so", events)
+	}
+	started := eventOf(events, wire.PhaseStarted)
+	var sawStarted, sawActive bool
+	for _, rec := range r.logs.records() {
+		switch {
+		case rec.msg == fmt.Sprintf("started gen 2 (pid %d)", started.PID):
+			sawStarted = rec.attrs["gen"] == "2" && rec.attrs["pid"] == strconv.Itoa(started.PID)
+		case rec.msg == "gen 2 active":
+			sawActive = rec.attrs["gen"] == "2"
+		}
+	}
+	if !sawStarted || !sawActive {
+		t.Errorf("the coordinator's log lacks the CLI rollover's phases with gen and pid fields (started %v, active %v)", sawStarted, sawActive)
+	}
+	// Different arguments are a new configuration, not a repeat: no note.
+	events, res = r.next(r.argv("ready", envDelay+"=1ms"))
+	if !res.OK {
+		t.Fatalf("next: %s", res.Error)
+	}
+	if e := eventOf(events, wire.PhaseInfo); e != nil {
+		t.Errorf("a rollover with new arguments was noted as a repeat: %q", e.Text)
+	}
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -37,6 +38,7 @@ type gen struct {
 	end    context.CancelFunc
 	tail   *tail
 	notify *notifySocket // ReadyNotify only
+	exe    fileID        // the program file, as it was at spawn
 
 	// owner
 	state        genState
@@ -163,6 +165,7 @@ func (s *spawner) spawn(g *gen) error {
 	if abs, err := filepath.Abs(path); err == nil {
 		path = abs
 	}
+	g.exe = identify(path)
 	notifyPath := ""
 	if g.launch.Ready == ReadyNotify {
 		ns, err := openNotify(filepath.Dir(s.socket), g.n)
@@ -274,6 +277,10 @@ func (w *lineLog) Write(p []byte) (int, error) {
 
 func (w *lineLog) line(b []byte) {
 	s := string(bytes.TrimSuffix(b, []byte("\r")))
+	// The log line has its own time: drop the app's.
+	if loc := appTime.FindStringIndex(s); loc != nil && loc[1] < len(s) {
+		s = s[loc[1]:]
+	}
 	w.log.Info(s)
 	if w.tail != nil {
 		w.tail.add(s)
@@ -288,6 +295,38 @@ func (w *lineLog) flush() {
 		w.line(w.buf)
 		w.buf = nil
 	}
+}
+
+// appTime matches a timestamp at the start of an app's line: Go's log
+// (2006/01/02 15:04:05.000000), RFC 3339, Python's logging (2006-01-02
+// 15:04:05,000) and slog's text (time=…), with the space after it.
+var appTime = regexp.MustCompile(`^(time=)?\d{4}[-/]\d\d[-/]\d\d[T ]\d\d:\d\d:\d\d([.,]\d+)?(Z|[+-]\d\d:?\d\d)?\s+`)
+
+// fileID tells whether a program file was replaced: a deploy that writes a
+// new file changes the inode, one that writes in place the mtime or size.
+type fileID struct {
+	path      string
+	dev, ino  uint64
+	mtime     time.Time
+	size      int64
+	available bool
+}
+
+func identify(path string) fileID {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fileID{path: path}
+	}
+	id := fileID{path: path, mtime: fi.ModTime(), size: fi.Size(), available: true}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		id.dev, id.ino = st.Dev, st.Ino
+	}
+	return id
+}
+
+// same reports whether a and b are known to be the same, unchanged file.
+func (a fileID) same(b fileID) bool {
+	return a.available && b.available && a == b
 }
 
 // tail keeps the last lines of a stream.

@@ -7,6 +7,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/rollover-sh/rollover/metrics"
@@ -127,7 +128,11 @@ type (
 	}
 	evRestartDue struct{}
 	// evStop: drain every generation; idle closes once none is left.
-	evStop struct{}
+	// reply, when set, gets how many generations there are to drain.
+	evStop struct{ reply chan int }
+	// evForce escalates a stop: the first one SIGTERMs every generation's
+	// process group, the next ones SIGKILL them.
+	evForce struct{ reply chan int }
 	// evAdoptLoad registers the live generations a crashed predecessor
 	// left (from its state file) and holds rollovers off until evAdoptEnd.
 	evAdoptLoad struct {
@@ -179,6 +184,7 @@ func (evExited) isEvent()         {}
 func (evFinish) isEvent()         {}
 func (evRestartDue) isEvent()     {}
 func (evStop) isEvent()           {}
+func (evForce) isEvent()          {}
 func (evAdoptLoad) isEvent()      {}
 func (evAdoptDecide) isEvent()    {}
 func (evAdoptEnd) isEvent()       {}
@@ -200,7 +206,8 @@ type rolloverReq struct {
 // began answers evBegin: the new generation and the one it replaces.
 type began struct {
 	g, prev   *gen
-	reloading bool // a rollover of a started service (not generation 1's start)
+	reloading bool   // a rollover of a started service (not generation 1's start)
+	note      string // worth telling whoever asked
 	err       error
 }
 
@@ -224,6 +231,7 @@ type view struct {
 	steerErr            string
 	restartPending      bool
 	generations, rolled int
+	forced              bool
 }
 
 // effects are what transitions do to the world. The coordinator fills them
@@ -242,6 +250,8 @@ type effects struct {
 	// kill ends g: SIGTERM to its process group, SIGKILL after the kill
 	// grace. It never blocks.
 	kill func(g *gen)
+	// signal sends sig to g's process group.
+	signal func(g *gen, sig syscall.Signal)
 	// after posts ev once d has passed.
 	after func(d time.Duration, ev event)
 	// save writes the state file (nil: removes it).
@@ -273,6 +283,8 @@ type machine struct {
 	crashes        int     // for the restart backoff; reset after a minute of uptime
 	activeExits    int
 	restartPending bool
+	forces         int           // evForce received
+	forced         bool          // some generation was killed: a forced drain or stop
 	final          bool          // no more state file
 	idle           chan struct{} // closed once stopping and every generation is gone
 }
@@ -311,6 +323,7 @@ func (m *machine) step(ev event) {
 		closeOnce(e.g.left)
 	case evDrainTimeout:
 		if e.g.state != stateGone {
+			m.forced = true
 			m.fx.metrics.ForcedDrains.Inc()
 			m.fx.log.Warn("drain timed out; killing", "gen", e.g.n, "pid", e.g.pid, "drain_timeout", m.fx.drainTimeout)
 			m.fx.kill(e.g)
@@ -332,7 +345,24 @@ func (m *machine) step(ev event) {
 		if !m.inProgress() {
 			m.drainAll()
 		}
+		if e.reply != nil {
+			e.reply <- len(m.gens)
+		}
 		m.checkIdle()
+	case evForce:
+		m.stopping = true
+		m.forces++
+		for _, g := range m.sorted() {
+			m.forced = true
+			if m.forces == 1 {
+				m.fx.log.Warn("forcing the stop: SIGTERM", "gen", g.n, "pid", g.pid)
+				m.fx.kill(g)
+			} else {
+				m.fx.log.Warn("forcing the stop: SIGKILL", "gen", g.n, "pid", g.pid)
+				m.fx.signal(g, syscall.SIGKILL)
+			}
+		}
+		e.reply <- m.forces
 	case evAdoptLoad:
 		m.next, m.previous, m.adopting = e.s.Next, e.s.Previous, true
 		for _, g := range e.gens {
@@ -428,7 +458,12 @@ func (m *machine) begin(req rolloverReq) began {
 	m.gens[g.n] = g
 	m.rolling, m.reloading = g, m.started
 	m.save()
-	return began{g: g, prev: m.active, reloading: m.reloading}
+	b := began{g: g, prev: m.active, reloading: m.reloading}
+	if a := m.active; a != nil && slices.Equal(g.launch.Argv, a.launch.Argv) && g.exe.same(a.exe) {
+		b.note = fmt.Sprintf("gen %d runs the same %s as gen %d (unchanged since %s): this restarts the same program; if a deploy copied a new one, it did not land (a plain cp onto a running binary fails with \"Text file busy\": write a new file and mv it into place)",
+			g.n, g.launch.Argv[0], a.n, a.exe.mtime.Format(time.DateTime))
+	}
+	return b
 }
 
 // finish ends the rollover in progress with err.
@@ -710,7 +745,7 @@ func (m *machine) sample() metrics.Sample {
 }
 
 func (m *machine) view() view {
-	v := view{restartPending: m.restartPending, generations: len(m.gens), rolled: m.next}
+	v := view{restartPending: m.restartPending, generations: len(m.gens), rolled: m.next, forced: m.forced}
 	if a := m.active; a != nil {
 		v.active, v.activePID, v.steerable, v.steerErr = a.n, a.pid, a.steerable, a.steerErr
 	}

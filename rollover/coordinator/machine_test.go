@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -46,6 +47,9 @@ func newWorld(t *testing.T) *fakeWorld {
 		},
 		order: func(g *gen, conn *genConn) { w.did = append(w.did, fmt.Sprintf("order %d", g.n)) },
 		kill:  func(g *gen) { w.did = append(w.did, fmt.Sprintf("kill %d", g.n)) },
+		signal: func(g *gen, sig syscall.Signal) {
+			w.did = append(w.did, fmt.Sprintf("signal %d %v", g.n, sig))
+		},
 		after: func(d time.Duration, ev event) {
 			w.did = append(w.did, fmt.Sprintf("after %v %T", d, ev))
 			w.timers = append(w.timers, ev)
@@ -324,6 +328,25 @@ func TestMachine(t *testing.T) {
 			}
 			if w.didAny("restart") || w.status().RestartPending {
 				t.Fatal("a restart scheduled while stopping")
+			}
+		}},
+		{"force: SIGTERM first, then SIGKILL, and the stop counts as forced", func(t *testing.T, w *fakeWorld) {
+			w.start()
+			reply := make(chan int, 1)
+			w.m.step(evStop{reply: reply})
+			if n := <-reply; n != 1 || !w.didAny("order 1") {
+				t.Fatalf("stop: %d generations to drain, did %v", n, w.did)
+			}
+			if w.m.view().forced {
+				t.Fatal("forced before anything was forced")
+			}
+			w.m.step(evForce{reply: reply})
+			if n := <-reply; n != 1 || !w.didAny("kill 1") || !w.m.view().forced {
+				t.Fatalf("first force: %d, did %v", n, w.did)
+			}
+			w.m.step(evForce{reply: reply})
+			if n := <-reply; n != 2 || !w.didAny("signal 1 killed") {
+				t.Fatalf("second force: %d, did %v", n, w.did)
 			}
 		}},
 		{"hello: only the spawned pid with its secret, once", func(t *testing.T, w *fakeWorld) {

@@ -16,7 +16,9 @@ const commandTimeout = 5 * time.Second
 // progress, the coordinator stops, the active generation is not the one
 // expected). It returns the generation that was active before, which is
 // now draining.
+// Every event is logged, whoever asked; emit, when set, also gets it.
 func (c *Coordinator) tryRollover(req rolloverReq, emit func(wire.Event)) (*gen, error) {
+	emit = c.logged(emit)
 	if err := req.launch.checkAddr(); err != nil {
 		return nil, err // refused before it began: not a failed rollover
 	}
@@ -45,6 +47,9 @@ func (c *Coordinator) tryRollover(req rolloverReq, emit func(wire.Event)) (*gen,
 func (c *Coordinator) roll(b began, emit func(wire.Event)) error {
 	g, prev := b.g, b.prev
 	emit(wire.Event{Phase: wire.PhaseStarted, Generation: g.n, PID: g.pid})
+	if b.note != "" {
+		emit(wire.Event{Phase: wire.PhaseInfo, Generation: g.n, Text: b.note})
+	}
 	if b.reloading {
 		c.notify(fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=rolling over to generation %d", monotonicUsec(), g.n))
 	}
@@ -94,6 +99,30 @@ func (c *Coordinator) roll(b began, emit func(wire.Event)) error {
 		c.pin(g)
 	}
 	return nil
+}
+
+// logged returns emit that also logs each event, with its generation and
+// pid as fields.
+func (c *Coordinator) logged(emit func(wire.Event)) func(wire.Event) {
+	return func(e wire.Event) {
+		attrs := []any{"phase", e.Phase}
+		if e.Generation != 0 {
+			attrs = append(attrs, "gen", e.Generation)
+		}
+		if e.PID != 0 {
+			attrs = append(attrs, "pid", e.PID)
+		}
+		if e.Millis != 0 {
+			attrs = append(attrs, "ms", e.Millis)
+		}
+		if e.Stats != nil {
+			attrs = append(attrs, "inflight", e.Stats.Inflight, "connections", e.Stats.Connections)
+		}
+		c.log.Info(e.String(), attrs...)
+		if emit != nil {
+			emit(e)
+		}
+	}
 }
 
 // awaitReady waits for g's ready, its exit, the ready timeout or a stop.
@@ -186,7 +215,7 @@ func (c *Coordinator) exited(g *gen, err error) {
 // restart rolls over to the last active command line.
 func (c *Coordinator) restart() {
 	go func() {
-		if _, err := c.tryRollover(rolloverReq{}, func(e wire.Event) { c.log.Info(e.String()) }); err != nil {
+		if _, err := c.tryRollover(rolloverReq{}, nil); err != nil {
 			c.log.Error("restart failed", "err", err)
 		}
 	}()
