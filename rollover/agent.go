@@ -2,7 +2,6 @@ package rollover
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -18,7 +17,6 @@ import (
 	"github.com/prometheus/common/expfmt"
 
 	"github.com/rollover-sh/rollover/metrics"
-	"github.com/rollover-sh/rollover/reuse"
 	"github.com/rollover-sh/rollover/rollover/wire"
 )
 
@@ -56,25 +54,72 @@ var ErrRefused = errors.New("rollover: coordinator refused this generation")
 // drainOrder is what a drain was asked to do.
 type drainOrder struct {
 	grace   time.Duration
-	timeout time.Duration
+	timeout time.Duration // 0: the agent's drain timeout
 }
 
-// agent is this process's link to its coordinator. There is one per process
-// because the coordinator sees a generation as a process.
+// config is what an agent is made of: the coordinator's environment for the
+// default agent (envConfig), or a test's own values.
+type config struct {
+	socket     string // the coordinator's control socket; empty runs standalone
+	generation int
+	secret     string
+	naive      bool // EnvHandover=naive
+	// adoptTimeout: see EnvAdoptTimeout; 0 drains as soon as the
+	// coordinator is lost.
+	adoptTimeout time.Duration
+	// drainTimeout bounds a drain that no coordinator parameterised; 0 means
+	// DefaultDrainTimeout at the time of the drain.
+	drainTimeout time.Duration
+}
+
+// envConfig reads the variables the coordinator sets for a generation.
+func envConfig() (config, error) {
+	c := config{
+		socket:       os.Getenv(EnvSocket),
+		secret:       os.Getenv(EnvSecret),
+		naive:        os.Getenv(EnvHandover) == "naive",
+		adoptTimeout: DefaultAdoptTimeout,
+	}
+	if d, err := time.ParseDuration(os.Getenv(EnvAdoptTimeout)); err == nil && d >= 0 {
+		c.adoptTimeout = d
+	}
+	if c.socket == "" {
+		return c, nil
+	}
+	gen, err := strconv.Atoi(os.Getenv(EnvGeneration))
+	if err != nil || gen <= 0 {
+		return config{}, fmt.Errorf("rollover: %s=%q is not a generation number", EnvGeneration, os.Getenv(EnvGeneration))
+	}
+	c.generation = gen
+	return c, nil
+}
+
+// std is the agent behind the package-level functions, made from the
+// environment on first use. The coordinator sees a generation as a process,
+// so a process that it started links it through this one agent.
+var std = sync.OnceValues(envAgent)
+
+func envAgent() (*agent, error) {
+	cfg, err := envConfig()
+	if err != nil {
+		return nil, err
+	}
+	return newAgent(cfg)
+}
+
+// agent links an app's listeners and server to its coordinator: it counts
+// their work, steers their reuseport groups and hands them over on a drain.
 type agent struct {
-	gen        int
-	naive      bool
-	supervised bool // started by a coordinator
-	path       string
-	wmu        sync.Mutex
-	conn       net.Conn // under wmu; nil when standalone or orphaned
-	counter    metrics.Counters
-	own        *prometheus.Registry // the library's own metrics
+	cfg     config
+	wmu     sync.Mutex
+	conn    net.Conn // under wmu; nil when standalone or orphaned
+	counter metrics.Counters
+	own     *prometheus.Registry // the library's own metrics
 
 	mu        sync.Mutex
-	listeners []*metrics.Listener
+	listeners []*listener
 	probes    map[string]chan struct{} // probe client address → accepted
-	accepted  map[string]bool          // accepted while probing, before the probe registered
+	early     map[string]bool          // accepted while probing, before the probe registered
 	probing   atomic.Int32
 
 	readyOnce sync.Once
@@ -84,44 +129,32 @@ type agent struct {
 	drainOnce sync.Once
 	draining  chan struct{} // closed when a drain starts
 	order     drainOrder    // set before draining is closed
+	closing   atomic.Bool   // responses say Connection: close; set before draining is closed
+	idle      broadcast     // fired when the last connection closes while closing
 	closed    chan struct{} // closed once every listener is closed
-	doneOnce  sync.Once
-	finished  atomic.Bool
+
+	doneOnce sync.Once
+	finished chan struct{} // closed once the final counters are reported
 }
 
-var (
-	stdOnce sync.Once
-	std     *agent
-	stdErr  error
-)
-
-// get returns the process's agent, connecting to the coordinator on first use.
-func get() (*agent, error) {
-	stdOnce.Do(func() { std, stdErr = newAgent() })
-	return std, stdErr
-}
-
-func newAgent() (*agent, error) {
+// newAgent makes an agent; with a socket, it connects to the coordinator
+// and says hello first.
+func newAgent(cfg config) (*agent, error) {
 	a := &agent{
+		cfg:      cfg,
 		probes:   map[string]chan struct{}{},
-		accepted: map[string]bool{},
+		early:    map[string]bool{},
 		draining: make(chan struct{}),
 		closed:   make(chan struct{}),
-		naive:    os.Getenv(EnvHandover) == "naive",
+		finished: make(chan struct{}),
 		own:      prometheus.NewRegistry(),
 	}
 	latency := metrics.NewLatency()
 	a.own.MustRegister(latency)
 	a.counter.Latency = latency
-	path := os.Getenv(EnvSocket)
-	if path == "" {
+	if !a.supervised() {
 		return a, nil
 	}
-	gen, err := strconv.Atoi(os.Getenv(EnvGeneration))
-	if err != nil || gen <= 0 {
-		return nil, fmt.Errorf("rollover: %s=%q is not a generation number", EnvGeneration, os.Getenv(EnvGeneration))
-	}
-	a.gen, a.path, a.supervised = gen, path, true
 	// Our stdout and stderr are pipes to the coordinator. If it dies, a
 	// write there must fail rather than kill us with SIGPIPE: a coordinator
 	// crash must cost no request.
@@ -136,17 +169,36 @@ func newAgent() (*agent, error) {
 	return a, nil
 }
 
+// supervised reports whether a coordinator started this generation.
+func (a *agent) supervised() bool { return a.cfg.socket != "" }
+
+func (a *agent) isFinished() bool {
+	select {
+	case <-a.finished:
+		return true
+	default:
+		return false
+	}
+}
+
+func (a *agent) drainTimeout() time.Duration {
+	if a.cfg.drainTimeout > 0 {
+		return a.cfg.drainTimeout
+	}
+	return DefaultDrainTimeout
+}
+
 // hello connects to the coordinator and introduces this generation; extra
 // carries the adoption fields.
 func (a *agent) hello(extra wire.Msg) (net.Conn, *wire.Reader, error) {
-	conn, err := net.DialTimeout("unix", a.path, helloTimeout)
+	conn, err := net.DialTimeout("unix", a.cfg.socket, helloTimeout)
 	if err != nil {
 		return nil, nil, fmt.Errorf("rollover: connect to coordinator: %w", err)
 	}
 	r := wire.NewReader(conn)
 	_ = conn.SetDeadline(time.Now().Add(helloTimeout))
 	hello := extra
-	hello.Type, hello.Generation, hello.PID, hello.Secret = wire.TypeHello, a.gen, os.Getpid(), os.Getenv(EnvSecret)
+	hello.Type, hello.Generation, hello.PID, hello.Secret = wire.TypeHello, a.cfg.generation, os.Getpid(), a.cfg.secret
 	if _, err := conn.Write(wire.Encode(hello)); err != nil {
 		conn.Close()
 		return nil, nil, fmt.Errorf("rollover: hello: %w", err)
@@ -189,11 +241,13 @@ func (a *agent) stats() *wire.Stats {
 func (a *agent) statsLoop() {
 	t := time.NewTicker(wire.StatsInterval)
 	defer t.Stop()
-	for range t.C {
-		if a.finished.Load() {
+	for {
+		select {
+		case <-a.finished:
 			return
+		case <-t.C:
+			_ = a.send(wire.Msg{Type: wire.TypeStats, Stats: a.stats()})
 		}
-		_ = a.send(wire.Msg{Type: wire.TypeStats, Stats: a.stats()})
 	}
 }
 
@@ -207,7 +261,7 @@ func (a *agent) readLoop(conn net.Conn, r *wire.Reader) {
 				a.conn = nil
 			}
 			a.wmu.Unlock()
-			if !a.finished.Load() {
+			if !a.isFinished() {
 				go a.orphaned(err)
 			}
 			return
@@ -229,42 +283,68 @@ func (a *agent) readLoop(conn net.Conn, r *wire.Reader) {
 	}
 }
 
+// adoptRetry is how often a generation that lost its coordinator asks the
+// socket again to be adopted.
+const adoptRetry = 200 * time.Millisecond
+
 // orphaned keeps serving while it waits for a new coordinator to adopt this
 // generation; past the adoption timeout, nobody will hand the port over, so
 // it drains and exits rather than serve unsupervised.
 func (a *agent) orphaned(cause error) {
-	window := DefaultAdoptTimeout
-	if d, err := time.ParseDuration(os.Getenv(EnvAdoptTimeout)); err == nil && d >= 0 {
-		window = d
-	}
+	window := a.cfg.adoptTimeout
 	fmt.Fprintf(os.Stderr, "rollover: lost the coordinator (%v); serving on, waiting up to %v to be adopted\n", cause, window)
-	deadline := time.Now().Add(window)
-	for time.Now().Before(deadline) && !a.finished.Load() {
-		a.mu.Lock()
-		hello := a.readyMsg
-		a.mu.Unlock()
-		wasReady := hello.Type != ""
-		hello.Type, hello.Adopt, hello.State = "", true, "starting"
-		select {
-		case <-a.draining:
-			hello.State = "draining"
-		default:
-			if wasReady {
-				hello.State = "ready"
-			}
-		}
-		if conn, r, err := a.hello(hello); err == nil {
-			fmt.Fprintf(os.Stderr, "rollover: adopted by a new coordinator\n")
-			a.setConn(conn)
-			go a.readLoop(conn, r)
-			return
-		}
-		time.Sleep(200 * time.Millisecond)
+	if window > 0 && a.awaitAdoption(window) {
+		return
 	}
-	if !a.finished.Load() {
+	if !a.isFinished() {
 		fmt.Fprintf(os.Stderr, "rollover: not adopted within %v; draining\n", window)
-		a.drain(drainOrder{timeout: DefaultDrainTimeout})
+		a.drain(drainOrder{})
 	}
+}
+
+// awaitAdoption asks to be adopted every adoptRetry. It reports whether it
+// stopped before the window ended: adopted, or the agent is done.
+func (a *agent) awaitAdoption(window time.Duration) bool {
+	expired := time.NewTimer(window)
+	defer expired.Stop()
+	for {
+		if a.rejoin() {
+			fmt.Fprintf(os.Stderr, "rollover: adopted by a new coordinator\n")
+			return true
+		}
+		select {
+		case <-a.finished:
+			return true
+		case <-expired.C:
+			return false
+		case <-time.After(adoptRetry):
+		}
+	}
+}
+
+// rejoin asks the coordinator's socket once to adopt this generation, saying
+// where it stands, and reports whether a coordinator did.
+func (a *agent) rejoin() bool {
+	a.mu.Lock()
+	hello := a.readyMsg
+	a.mu.Unlock()
+	wasReady := hello.Type != ""
+	hello.Type, hello.Adopt, hello.State = "", true, "starting"
+	select {
+	case <-a.draining:
+		hello.State = "draining"
+	default:
+		if wasReady {
+			hello.State = "ready"
+		}
+	}
+	conn, r, err := a.hello(hello)
+	if err != nil {
+		return false
+	}
+	a.setConn(conn)
+	go a.readLoop(conn, r)
+	return true
 }
 
 func (a *agent) ack(id uint64, err error) {
@@ -302,183 +382,11 @@ func (a *agent) answerMetrics(id uint64) {
 	_ = a.send(m)
 }
 
-// register adds a listener to the set that is steered and handed over.
-func (a *agent) register(ln net.Listener) *metrics.Listener {
-	if l, ok := ln.(*metrics.Listener); ok {
-		return l
-	}
-	l := a.counter.Listener(ln, a.onAccept)
-	a.mu.Lock()
-	a.listeners = append(a.listeners, l)
-	a.mu.Unlock()
-	return l
-}
-
-func (a *agent) snapshotListeners() []*metrics.Listener {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return append([]*metrics.Listener(nil), a.listeners...)
-}
-
-// ready pins the reuseport groups to the active generation (index 0; this
-// process when it is alone) and tells the coordinator it serves.
-func (a *agent) ready() error {
-	a.readyOnce.Do(func() {
-		m := wire.Msg{Type: wire.TypeReady, Steerable: true}
-		lns := a.snapshotListeners()
-		if a.naive {
-			lns = nil
-			m.Steerable, m.SteerError = false, EnvHandover+"=naive"
-		}
-		if len(lns) == 0 && !a.naive {
-			m.Steerable, m.SteerError = false, "no listener from rollover.Listen or rollover.Serve"
-		}
-		for _, l := range lns {
-			m.Addrs = append(m.Addrs, l.Addr().String())
-			if !a.supervised {
-				continue // standalone: nothing to hand over to
-			}
-			if err := reuse.Steer(l, 0); err != nil && m.Steerable {
-				m.Steerable, m.SteerError = false, err.Error()
-			}
-		}
-		a.mu.Lock()
-		a.readyMsg = m
-		a.mu.Unlock()
-		a.readyErr = a.send(m)
-	})
-	return a.readyErr
-}
-
-func (a *agent) pin() error {
-	for _, l := range a.snapshotListeners() {
-		if err := reuse.Steer(l, 0); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// steer makes every listener's group send new connections to this process
-// (index 1, behind the old generation at 0) and proves it with a probe
-// connection per listener.
-func (a *agent) steer() error {
-	for _, l := range a.snapshotListeners() {
-		if err := reuse.Steer(l, 1); err != nil {
-			return err
-		}
-		if err := a.probe(l); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (a *agent) onAccept(c net.Conn) {
-	if a.probing.Load() == 0 {
-		return
-	}
-	key := c.RemoteAddr().String()
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if ch := a.probes[key]; ch != nil {
-		close(ch)
-		delete(a.probes, key)
-		return
-	}
-	// Loopback accepts can beat the prober to registering its address.
-	a.accepted[key] = true
-}
-
-// probe dials the listener and waits until this process accepted that very
-// connection.
-func (a *agent) probe(l *metrics.Listener) error {
-	addr, ok := l.Addr().(*net.TCPAddr)
-	if !ok {
-		return fmt.Errorf("rollover: steer verify: %s is not a TCP address", l.Addr())
-	}
-	target := *addr
-	if target.IP.IsUnspecified() {
-		if target.IP.To4() != nil {
-			target.IP = net.IPv4(127, 0, 0, 1)
-		} else {
-			target.IP = net.IPv6loopback
-		}
-	}
-	a.probing.Add(1)
-	defer a.probing.Add(-1)
-	d := net.Dialer{Timeout: probeTimeout}
-	c, err := d.Dial("tcp", target.String())
-	if err != nil {
-		return fmt.Errorf("rollover: steer verify: %w", err)
-	}
-	defer c.Close()
-	ch := make(chan struct{})
-	key := c.LocalAddr().String()
-	a.mu.Lock()
-	if a.accepted[key] {
-		close(ch)
-	} else {
-		a.probes[key] = ch
-	}
-	a.mu.Unlock()
-	defer func() {
-		a.mu.Lock()
-		delete(a.probes, key)
-		clear(a.accepted)
-		a.mu.Unlock()
-	}()
-	select {
-	case <-ch:
-		return nil
-	case <-time.After(probeTimeout):
-		return fmt.Errorf("rollover: steer verify: probe to %s was not accepted by this generation within %v", target.String(), probeTimeout)
-	}
-}
-
-// drain starts the hand-over once: answer with Connection: close from now
-// on, keep accepting for the grace (clients whose handshake the old program
-// still routed here), wait for the accept queues to empty, then close.
-func (a *agent) drain(o drainOrder) {
-	a.drainOnce.Do(func() {
-		if o.timeout <= 0 {
-			o.timeout = DefaultDrainTimeout
-		}
-		a.order = o
-		a.counter.SetClosing()
-		close(a.draining)
-		go a.handOver(o)
-	})
-}
-
-func (a *agent) handOver(o drainOrder) {
-	if a.naive {
-		for _, l := range a.snapshotListeners() {
-			l.Close()
-		}
-		close(a.closed)
-		_ = a.send(wire.Msg{Type: wire.TypeClosed})
-		return
-	}
-	if o.grace > 0 {
-		time.Sleep(o.grace)
-	}
-	for _, l := range a.snapshotListeners() {
-		ctx, cancel := context.WithTimeout(context.Background(), DefaultQueueDrain)
-		if err := reuse.DrainQueue(ctx, l, time.Millisecond); err != nil && !errors.Is(err, errors.ErrUnsupported) {
-			fmt.Fprintf(os.Stderr, "rollover: %v\n", err)
-		}
-		cancel()
-		l.Close()
-	}
-	close(a.closed)
-	_ = a.send(wire.Msg{Type: wire.TypeClosed})
-}
-
-// done reports the final counters; the process exits right after.
+// done reports the final counters once and ends the agent's own goroutines;
+// the process exits right after.
 func (a *agent) done() {
 	a.doneOnce.Do(func() {
-		a.finished.Store(true)
+		close(a.finished)
 		_ = a.send(wire.Msg{Type: wire.TypeDone, Stats: a.stats()})
 	})
 }

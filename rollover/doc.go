@@ -22,6 +22,10 @@
 //   - In-flight requests and open connections (hijacked ones included until
 //     they close) are counted with atomics and reported to the coordinator.
 //
+// The functions of this package share one agent per process, made from the
+// coordinator's environment variables on first use: the coordinator sees a
+// generation as a process.
+//
 // Without a coordinator (ROLLOVER_SOCKET unset) the same binary runs
 // standalone, and SIGTERM or SIGINT trigger the same graceful drain; that is
 // the one place the library handles signals. Apps that serve raw TCP or gRPC

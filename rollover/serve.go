@@ -19,22 +19,18 @@ import (
 // (SO_REUSEPORT, MPTCP off). Its connections are counted, and the
 // coordinator steers and hands it over.
 func Listen(ctx context.Context, network, address string) (net.Listener, error) {
-	a, err := get()
+	a, err := std()
 	if err != nil {
 		return nil, err
 	}
-	ln, err := reuse.Listen(ctx, network, address)
-	if err != nil {
-		return nil, err
-	}
-	return a.register(ln), nil
+	return a.listen(ctx, network, address)
 }
 
 // Ready tells the coordinator that this generation serves. Serve calls it;
 // apps that serve raw TCP or gRPC on a listener from Listen call it once they
 // accept. Without a coordinator it does nothing.
 func Ready() error {
-	a, err := get()
+	a, err := std()
 	if err != nil {
 		return err
 	}
@@ -46,7 +42,7 @@ func Ready() error {
 // the listeners are being handed over; an app that serves its own protocol
 // stops accepting and finishes its connections.
 func Draining() <-chan struct{} {
-	a, err := get()
+	a, err := std()
 	if err != nil {
 		// Never closed: an agent that failed to start never drains.
 		return make(chan struct{})
@@ -76,16 +72,28 @@ func ListenAndServe(addr string, handler http.Handler) error {
 // srv shut down. Canceling ctx drains too. Standalone, SIGTERM and SIGINT
 // drain.
 func Serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
-	a, err := get()
+	a, err := std()
 	if err != nil {
 		return err
 	}
+	return a.serve(ctx, srv, ln)
+}
+
+func (a *agent) listen(ctx context.Context, network, address string) (net.Listener, error) {
+	ln, err := reuse.Listen(ctx, network, address)
+	if err != nil {
+		return nil, err
+	}
+	return a.register(ln), nil
+}
+
+func (a *agent) serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	l := a.register(ln)
 	h := srv.Handler
 	if h == nil {
 		h = http.DefaultServeMux
 	}
-	srv.Handler = a.counter.Handler(h)
+	srv.Handler = a.handler(h)
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()
@@ -95,7 +103,7 @@ func Serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	}
 
 	var sig chan os.Signal
-	if !a.supervised {
+	if !a.supervised() {
 		sig = make(chan os.Signal, 1)
 		signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
 		defer signal.Stop(sig)
@@ -103,9 +111,9 @@ func Serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	select {
 	case <-a.draining:
 	case <-ctx.Done():
-		a.drain(drainOrder{timeout: DefaultDrainTimeout})
+		a.drain(drainOrder{})
 	case <-sig:
-		a.drain(drainOrder{timeout: DefaultDrainTimeout})
+		a.drain(drainOrder{})
 	case err := <-served:
 		select {
 		case <-a.draining:
@@ -114,15 +122,7 @@ func Serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
 		}
 	}
 	<-a.closed
-	o := a.order
-	// Leave the coordinator a margin to see us exit before it forces it.
-	deadline := time.Now().Add(o.timeout - min(2*time.Second, o.timeout/10))
-	if a.naive {
-		deadline = time.Now()
-	}
-	for a.counter.Snapshot().Connections > 0 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
+	a.awaitConnections()
 	sctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	// The hand-over closed the listeners; Shutdown closes them again if

@@ -14,7 +14,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -26,9 +25,10 @@ import (
 	"github.com/rollover-sh/rollover/rollover/wire"
 )
 
-// envChild names the one test a child test process runs. The agent is a
-// process-wide singleton that drains once, so every test that serves runs
-// alone in a fresh process; the parent checks that it passed.
+// envChild names the one test a child test process runs. Most tests make
+// agents of their own in this process; a test of something process-wide
+// (signals) runs alone in a fresh process, and the parent checks that it
+// passed.
 const envChild = "ROLLOVER_TEST_CHILD"
 
 // inChild reports whether this process is the child that runs t. In the
@@ -118,28 +118,45 @@ func testHandler() http.Handler {
 	return mux
 }
 
-// serve serves testHandler through Serve on a fresh 127.0.0.1 listener from
-// Listen. Serve's result arrives on the channel.
-func serve(t *testing.T, ctx context.Context) (addr string, served <-chan error) {
+// clearEnv unsets, for the test, the variables a coordinator would set.
+func clearEnv(t *testing.T) {
 	t.Helper()
-	ln, err := Listen(ctx, "tcp", "127.0.0.1:0")
+	for _, k := range []string{EnvSocket, EnvGeneration, EnvSecret, EnvAdoptTimeout, EnvHandover} {
+		t.Setenv(k, "")
+	}
+}
+
+// newTestAgent makes an agent from the environment, as the default agent is
+// made, but with the drain timeout the test wants.
+func newTestAgent(t *testing.T, drainTimeout time.Duration) *agent {
+	t.Helper()
+	cfg, err := envConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.drainTimeout = drainTimeout
+	a, err := newAgent(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+// serve serves testHandler through a's serve on a fresh 127.0.0.1 listener
+// from a's listen. serve's result arrives on the channel.
+func serve(t *testing.T, a *agent, ctx context.Context) (addr string, served <-chan error) {
+	t.Helper()
+	ln, err := a.listen(ctx, "tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
 	}
 	ch := make(chan error, 1)
 	srv := &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}
-	go func() { ch <- Serve(ctx, srv, ln) }()
+	go func() { ch <- a.serve(ctx, srv, ln) }()
 	return ln.Addr().String(), ch
 }
 
-func counters(t *testing.T) metrics.Snapshot {
-	t.Helper()
-	a, err := get()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return a.counter.Snapshot()
-}
+func counters(a *agent) metrics.Snapshot { return a.counter.Snapshot() }
 
 // keepAlive is one HTTP/1.1 connection that the test controls, so that a
 // request is known to reuse it.
@@ -203,13 +220,11 @@ func getNew(addr, path string) (string, error) {
 }
 
 func TestServeStandalone(t *testing.T) {
-	if !inChild(t) {
-		return
-	}
-	DefaultDrainTimeout = 10 * time.Second
+	clearEnv(t)
+	a := newTestAgent(t, 10*time.Second)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	addr, served := serve(t, ctx)
+	addr, served := serve(t, a, ctx)
 	if Generation() != 0 {
 		t.Errorf("Generation() = %d standalone, want 0", Generation())
 	}
@@ -229,13 +244,13 @@ func TestServeStandalone(t *testing.T) {
 		slow <- err
 	}()
 	waitFor(t, 5*time.Second, "one request in flight on two connections", func() bool {
-		s := counters(t)
+		s := counters(a)
 		return s.Inflight == 1 && s.Connections == 2 && s.Requests == 2
 	})
 
 	cancel()
 	select {
-	case <-Draining():
+	case <-a.draining:
 	case <-time.After(5 * time.Second):
 		t.Fatal("canceling ctx did not start the drain")
 	}
@@ -246,7 +261,7 @@ func TestServeStandalone(t *testing.T) {
 		}
 		return err != nil
 	})
-	if s := counters(t); s.Inflight != 1 {
+	if s := counters(a); s.Inflight != 1 {
 		t.Errorf("after the drain started, %d requests in flight, want the slow one", s.Inflight)
 	}
 
@@ -275,9 +290,9 @@ func TestServeStandalone(t *testing.T) {
 			t.Errorf("Serve returned %v, want nil", err)
 		}
 	case <-time.After(5 * time.Second):
-		t.Fatalf("Serve did not return within 5s of its last connection (counters %+v)", counters(t))
+		t.Fatalf("Serve did not return within 5s of its last connection (counters %+v)", counters(a))
 	}
-	if s := counters(t); s.Inflight != 0 || s.Connections != 0 || s.Requests != 3 {
+	if s := counters(a); s.Inflight != 0 || s.Connections != 0 || s.Requests != 3 {
 		t.Errorf("counters after the drain %+v, want 0 in flight, 0 connections, 3 requests", s)
 	}
 }
@@ -285,19 +300,17 @@ func TestServeStandalone(t *testing.T) {
 // A keep-alive client whose request is in flight when the drain starts must
 // be told to leave too, or it holds the generation until the drain timeout.
 func TestServeDrainClosesInflightKeepAlive(t *testing.T) {
-	if !inChild(t) {
-		return
-	}
-	DefaultDrainTimeout = 6 * time.Second // Serve gives up on connections after 5.4s
+	clearEnv(t)
+	a := newTestAgent(t, 6*time.Second) // Serve gives up on connections after 5.4s
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	addr, served := serve(t, ctx)
+	addr, served := serve(t, a, ctx)
 
 	ka := dialKeepAlive(t, addr)
 	ka.send(t, "/slow?d=500ms")
-	waitFor(t, 5*time.Second, "the request in flight", func() bool { return counters(t).Inflight == 1 })
+	waitFor(t, 5*time.Second, "the request in flight", func() bool { return counters(a).Inflight == 1 })
 	cancel()
-	<-Draining()
+	<-a.draining
 	resp, body := ka.read(t)
 	answered := time.Now()
 	if resp.StatusCode != 200 || body != "slow ok" {
@@ -320,6 +333,8 @@ func TestServeDrainClosesInflightKeepAlive(t *testing.T) {
 	}
 }
 
+// Signals are process-wide, so this test runs in a child process of its own,
+// through the package-level functions and the default agent.
 func TestServeStandaloneSIGTERM(t *testing.T) {
 	if !inChild(t) {
 		return
@@ -330,7 +345,15 @@ func TestServeStandaloneSIGTERM(t *testing.T) {
 	sigc := make(chan os.Signal, 16)
 	signal.Notify(sigc, syscall.SIGTERM)
 	defer signal.Stop(sigc)
-	addr, served := serve(t, context.Background())
+	ln, err := Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("Listen: %v", err)
+	}
+	addr := ln.Addr().String()
+	served := make(chan error, 1)
+	go func() {
+		served <- Serve(context.Background(), &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}, ln)
+	}()
 	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
 		t.Fatalf("GET /: %q %v", body, err)
 	}
@@ -356,10 +379,9 @@ func TestServeStandaloneSIGTERM(t *testing.T) {
 }
 
 func TestServeCountsHijackedConnections(t *testing.T) {
-	if !inChild(t) {
-		return
-	}
-	ln, err := Listen(context.Background(), "tcp", "127.0.0.1:0")
+	clearEnv(t)
+	a := newTestAgent(t, 0)
+	ln, err := a.listen(context.Background(), "tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -380,7 +402,7 @@ func TestServeCountsHijackedConnections(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	served := make(chan error, 1)
-	go func() { served <- Serve(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln) }()
+	go func() { served <- a.serve(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln) }()
 
 	ka := dialKeepAlive(t, ln.Addr().String())
 	ka.send(t, "/hijack")
@@ -388,12 +410,12 @@ func TestServeCountsHijackedConnections(t *testing.T) {
 		t.Fatalf("hijack: %s", resp.Status)
 	}
 	waitFor(t, 5*time.Second, "the hijacked connection counted, its request finished", func() bool {
-		s := counters(t)
+		s := counters(a)
 		return s.Connections == 1 && s.Inflight == 0
 	})
 	ka.conn.Close()
 	hijacked.Wait()
-	waitFor(t, 5*time.Second, "the hijacked connection to be uncounted", func() bool { return counters(t).Connections == 0 })
+	waitFor(t, 5*time.Second, "the hijacked connection to be uncounted", func() bool { return counters(a).Connections == 0 })
 	cancel()
 	select {
 	case err := <-served:
@@ -420,14 +442,10 @@ type fakeCoordinator struct {
 	stats wire.Stats // last reported
 }
 
-// listenCoordinator sets this process up as generation gen of a fake
-// coordinator that answers the hello with welcome. Only a child may call it:
-// it sets ROLLOVER_SOCKET for the process.
+// listenCoordinator sets the environment, for the test, up as generation gen
+// of a fake coordinator that answers the hello with welcome.
 func listenCoordinator(t *testing.T, gen int, secret string, welcome wire.Msg) <-chan *fakeCoordinator {
 	t.Helper()
-	if os.Getenv(envChild) == "" {
-		t.Fatal("listenCoordinator outside a child test process")
-	}
 	dir, err := os.MkdirTemp("", "ra")
 	if err != nil {
 		t.Fatal(err)
@@ -438,53 +456,68 @@ func listenCoordinator(t *testing.T, gen int, secret string, welcome wire.Msg) <
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
+	// The agent's side ends with the test: closing every connection ends
+	// its reads.
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
 	t.Setenv(EnvSocket, sock)
 	t.Setenv(EnvGeneration, fmt.Sprint(gen))
 	t.Setenv(EnvSecret, secret)
+	t.Setenv(EnvHandover, "")
 	// Every connection the generation makes (a reconnect to be adopted
 	// included) is delivered as its own fake.
 	ch := make(chan *fakeCoordinator, 4)
 	go func() {
 		for {
-			accept(t, ln, welcome, ch)
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, conn)
+			mu.Unlock()
+			accept(t, conn, welcome, ch)
 		}
 	}()
 	return ch
 }
 
-func accept(t *testing.T, ln net.Listener, welcome wire.Msg, ch chan<- *fakeCoordinator) {
-	{
-		conn, err := ln.Accept()
-		if err != nil {
-			runtime.Goexit()
-		}
-		f := &fakeCoordinator{t: t, conn: conn, msgs: make(chan wire.Msg, 100), err: make(chan error, 1)}
-		r := wire.NewReader(conn)
-		_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
-		f.hello, err = r.Read()
-		_ = conn.SetReadDeadline(time.Time{})
-		if err == nil {
-			welcome.Type = wire.TypeWelcome
-			_, err = conn.Write(wire.Encode(welcome))
-		}
-		if err != nil {
-			conn.Close()
-			return
-		}
-		go func() {
-			for {
-				m, err := r.Read()
-				if err != nil {
-					f.err <- err
-					close(f.msgs)
-					return
-				}
-				f.msgs <- m
-			}
-		}()
-		ch <- f
+// accept answers the hello on conn with welcome and delivers the fake.
+func accept(t *testing.T, conn net.Conn, welcome wire.Msg, ch chan<- *fakeCoordinator) {
+	f := &fakeCoordinator{t: t, conn: conn, msgs: make(chan wire.Msg, 100), err: make(chan error, 1)}
+	r := wire.NewReader(conn)
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	hello, err := r.Read()
+	_ = conn.SetReadDeadline(time.Time{})
+	if err == nil {
+		welcome.Type = wire.TypeWelcome
+		_, err = conn.Write(wire.Encode(welcome))
 	}
+	if err != nil {
+		conn.Close()
+		return
+	}
+	f.hello = hello
+	go func() {
+		for {
+			m, err := r.Read()
+			if err != nil {
+				f.err <- err
+				close(f.msgs)
+				return
+			}
+			f.msgs <- m
+		}
+	}()
+	ch <- f
 }
 
 // expect returns the next message that is not stats, which must be of type
@@ -555,11 +588,9 @@ func (f *fakeCoordinator) command(m wire.Msg) {
 }
 
 func TestAgentWithCoordinator(t *testing.T) {
-	if !inChild(t) {
-		return
-	}
 	coord := listenCoordinator(t, 7, "s3cret", wire.Msg{OK: true})
-	addr, served := serve(t, context.Background())
+	a := newTestAgent(t, 0)
+	addr, served := serve(t, a, context.Background())
 	f := <-coord
 	if f.hello.Type != wire.TypeHello || f.hello.Generation != 7 || f.hello.PID != os.Getpid() || f.hello.Secret != "s3cret" {
 		t.Fatalf("hello %+v, want generation 7, pid %d and the secret", f.hello, os.Getpid())
@@ -588,7 +619,7 @@ func TestAgentWithCoordinator(t *testing.T) {
 
 	f.command(wire.Msg{Type: wire.TypeDrain, ID: 3, TimeoutMS: 5000})
 	// The agent acknowledges the drain, then starts it.
-	waitFor(t, 5*time.Second, "Draining() to close", func() bool { return isClosed(Draining()) })
+	waitFor(t, 5*time.Second, "Draining() to close", func() bool { return isClosed(a.draining) })
 	f.expect(wire.TypeClosed)
 	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 		c.Close()
@@ -611,11 +642,13 @@ func TestAgentWithCoordinator(t *testing.T) {
 	}
 }
 
+// The package-level functions report a refused hello, through a default
+// agent of the test's own.
 func TestAgentRefused(t *testing.T) {
-	if !inChild(t) {
-		return
-	}
 	listenCoordinator(t, 3, "x", wire.Msg{Error: "wrong secret for generation 3"})
+	saved := std
+	std = sync.OnceValues(envAgent)
+	t.Cleanup(func() { std = saved })
 	_, err := Listen(context.Background(), "tcp", "127.0.0.1:0")
 	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "wrong secret") {
 		t.Fatalf("Listen: %v, want ErrRefused with the coordinator's reason", err)
@@ -631,13 +664,10 @@ func TestAgentRefused(t *testing.T) {
 // A generation whose coordinator is gone, and that no new coordinator
 // adopts within the adoption timeout, leaves rather than serve unsupervised.
 func TestAgentLostCoordinatorDrains(t *testing.T) {
-	if !inChild(t) {
-		return
-	}
-	DefaultDrainTimeout = 5 * time.Second
 	t.Setenv(EnvAdoptTimeout, "300ms")
 	coord := listenCoordinator(t, 2, "s", wire.Msg{OK: true})
-	addr, served := serve(t, context.Background())
+	a := newTestAgent(t, 5*time.Second)
+	addr, served := serve(t, a, context.Background())
 	f := <-coord
 	f.expect(wire.TypeReady)
 	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
@@ -656,7 +686,7 @@ func TestAgentLostCoordinatorDrains(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("Serve did not return after the coordinator went away")
 	}
-	if !isClosed(Draining()) {
+	if !isClosed(a.draining) {
 		t.Error("Draining() is open")
 	}
 }
@@ -665,13 +695,10 @@ func TestAgentLostCoordinatorDrains(t *testing.T) {
 // coordinator on the socket to adopt it, saying where it stands; the new
 // coordinator can then drain it as usual.
 func TestAgentAdopted(t *testing.T) {
-	if !inChild(t) {
-		return
-	}
-	DefaultDrainTimeout = 5 * time.Second
 	t.Setenv(EnvAdoptTimeout, "20s")
 	coord := listenCoordinator(t, 4, "s4", wire.Msg{OK: true})
-	addr, served := serve(t, context.Background())
+	a := newTestAgent(t, 5*time.Second)
+	addr, served := serve(t, a, context.Background())
 	f := <-coord
 	f.expect(wire.TypeReady)
 	f.conn.Close() // the coordinator dies
@@ -687,7 +714,7 @@ func TestAgentAdopted(t *testing.T) {
 	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
 		t.Fatalf("GET / while being adopted: %q %v", body, err)
 	}
-	if isClosed(Draining()) {
+	if isClosed(a.draining) {
 		t.Fatal("draining although adopted")
 	}
 	f2.command(wire.Msg{Type: wire.TypeDrain, ID: 1, TimeoutMS: 3000})
@@ -720,10 +747,9 @@ func (l lateListener) NetListener() net.Listener { return l.Listener }
 // A clean drain returns nil even if the server has not yet noticed that the
 // hand-over closed its listener (Shutdown then closes it a second time).
 func TestServeCleanDrainReturnsNil(t *testing.T) {
-	if !inChild(t) {
-		return
-	}
-	ln, err := Listen(context.Background(), "tcp", "127.0.0.1:0")
+	clearEnv(t)
+	a := newTestAgent(t, 0)
+	ln, err := a.listen(context.Background(), "tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -731,11 +757,11 @@ func TestServeCleanDrainReturnsNil(t *testing.T) {
 	defer cancel()
 	served := make(chan error, 1)
 	srv := &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}
-	go func() { served <- Serve(ctx, srv, lateListener{ln}) }()
+	go func() { served <- a.serve(ctx, srv, lateListener{ln}) }()
 	if body, err := getNew(ln.Addr().String(), "/"); err != nil || body != "ok" {
 		t.Fatalf("GET /: %q %v", body, err)
 	}
-	waitFor(t, 5*time.Second, "the connection to close", func() bool { return counters(t).Connections == 0 })
+	waitFor(t, 5*time.Second, "the connection to close", func() bool { return counters(a).Connections == 0 })
 	cancel()
 	select {
 	case err := <-served:
