@@ -35,6 +35,13 @@ const (
 	TypeSteer   = "steer"
 	TypePin     = "pin"
 	TypeDrain   = "drain"
+	// TypeRelease starts the bake: the generation stops keep-alive (every
+	// response says Connection: close, HTTP/2 connections get GOAWAY) but
+	// keeps its listeners in the group, steered away, so that a rollback can
+	// give it the port back at once. TypeResume undoes it: the generation
+	// re-pins its groups to itself (index 0) and serves keep-alive again.
+	TypeRelease = "release"
+	TypeResume  = "resume"
 	// TypeMetrics asks for the generation's metrics in the Prometheus text
 	// format; the TypeAck carries them in Metrics.
 	TypeMetrics = "metrics"
@@ -44,6 +51,9 @@ const (
 	TypeStatus   = "status"
 	TypeStop     = "stop"
 	TypeRollback = "rollback"
+	// TypePromote takes a waiting canary to 100%; TypeAbort rolls it back.
+	TypePromote = "promote"
+	TypeAbort   = "abort"
 
 	// coordinator → CLI
 	TypeEvent  = "event"
@@ -53,7 +63,8 @@ const (
 var knownTypes = map[string]bool{
 	TypeHello: true, TypeReady: true, TypeStats: true, TypeAck: true, TypeClosed: true, TypeDone: true,
 	TypeWelcome: true, TypeSteer: true, TypePin: true, TypeDrain: true, TypeMetrics: true,
-	TypeNext: true, TypeStatus: true, TypeStop: true, TypeRollback: true,
+	TypeRelease: true, TypeResume: true,
+	TypeNext: true, TypeStatus: true, TypeStop: true, TypeRollback: true, TypePromote: true, TypeAbort: true,
 	TypeEvent: true, TypeResult: true,
 }
 
@@ -86,6 +97,14 @@ type Msg struct {
 	GraceMS   int64 `json:"grace_ms,omitempty"`
 	TimeoutMS int64 `json:"timeout_ms,omitempty"`
 
+	// Steer: the percent of new connections the generation takes (a
+	// canary step; 0 means all), and the health rule of its bake: once its
+	// 5xx-or-panic share of at least Health.MinRequests responses reaches
+	// Health.MaxErrorRatio, the generation sends TypeStats at once rather
+	// than at the next StatsInterval.
+	Weight int     `json:"weight,omitempty"`
+	Health *Health `json:"health,omitempty"`
+
 	// Next: the command line (empty: the active one's) and --wait; how the
 	// new generation reports ready and drains (empty: as the active one).
 	Argv []string `json:"argv,omitempty"`
@@ -96,6 +115,14 @@ type Msg struct {
 	Ready            string `json:"ready,omitempty"`
 	Addr             string `json:"addr,omitempty"`
 	DrainSignal      string `json:"drain_signal,omitempty"`
+	// Bake is a duration ("5s"; empty: the coordinator's --bake). Canary
+	// lists the weights of a canary's steps in percent; StepMS is how long
+	// each lasts (0: wait for TypePromote or TypeAbort). HealthURL is
+	// probed during the bake and each step.
+	Bake      string `json:"bake,omitempty"`
+	Canary    []int  `json:"canary,omitempty"`
+	StepMS    int64  `json:"step_ms,omitempty"`
+	HealthURL string `json:"health_url,omitempty"`
 
 	// Event.
 	Event *Event `json:"event,omitempty"`
@@ -116,29 +143,95 @@ type Stats struct {
 	Inflight    int64  `json:"inflight"`
 	Connections int64  `json:"connections"`
 	Requests    uint64 `json:"requests"`
+	// Responses by status class, and handler panics (recovered, counted
+	// and re-panicked by the library).
+	R1xx   uint64 `json:"1xx,omitempty"`
+	R2xx   uint64 `json:"2xx,omitempty"`
+	R3xx   uint64 `json:"3xx,omitempty"`
+	R4xx   uint64 `json:"4xx,omitempty"`
+	R5xx   uint64 `json:"5xx,omitempty"`
+	Panics uint64 `json:"panics,omitempty"`
+	// ForcedConnections and ForcedRequests are the connections (hijacked
+	// ones included) and requests still open when the generation's own
+	// drain deadline cut them; the generation reports them in TypeDone.
+	ForcedConnections int64 `json:"forced_connections,omitempty"`
+	ForcedRequests    int64 `json:"forced_requests,omitempty"`
+}
+
+// Health is the bake's health rule (see Msg.Health).
+type Health struct {
+	MinRequests   uint64  `json:"min_requests"`
+	MaxErrorRatio float64 `json:"max_error_ratio"`
+}
+
+// Failing reports whether s breaks the rule h: a 5xx-or-panic share of at
+// least h.MinRequests responses that reaches h.MaxErrorRatio. Panics are
+// counted with the responses: a panicking handler may write none.
+func (h Health) Failing(s Stats) bool {
+	bad := s.R5xx + s.Panics
+	total := s.R1xx + s.R2xx + s.R3xx + s.R4xx + bad
+	return total > 0 && total >= h.MinRequests && float64(bad) >= h.MaxErrorRatio*float64(total)
 }
 
 // Phases of a rollover, in order, as reported in Event.Phase.
 const (
-	PhaseStarted  = "started"  // Generation, PID
-	PhaseReady    = "ready"    // Generation, Millis: spawn to ready
-	PhaseActive   = "active"   // Generation
-	PhaseDraining = "draining" // Generation (the old one), Stats
-	PhaseLeft     = "left"     // Generation (the old one) left the port
-	PhaseDrained  = "drained"  // Generation (the old one), Millis: drain start to exit
-	PhaseFailed   = "failed"   // Generation, Text
-	PhaseInfo     = "info"     // Text
+	PhaseStarted    = "started"     // Generation, PID
+	PhaseReady      = "ready"       // Generation, Millis: spawn to ready
+	PhaseActive     = "active"      // Generation
+	PhaseDraining   = "draining"    // Generation (the old one), Stats
+	PhaseLeft       = "left"        // Generation (the old one) left the port
+	PhaseDrained    = "drained"     // Generation (the old one), Millis: drain start to exit
+	PhaseFailed     = "failed"      // Generation, Text
+	PhaseInfo       = "info"        // Text
+	PhaseBaking     = "baking"      // Generation (the new one), Millis: the bake
+	PhaseCanary     = "canary"      // Generation (the new one), Weight: its share now
+	PhaseRolledBack = "rolled-back" // Generation (the one active again), Text: why
+	PhaseReport     = "report"      // Report
 )
 
 // Event is one step of a rollover as shown by `rollover next`.
 type Event struct {
-	Phase      string `json:"phase"`
-	Generation int    `json:"generation,omitempty"`
-	PID        int    `json:"pid,omitempty"`
-	Millis     int64  `json:"ms,omitempty"`
-	Stats      *Stats `json:"stats,omitempty"`
-	Text       string `json:"text,omitempty"`
+	Phase      string  `json:"phase"`
+	Generation int     `json:"generation,omitempty"`
+	PID        int     `json:"pid,omitempty"`
+	Millis     int64   `json:"ms,omitempty"`
+	Stats      *Stats  `json:"stats,omitempty"`
+	Text       string  `json:"text,omitempty"`
+	Weight     int     `json:"weight,omitempty"`
+	Report     *Report `json:"report,omitempty"`
 }
+
+// Report is what a rollover cost, so that zero is shown rather than
+// claimed: what was cut at drain deadlines, the error responses each
+// generation gave while it ran, and the kernel's own counters over the
+// rollover's window.
+type Report struct {
+	Generation int `json:"generation"` // the new generation
+	Previous   int `json:"previous"`   // the one it replaced (0: none)
+	// ForcedConnections and ForcedRequests were cut at a drain deadline.
+	ForcedConnections int64 `json:"forced_connections"`
+	ForcedRequests    int64 `json:"forced_requests"`
+	// Errors are the 5xx responses and panics of each generation during
+	// the rollover.
+	Errors []GenErrors `json:"errors"`
+	// Kernel holds TcpExt counters from /proc/net/netstat over the window:
+	// per network namespace, so they include any other traffic in it. Nil
+	// when unreadable.
+	Kernel     map[string]uint64 `json:"kernel,omitempty"`
+	RolledBack bool              `json:"rolled_back,omitempty"`
+	Reason     string            `json:"reason,omitempty"`
+	Millis     int64             `json:"ms"` // the window
+}
+
+// GenErrors counts one generation's failures in a rollover's window.
+type GenErrors struct {
+	Generation int    `json:"generation"`
+	R5xx       uint64 `json:"5xx"`
+	Panics     uint64 `json:"panics"`
+}
+
+// Lost reports whether the rollover cut any connection or request.
+func (r *Report) Lost() bool { return r.ForcedConnections > 0 || r.ForcedRequests > 0 }
 
 // String renders an event as the line `rollover next` prints.
 func (e Event) String() string {
@@ -178,8 +271,14 @@ type Status struct {
 	RestartPending bool `json:"restart_pending"`
 	// MigrateReq is net.ipv4.tcp_migrate_req in the coordinator's network
 	// namespace; nil when it could not be read.
-	MigrateReq  *bool       `json:"tcp_migrate_req"`
-	Generations []GenStatus `json:"generations"`
+	MigrateReq *bool `json:"tcp_migrate_req"`
+	// CanaryWeight is the share, in percent, of new connections a waiting
+	// or stepping canary gets (0: no canary). Baking is the generation in
+	// its bake (0: none).
+	CanaryWeight int         `json:"canary_weight,omitempty"`
+	Baking       int         `json:"baking,omitempty"`
+	LastReport   *Report     `json:"last_report,omitempty"`
+	Generations  []GenStatus `json:"generations"`
 }
 
 // GenStatus is one live generation.

@@ -23,16 +23,20 @@ func golden() []Msg {
 	return []Msg{
 		{Type: TypeHello, Generation: 4, PID: 123, Secret: "3f9a1c"},
 		{Type: TypeReady, Steerable: true, Addrs: []string{"0.0.0.0:8080", "[::]:8080"}},
-		{Type: TypeStats, Stats: &Stats{Inflight: 17, Connections: 2, Requests: 90210}},
+		{Type: TypeStats, Stats: &Stats{Inflight: 17, Connections: 2, Requests: 90210, R2xx: 90100, R4xx: 3, R5xx: 2, Panics: 1}},
 		{Type: TypeAck, ID: 7},
 		{Type: TypeClosed},
-		{Type: TypeDone, Stats: &Stats{Requests: 90311}},
+		{Type: TypeDone, Stats: &Stats{Requests: 90311, ForcedConnections: 2, ForcedRequests: 1}},
 		{Type: TypeWelcome, OK: true},
-		{Type: TypeSteer, ID: 8},
+		{Type: TypeSteer, ID: 8, Weight: 10, Health: &Health{MinRequests: 20, MaxErrorRatio: 0.1}},
+		{Type: TypeRelease, ID: 12},
+		{Type: TypeResume, ID: 13},
+		{Type: TypePromote},
+		{Type: TypeAbort},
 		{Type: TypePin, ID: 9},
 		{Type: TypeDrain, ID: 10, GraceMS: 100, TimeoutMS: 30000},
 		{Type: TypeMetrics, ID: 11},
-		{Type: TypeNext, Argv: []string{"./app", "-addr", ":8080"}, Wait: true},
+		{Type: TypeNext, Argv: []string{"./app", "-addr", ":8080"}, Wait: true, Bake: "5s", Canary: []int{5, 25, 100}, StepMS: 30000, HealthURL: "http://127.0.0.1:8080/healthz"},
 		{Type: TypeStatus},
 		{Type: TypeStop},
 		{Type: TypeRollback, Wait: true},
@@ -42,6 +46,8 @@ func golden() []Msg {
 			Socket:     "/run/rollover/app.sock",
 			Active:     4,
 			MigrateReq: &yes,
+			LastReport: &Report{Generation: 4, Previous: 3, ForcedConnections: 1, Errors: []GenErrors{{Generation: 4, R5xx: 2, Panics: 1}},
+				Kernel: map[string]uint64{"ListenDrops": 0, "TCPAbortOnClose": 3}, Millis: 5120},
 			Generations: []GenStatus{{
 				Generation: 4,
 				PID:        123,
@@ -413,4 +419,24 @@ func (r *spaceReader) Read(p []byte) (int, error) {
 	}
 	r.read += n
 	return n, nil
+}
+
+func TestHealthFailing(t *testing.T) {
+	h := Health{MinRequests: 20, MaxErrorRatio: 0.1}
+	for _, tc := range []struct {
+		s    Stats
+		want bool
+	}{
+		{Stats{}, false},
+		{Stats{R5xx: 5}, false},                       // too few to judge
+		{Stats{R2xx: 18, R5xx: 2}, true},              // 10% of 20
+		{Stats{R2xx: 19, R5xx: 1}, false},             // 5%
+		{Stats{Panics: 20}, true},                     // panics without responses
+		{Stats{R2xx: 10, R4xx: 80, R5xx: 9}, false},   // 4xx is the client's
+		{Stats{R2xx: 100, R3xx: 100, R5xx: 30}, true}, // 13%
+	} {
+		if got := h.Failing(tc.s); got != tc.want {
+			t.Errorf("%+v: Failing = %v, want %v", tc.s, got, tc.want)
+		}
+	}
 }
