@@ -10,14 +10,15 @@
 //
 // A generation connects and sends TypeHello (generation, pid, secret), then
 // TypeReady once it serves, then TypeStats every StatsInterval. The
-// coordinator sends commands (TypeSteer, TypePin, TypeDrain, TypeMetrics)
-// with an ID; the generation answers each with TypeAck carrying the same ID
-// (and Error when it failed). While draining, the generation sends
-// TypeClosed once its listeners are closed and TypeDone right before it
-// exits.
+// coordinator sends commands (TypeSteer, TypePin, TypeRelease, TypeResume,
+// TypeDrain, TypeMetrics) with an ID; the generation answers each with
+// TypeAck carrying the same ID (and Error when it failed). While draining,
+// the generation sends TypeClosed once its listeners are closed and TypeDone
+// right before it exits.
 //
 // The CLI connects, sends one request (TypeNext, TypeStatus, TypeStop,
-// TypeRollback) and reads TypeEvent messages until one TypeResult.
+// TypeRollback, TypePromote, TypeAbort) and reads TypeEvent messages until
+// one TypeResult.
 //
 // Guarantees:
 //

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sort"
+	"strings"
 	"time"
 )
 
@@ -230,6 +232,34 @@ type GenErrors struct {
 	Panics     uint64 `json:"panics"`
 }
 
+// String is the report as one line.
+func (r *Report) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "report: gen %d", r.Generation)
+	if r.Previous != 0 {
+		fmt.Fprintf(&b, " replacing gen %d", r.Previous)
+	}
+	fmt.Fprintf(&b, " over %dms: %d connections and %d requests cut at a drain deadline", r.Millis, r.ForcedConnections, r.ForcedRequests)
+	for _, e := range r.Errors {
+		fmt.Fprintf(&b, "; gen %d: %d 5xx, %d panics", e.Generation, e.R5xx, e.Panics)
+	}
+	if r.Kernel != nil {
+		keys := make([]string, 0, len(r.Kernel))
+		for k := range r.Kernel {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		b.WriteString("; kernel (this network namespace):")
+		for _, k := range keys {
+			fmt.Fprintf(&b, " %s %d", k, r.Kernel[k])
+		}
+	}
+	if r.RolledBack {
+		fmt.Fprintf(&b, "; rolled back: %s", r.Reason)
+	}
+	return b.String()
+}
+
 // Lost reports whether the rollover cut any connection or request.
 func (r *Report) Lost() bool { return r.ForcedConnections > 0 || r.ForcedRequests > 0 }
 
@@ -254,6 +284,18 @@ func (e Event) String() string {
 		return fmt.Sprintf("gen %d drained after %dms", e.Generation, e.Millis)
 	case PhaseFailed:
 		return fmt.Sprintf("gen %d failed: %s", e.Generation, e.Text)
+	case PhaseBaking:
+		return fmt.Sprintf("baking gen %d for %dms", e.Generation, e.Millis)
+	case PhaseCanary:
+		return fmt.Sprintf("canary: gen %d takes %d%% of new connections", e.Generation, e.Weight)
+	case PhaseRolledBack:
+		return fmt.Sprintf("rolled back to gen %d: %s", e.Generation, e.Text)
+	case PhaseReport:
+		if e.Report != nil {
+			return e.Report.String()
+		}
+		return "report"
+
 	default:
 		return e.Text
 	}
