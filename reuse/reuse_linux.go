@@ -42,6 +42,45 @@ func Steer(ln net.Listener, index uint32) error {
 	return nil
 }
 
+// Ancillary load of a random 32-bit number (linux/filter.h), absent from
+// golang.org/x/sys/unix.
+// The offset is negative; as the program's uint32 operand it wraps.
+const (
+	skfAdOff     = -0x1000
+	skfAdRandom  = 56
+	skfAdRandomK = uint32(1<<32 + skfAdOff + skfAdRandom)
+)
+
+// SteerWeighted attaches a canary program to the reuseport group of ln: each
+// new connection goes to index 1 with probability weight/100 and to index 0
+// otherwise. weight 0 is "ret 0" and 100 (or more) "ret 1", as Steer. It is
+// classic BPF, so it needs no privilege:
+//
+//	ld [SKF_AD_OFF+SKF_AD_RANDOM]; mod #100; jge #weight → ret 0, else ret 1
+func SteerWeighted(ln net.Listener, weight int) error {
+	switch {
+	case weight <= 0:
+		return Steer(ln, 0)
+	case weight >= 100:
+		return Steer(ln, 1)
+	}
+	prog := []unix.SockFilter{
+		{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: skfAdRandomK},
+		{Code: unix.BPF_ALU | unix.BPF_MOD | unix.BPF_K, K: 100},
+		{Code: unix.BPF_JMP | unix.BPF_JGE | unix.BPF_K, K: uint32(weight), Jt: 0, Jf: 1},
+		{Code: unix.BPF_RET | unix.BPF_K, K: 0},
+		{Code: unix.BPF_RET | unix.BPF_K, K: 1},
+	}
+	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
+	err := withFD(ln, func(fd int) error {
+		return unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_CBPF, &fprog)
+	})
+	if err != nil {
+		return fmt.Errorf("reuse: attach reuseport canary bpf (weight %d%%): %w", weight, err)
+	}
+	return nil
+}
+
 // Detach removes the program from the reuseport group of ln, so the kernel
 // hashes again. Detaching from a group without a program is not an error.
 func Detach(ln net.Listener) error {

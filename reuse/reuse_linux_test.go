@@ -130,6 +130,45 @@ func TestSteer(t *testing.T) {
 	step("ret 1 after C joined", "C")
 }
 
+// A canary weight sends its share of new connections to index 1: 10% of
+// 3,000 is 300, and a binomial spread of ±3 standard deviations (about ±49)
+// bounds it; 0% and 100% send all of them one way.
+func TestSteerWeighted(t *testing.T) {
+	a := listen(t, "127.0.0.1:0") // index 0
+	addr := a.Addr().String()
+	b := listen(t, addr) // index 1
+	got := make(chan string)
+	go acceptLoop(a, "A", got)
+	go acceptLoop(b, "B", got)
+	if err := reuse.SteerWeighted(b, 10); err != nil {
+		t.Fatal(err)
+	}
+	const n = 3000
+	counts := dialN(t, addr, n, got)
+	if counts["B"] < 300-49 || counts["B"] > 300+49 || counts["A"]+counts["B"] != n {
+		t.Errorf("weight 10%%: accepts %v of %d, want about 300 on B", counts, n)
+	}
+	for _, tc := range []struct {
+		weight int
+		want   string
+	}{{0, "A"}, {100, "B"}} {
+		if err := reuse.SteerWeighted(a, tc.weight); err != nil {
+			t.Fatal(err)
+		}
+		if counts := dialN(t, addr, 100, got); counts[tc.want] != 100 {
+			t.Errorf("weight %d%%: accepts %v, want all 100 on %s", tc.weight, counts, tc.want)
+		}
+	}
+	// After B leaves, index 1 is out of range: everything hashes to A.
+	if err := reuse.SteerWeighted(a, 50); err != nil {
+		t.Fatal(err)
+	}
+	b.Close()
+	if counts := dialN(t, addr, 100, got); counts["A"] != 100 {
+		t.Errorf("weight 50%% with B gone: accepts %v, want all 100 on A", counts)
+	}
+}
+
 type wrapper struct{ net.Listener }
 
 func (w wrapper) NetListener() net.Listener { return w.Listener }

@@ -20,6 +20,9 @@ func Control(network, address string, c syscall.RawConn) error {
 // Steer returns an error wrapping ErrUnsupported.
 func Steer(ln net.Listener, index uint32) error { return unsupported("reuseport bpf") }
 
+// SteerWeighted returns an error wrapping ErrUnsupported.
+func SteerWeighted(ln net.Listener, weight int) error { return unsupported("reuseport bpf") }
+
 // Detach returns an error wrapping ErrUnsupported.
 func Detach(ln net.Listener) error { return unsupported("reuseport bpf") }
 
