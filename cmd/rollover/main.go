@@ -1,5 +1,6 @@
 // Command rollover rolls a network service over to a new generation without
-// dropping a request. See the README for the commands.
+// dropping a request. `rollover --help` lists the commands; the README has
+// the rest.
 package main
 
 import (
@@ -11,7 +12,7 @@ import (
 func main() {
 	err := run(context.Background(), os.Args[1:], os.Stdout, os.Stderr)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "rollover: %v\n", err)
+		fmt.Fprintf(os.Stderr, "rollover: %v\n", oneLine(err))
 	}
 	os.Exit(exitCode(err))
 }

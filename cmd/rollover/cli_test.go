@@ -1,0 +1,138 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rollover-sh/rollover/rollover/wire"
+)
+
+func TestRunExitCodes(t *testing.T) {
+	cases := []struct {
+		args []string
+		code int
+		want string // in stdout for 0, in the error otherwise
+	}{
+		{[]string{"--help"}, 0, "Exit codes:"},
+		{[]string{"help", "next"}, 0, "rollover next [flags] [--] [CMD [ARGS...]]"},
+		{[]string{"version"}, 0, "rollover dev"},
+		{[]string{"--name", "x", "version"}, 0, "rollover dev"},
+		{[]string{"version", "--name", "x"}, 0, "rollover dev"},
+		{nil, 2, "no command given"},
+		{[]string{"nope"}, 2, `unknown command "nope"`},
+		{[]string{"status", "--json", "x"}, 2, "takes no arguments"},
+		{[]string{"start", "--adopt-wait", "0s", "--", "true"}, 2, "--adopt-wait must be a positive duration"},
+		{[]string{"start", "-drain-timeout", "1s", "--", "true"}, 2, "long flags take two dashes: --drain-timeout"},
+		{[]string{"next", "--socket", "/nonexistent/x.sock"}, 3, "no coordinator at /nonexistent/x.sock"},
+	}
+	for _, tc := range cases {
+		var out, errOut bytes.Buffer
+		err := run(context.Background(), tc.args, &out, &errOut)
+		if code := exitCode(err); code != tc.code {
+			t.Errorf("%q: exit %d (%v), want %d", tc.args, code, err, tc.code)
+			continue
+		}
+		got := out.String()
+		if err != nil {
+			got = oneLine(err)
+		}
+		if !strings.Contains(got, tc.want) {
+			t.Errorf("%q: %q lacks %q", tc.args, got, tc.want)
+		}
+		if errOut.Len() > 0 {
+			t.Errorf("%q wrote to stderr itself: %q", tc.args, errOut.String())
+		}
+	}
+}
+
+func TestFirstWord(t *testing.T) {
+	for in, want := range map[string]string{
+		"--name x stauts --json": "stauts",
+		"--socket /s -v status":  "status",
+		"--bogus":                "",
+		"-- foo":                 "",
+	} {
+		if got := firstWord(strings.Fields(in)); got != want {
+			t.Errorf("firstWord(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// JSON logs give durations as seconds with the unit in the key; text keeps
+// Go's duration strings.
+func TestLogDurations(t *testing.T) {
+	var b bytes.Buffer
+	slog.New(logHandler(&b, "json")).Info("generation drained", "gen", 1, "after", 1006*time.Millisecond)
+	var m map[string]any
+	if err := json.Unmarshal(b.Bytes(), &m); err != nil {
+		t.Fatal(err)
+	}
+	if m["after_s"] != 1.006 || m["after"] != nil || m["gen"] != 1.0 {
+		t.Errorf("JSON log %s: want after_s 1.006 and gen 1", b.String())
+	}
+	b.Reset()
+	slog.New(logHandler(&b, "text")).Info("generation drained", "after", 1006*time.Millisecond)
+	if !strings.Contains(b.String(), "after=1.006s") {
+		t.Errorf("text log %q: want after=1.006s", b.String())
+	}
+}
+
+func TestBar(t *testing.T) {
+	for _, tc := range []struct {
+		done, total int64
+		want        string
+	}{
+		{0, 4, "[----]"}, {2, 4, "[##--]"}, {4, 4, "[####]"}, {0, 0, "[####]"}, {5, 4, "[####]"},
+	} {
+		if got := bar(tc.done, tc.total, 4); got != tc.want {
+			t.Errorf("bar(%d, %d) = %s, want %s", tc.done, tc.total, got, tc.want)
+		}
+	}
+}
+
+// The watch pieces the rollovers together from successive statuses.
+func TestWatcherHistory(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+	gen := func(n int, state string, conns int64, started time.Time) wire.GenStatus {
+		return wire.GenStatus{Generation: n, PID: 100 + n, State: state, StartedAt: started, Stats: wire.Stats{Connections: conns}}
+	}
+	w := newWatcher(time.Second, t0)
+	steps := []struct {
+		at   time.Duration
+		st   wire.Status
+		want []string
+	}{
+		{0, wire.Status{Active: 1, Generations: []wire.GenStatus{gen(1, "active", 3, t0.Add(-time.Hour))}}, nil},
+		{time.Second, wire.Status{Active: 1, InProgress: true, Generations: []wire.GenStatus{gen(1, "active", 3, t0.Add(-time.Hour)), gen(2, "starting", 0, t0.Add(900*time.Millisecond))}},
+			[]string{"gen 2 started (pid 102)"}},
+		{2 * time.Second, wire.Status{Active: 2, Generations: []wire.GenStatus{gen(1, "draining", 4, t0.Add(-time.Hour)), gen(2, "active", 0, t0.Add(900*time.Millisecond))}},
+			[]string{"gen 2 ready after ≤1.1s", "gen 2 active", "draining gen 1: 0 in flight, 4 connections"}},
+		{3 * time.Second, wire.Status{Active: 2, Generations: []wire.GenStatus{gen(1, "draining", 1, t0.Add(-time.Hour)), gen(2, "active", 0, t0.Add(900*time.Millisecond))}}, nil},
+		{4 * time.Second, wire.Status{Active: 2, Generations: []wire.GenStatus{gen(2, "active", 0, t0.Add(900*time.Millisecond))}},
+			[]string{"gen 1 drained after ≤2.0s"}},
+		{5 * time.Second, wire.Status{Active: 2, Generations: []wire.GenStatus{gen(2, "active", 0, t0.Add(900*time.Millisecond)), gen(3, "starting", 0, t0.Add(5*time.Second))}},
+			[]string{"gen 3 started (pid 103)"}},
+		{6 * time.Second, wire.Status{Active: 2, Generations: []wire.GenStatus{gen(2, "active", 0, t0.Add(900*time.Millisecond))}},
+			[]string{"gen 3 failed: gone before it was active"}},
+	}
+	for i, s := range steps {
+		got := w.observe(&s.st, t0.Add(s.at))
+		if strings.Join(got, "\n") != strings.Join(s.want, "\n") {
+			t.Errorf("step %d: events %q, want %q", i, got, s.want)
+		}
+		if i == 3 {
+			screen := strings.Join(w.frame(&s.st, t0.Add(s.at)), "\n")
+			if !strings.Contains(screen, "[###############-----] 1/4") {
+				t.Errorf("step 3: no bar for gen 1's drain:\n%s", screen)
+			}
+		}
+	}
+	if len(w.recent) != 2 || w.recent[0].result != "failed" || w.recent[1].result != "ok" || w.recent[1].from != 1 || w.recent[1].drain != 2*time.Second {
+		t.Errorf("history %+v %+v", *w.recent[0], *w.recent[1])
+	}
+}

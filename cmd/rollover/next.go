@@ -1,0 +1,304 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/rollover-sh/rollover/rollover/coordinator"
+	"github.com/rollover-sh/rollover/rollover/wire"
+)
+
+// launchOpts are --ready, --addr and --drain-signal, for start and next.
+// Empty values mean the coordinator's defaults (next: the active
+// generation's).
+type launchOpts struct {
+	ready, addr, drainSignal string
+}
+
+func (l *launchOpts) add(f *pflag.FlagSet, next bool) {
+	dflt := func(s string) string {
+		if next {
+			return "the active generation's"
+		}
+		return s
+	}
+	f.StringVar(&l.ready, "ready", "", "how the app reports ready (`MODE`): library (links github.com/rollover-sh/rollover), notify (READY=1 on $NOTIFY_SOCKET), listen (listens on --addr) (default "+dflt("library")+")")
+	f.StringVar(&l.addr, "addr", "", "`HOST:PORT` the app listens on; needed by --ready=listen, and tells when an app without the library has left the port")
+	f.StringVar(&l.drainSignal, "drain-signal", "", "`SIGNAL` that makes an app without the library drain (default "+dflt("SIGTERM")+"; nginx wants SIGQUIT)")
+}
+
+func (l *launchOpts) resolve() (coordinator.Launch, error) {
+	var out coordinator.Launch
+	if l.drainSignal != "" {
+		s, err := coordinator.ParseSignal(l.drainSignal)
+		if err != nil {
+			return out, err
+		}
+		out.DrainSignal = s
+	}
+	switch l.ready {
+	case "", coordinator.ReadyLibrary, coordinator.ReadyNotify, coordinator.ReadyListen:
+	default:
+		return out, usageErr("--ready must be library, notify or listen, not %q", l.ready)
+	}
+	if l.addr != "" {
+		if _, _, err := net.SplitHostPort(l.addr); err != nil {
+			return out, usageErr("--addr must be HOST:PORT, not %q", l.addr)
+		}
+	}
+	out.Ready, out.Addr = l.ready, l.addr
+	return out, nil
+}
+
+func fixedCompletions(words ...string) func(*cobra.Command, []string, string) ([]cobra.Completion, cobra.ShellCompDirective) {
+	return func(*cobra.Command, []string, string) ([]cobra.Completion, cobra.ShellCompDirective) {
+		return words, cobra.ShellCompDirectiveNoFileComp
+	}
+}
+
+type nextOpts struct {
+	wait, asJSON bool
+	expect       int
+	launch       launchOpts
+}
+
+// newNextCmd is `next` or, with typ rollback, `rollback`.
+func newNextCmd(g *globals, typ string) *cobra.Command {
+	o := &nextOpts{}
+	exit := `  0  the new generation is active (with --wait: and the old one has exited)
+  1  the rollover failed (the old generation keeps serving; the reason and the
+     new generation's last stderr lines follow), or was refused: another
+     rollover is in progress, --expect-generation did not match, permission
+     denied%s
+` + exitCodesClient
+	c := &cobra.Command{
+		Use:   "next [flags] [--] [CMD [ARGS...]]",
+		Short: "Roll over to a new command line (default: the active one again)",
+		Long: `Roll over: start generation N+1 with CMD (default: the active generation's
+command line again, e.g. after overwriting its binary), wait until it is
+ready, steer every new connection to it, then drain generation N. Each phase
+is printed as it happens. Until N+1 is active, any failure ends N+1 and
+leaves N serving untouched.
+
+With --wait, also wait until N has drained and exited; in a terminal the
+drain is one progress line that updates in place.
+
+Flags end at CMD (or at --). A relative CMD path is made absolute here,
+since the coordinator may run in another directory. How the new generation
+reports ready and drains (--ready, --addr, --drain-signal) carries over from
+the active generation unless given.`,
+		Example: `  rollover next -- ./api-v2 -addr :8080
+  rollover next --wait                       # the same command line again
+  rollover --name web next --wait --json     # one JSON event per line
+  rollover next --expect-generation 4 -- ./api-v3 -addr :8080`,
+		Annotations: map[string]string{"exit": fmt.Sprintf(exit, ""), "signals": signalsText},
+		ValidArgsFunction: func(*cobra.Command, []string, string) ([]cobra.Completion, cobra.ShellCompDirective) {
+			return nil, cobra.ShellCompDirectiveDefault
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runNext(g, o, typ, cmd, args)
+		},
+	}
+	if typ == wire.TypeRollback {
+		c.Use = "rollback [flags]"
+		c.Short = "Roll over to the previous generation's command line"
+		c.Long = `Roll over to the command line of the generation before the active one, the
+way ` + "`rollover next`" + ` does: the previous command starts as a new generation,
+becomes active once ready, and the active one drains.`
+		c.Example = `  rollover rollback --wait`
+		c.Annotations["exit"] = fmt.Sprintf(exit, ", no previous generation")
+		c.Args = noArgs
+		c.ValidArgsFunction = cobra.NoFileCompletions
+	}
+	f := c.Flags()
+	f.SetInterspersed(false)
+	f.SortFlags = false
+	f.BoolVar(&o.wait, "wait", false, "also wait until the old generation has drained and exited")
+	f.BoolVar(&o.asJSON, "json", false, "print the events as JSON lines")
+	f.IntVar(&o.expect, "expect-generation", 0, "roll over only if generation `N` is still the active one (a compare-and-swap for deploy scripts)")
+	if typ == wire.TypeNext {
+		o.launch.add(f, true)
+		_ = c.RegisterFlagCompletionFunc("ready", fixedCompletions(coordinator.ReadyLibrary, coordinator.ReadyNotify, coordinator.ReadyListen))
+		_ = c.RegisterFlagCompletionFunc("drain-signal", fixedCompletions("SIGTERM", "SIGQUIT", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH"))
+	}
+	_ = c.RegisterFlagCompletionFunc("expect-generation", cobra.NoFileCompletions)
+	return c
+}
+
+func runNext(g *globals, o *nextOpts, typ string, cmd *cobra.Command, argv []string) error {
+	if cmd.Flags().Changed("expect-generation") && o.expect < 1 {
+		return usageErr("--expect-generation must be a generation number (1 or more), not %d", o.expect)
+	}
+	req := wire.Msg{Type: typ, Wait: o.wait, ExpectGeneration: o.expect}
+	if typ == wire.TypeNext {
+		launch, err := o.launch.resolve()
+		if err != nil {
+			return err
+		}
+		req.Ready, req.Addr = launch.Ready, launch.Addr
+		if launch.DrainSignal != 0 {
+			req.DrainSignal = fmt.Sprint(int(launch.DrainSignal))
+		}
+	}
+	if len(argv) > 0 && strings.ContainsRune(argv[0], '/') && !filepath.IsAbs(argv[0]) {
+		// The coordinator runs elsewhere; a relative path means ours.
+		abs, err := filepath.Abs(argv[0])
+		if err != nil {
+			return err
+		}
+		argv[0] = abs
+	}
+	c, err := dial(g.socketPath())
+	if err != nil {
+		return err
+	}
+	req.Argv = argv
+	stdout := cmd.OutOrStdout()
+	if o.asJSON {
+		enc := json.NewEncoder(stdout)
+		_, err = c.do(req, func(e wire.Event) { _ = enc.Encode(e) })
+		return err
+	}
+	p := newPhasePrinter(stdout, o.wait && isTerminal(stdout))
+	_, err = c.do(req, p.event)
+	p.finish()
+	if err == nil {
+		fmt.Fprintln(stdout, "done")
+	}
+	return err
+}
+
+// phasePrinter prints a rollover's events one line each. In live mode (a
+// terminal, with --wait) the drain is one line redrawn in place with \r:
+// a bar of the old generation's connections falling to zero.
+type phasePrinter struct {
+	w    io.Writer
+	live bool
+
+	mu    sync.Mutex
+	drain *drainProgress // the live line, nil when none is shown
+	stop  chan struct{}
+	done  sync.WaitGroup
+}
+
+type drainProgress struct {
+	gen             int
+	inflight, conns int64
+	maxConns        int64
+	since           time.Time
+}
+
+func newPhasePrinter(w io.Writer, live bool) *phasePrinter {
+	p := &phasePrinter{w: w, live: live, stop: make(chan struct{})}
+	if live {
+		// Redraw the elapsed time between the coordinator's updates,
+		// which come only when the counts change.
+		p.done.Add(1)
+		go func() {
+			defer p.done.Done()
+			t := time.NewTicker(200 * time.Millisecond)
+			defer t.Stop()
+			for {
+				select {
+				case <-t.C:
+					p.mu.Lock()
+					p.redraw()
+					p.mu.Unlock()
+				case <-p.stop:
+					return
+				}
+			}
+		}()
+	}
+	return p
+}
+
+func (p *phasePrinter) event(e wire.Event) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.live {
+		fmt.Fprintln(p.w, e.String())
+		return
+	}
+	switch {
+	case e.Phase == wire.PhaseDraining:
+		if p.drain == nil || p.drain.gen != e.Generation {
+			p.endLine()
+			p.drain = &drainProgress{gen: e.Generation, since: time.Now()}
+		}
+		if e.Stats != nil {
+			p.drain.inflight, p.drain.conns = e.Stats.Inflight, e.Stats.Connections
+			p.drain.maxConns = max(p.drain.maxConns, e.Stats.Connections)
+		}
+		p.redraw()
+	case e.Phase == wire.PhaseDrained && p.drain != nil && p.drain.gen == e.Generation:
+		p.drain.inflight, p.drain.conns = 0, 0
+		p.redraw()
+		fmt.Fprintln(p.w)
+		fmt.Fprintln(p.w, e.String())
+		p.drain = nil
+	default:
+		// A line of its own above the live one.
+		if p.drain != nil {
+			fmt.Fprint(p.w, "\r\x1b[K")
+		}
+		fmt.Fprintln(p.w, e.String())
+		p.redraw()
+	}
+}
+
+// redraw rewrites the live line; p.mu is held.
+func (p *phasePrinter) redraw() {
+	if p.drain == nil {
+		return
+	}
+	line := p.drain.line(time.Now())
+	if w := terminalWidth(p.w); w > 0 && len(line) >= w {
+		line = line[:w-1]
+	}
+	fmt.Fprint(p.w, "\r\x1b[K"+line)
+}
+
+// endLine leaves the live line as it stands; p.mu is held.
+func (p *phasePrinter) endLine() {
+	if p.drain != nil {
+		fmt.Fprintln(p.w)
+		p.drain = nil
+	}
+}
+
+// finish stops the redraws and ends a live line.
+func (p *phasePrinter) finish() {
+	close(p.stop)
+	p.done.Wait()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.endLine()
+}
+
+// line is the drain progress as a person reads it, e.g.
+// "draining gen 3: 2 in flight, 5 connections [###############-----]  5/20  1.2s".
+func (d *drainProgress) line(now time.Time) string {
+	return fmt.Sprintf("draining gen %d: %d in flight, %d connections %s %d/%d  %s",
+		d.gen, d.inflight, d.conns, bar(d.maxConns-d.conns, d.maxConns, 20), d.conns, d.maxConns,
+		now.Sub(d.since).Round(100*time.Millisecond))
+}
+
+// bar draws done of total as [####----]; total 0 is a full bar.
+func bar(done, total int64, width int) string {
+	n := width
+	if total > 0 {
+		n = int(done * int64(width) / total)
+	}
+	n = min(max(n, 0), width)
+	return "[" + strings.Repeat("#", n) + strings.Repeat("-", width-n) + "]"
+}

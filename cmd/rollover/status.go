@@ -1,0 +1,157 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/rollover-sh/rollover/rollover/wire"
+)
+
+type statusOpts struct {
+	asJSON, watch bool
+	interval      time.Duration
+}
+
+func newStatusCmd(g *globals) *cobra.Command {
+	o := &statusOpts{}
+	c := &cobra.Command{
+		Use:   "status [flags]",
+		Short: "Show generations, states, pids, in-flight counts and tcp_migrate_req",
+		Long: `Show the coordinator and its live generations: state (starting, ready, active,
+draining), pid, in-flight requests, open connections, requests served, whether
+the generation can be steered, uptime and command line.
+
+With --watch, keep showing it every --interval until Ctrl-C: in a terminal the
+screen is redrawn in place, with a bar for each draining generation's
+connections falling to zero and the last rollovers this watch saw (their ready
+and drain times, to within --interval, and results); in a pipe, one line per
+interval and one per rollover phase seen.`,
+		Example: `  rollover status
+  rollover --name web status --json
+  rollover status --watch
+  rollover status --watch --interval 2s | tee status.log`,
+		Annotations: map[string]string{"exit": `  0  ok (--watch: stopped with Ctrl-C)
+  1  refused (permission denied)
+` + exitCodesClient + `; with --watch, also when the coordinator goes away`},
+		Args:              noArgs,
+		ValidArgsFunction: cobra.NoFileCompletions,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := positive(cmd.Flags(), "interval"); err != nil {
+				return err
+			}
+			if cmd.Flags().Changed("interval") && !o.watch {
+				return usageErr("--interval goes with --watch")
+			}
+			if o.watch {
+				ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+				defer stop()
+				return watch(ctx, g.socketPath(), o, cmd.OutOrStdout())
+			}
+			st, err := status(g.socketPath())
+			if err != nil {
+				return err
+			}
+			if o.asJSON {
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				return enc.Encode(st)
+			}
+			return printStatus(cmd.OutOrStdout(), st, time.Now())
+		},
+	}
+	f := c.Flags()
+	f.SortFlags = false
+	f.BoolVar(&o.asJSON, "json", false, "print JSON (with --watch: one object per line)")
+	f.BoolVarP(&o.watch, "watch", "w", false, "keep watching: redraw in a terminal, one line per interval in a pipe")
+	f.DurationVar(&o.interval, "interval", 500*time.Millisecond, "how often --watch asks the coordinator")
+	return c
+}
+
+func migrateReq(st *wire.Status) string {
+	if st.MigrateReq == nil {
+		return "unknown"
+	}
+	if *st.MigrateReq {
+		return "1"
+	}
+	return "0"
+}
+
+func printStatus(w io.Writer, st *wire.Status, now time.Time) error {
+	fmt.Fprintf(w, "coordinator pid %d, socket %s, active gen %d, rollover in progress: %v, tcp_migrate_req=%s\n",
+		st.PID, st.Socket, st.Active, st.InProgress, migrateReq(st))
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tIN-FLIGHT\tCONNS\tREQUESTS\tSTEERED\tUPTIME\tCOMMAND")
+	for _, g := range st.Generations {
+		steer := "yes"
+		if !g.Steerable {
+			steer = "no (tcp_migrate_req)"
+		}
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%d\t%d\t%d\t%s\t%s\t%s\n", g.Generation, g.PID, g.State,
+			g.Stats.Inflight, g.Stats.Connections, g.Stats.Requests, steer,
+			now.Sub(g.StartedAt).Round(time.Second), strings.Join(g.Argv, " "))
+	}
+	return tw.Flush()
+}
+
+// isTerminal reports whether w is a terminal.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
+}
+
+// terminalWidth is w's width in columns, 0 when w is not a terminal.
+func terminalWidth(w io.Writer) int {
+	wd, _ := terminalSize(w)
+	return wd
+}
+
+func terminalSize(w io.Writer) (width, height int) {
+	f, ok := w.(*os.File)
+	if !ok {
+		return 0, 0
+	}
+	wd, ht, err := term.GetSize(int(f.Fd()))
+	if err != nil {
+		return 0, 0
+	}
+	return wd, ht
+}
+
+func newStopCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "stop [flags]",
+		Short: "Drain every generation, then make the coordinator exit",
+		Long: `Tell the coordinator to stop, as SIGTERM or SIGINT to it would: every
+generation drains (up to --drain-timeout, then it is killed), then the
+coordinator exits. stop returns once it has.`,
+		Example: `  rollover stop
+  rollover --name web stop`,
+		Annotations: map[string]string{"exit": `  0  stopped
+  1  refused (permission denied)
+` + exitCodesClient},
+		Args:              noArgs,
+		ValidArgsFunction: cobra.NoFileCompletions,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := dial(g.socketPath())
+			if err != nil {
+				return err
+			}
+			if _, err := c.do(wire.Msg{Type: wire.TypeStop}, nil); err != nil {
+				return err
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), "stopped: every generation drained")
+			return nil
+		},
+	}
+}
