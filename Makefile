@@ -3,12 +3,36 @@ GO      ?= go
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build test unit fuzz bench demo lint clean
+# Install locations, the GNU way: `make install PREFIX=/usr DESTDIR=/tmp/pkg`.
+PREFIX  ?= /usr/local
+BINDIR  ?= $(PREFIX)/bin
+DATADIR ?= $(PREFIX)/share
+INSTALL ?= install
+
+.PHONY: all build test unit fuzz bench demo lint clean install uninstall
 
 all: build
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./cmd/...
+
+# rollover and its shell completions (bash-completion, zsh, fish look there).
+install:
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/rollover ./cmd/rollover
+	mkdir -p bin/completion
+	bin/rollover completion bash > bin/completion/rollover.bash
+	bin/rollover completion zsh > bin/completion/_rollover
+	bin/rollover completion fish > bin/completion/rollover.fish
+	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(DATADIR)/bash-completion/completions \
+		$(DESTDIR)$(DATADIR)/zsh/site-functions $(DESTDIR)$(DATADIR)/fish/vendor_completions.d
+	$(INSTALL) -m 0755 bin/rollover $(DESTDIR)$(BINDIR)/rollover
+	$(INSTALL) -m 0644 bin/completion/rollover.bash $(DESTDIR)$(DATADIR)/bash-completion/completions/rollover
+	$(INSTALL) -m 0644 bin/completion/_rollover $(DESTDIR)$(DATADIR)/zsh/site-functions/_rollover
+	$(INSTALL) -m 0644 bin/completion/rollover.fish $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/rollover.fish
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/rollover $(DESTDIR)$(DATADIR)/bash-completion/completions/rollover \
+		$(DESTDIR)$(DATADIR)/zsh/site-functions/_rollover $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/rollover.fish
 
 # Everything: lint, every test with the race detector, and a short fuzz of the
 # protocol decoder.

@@ -32,6 +32,7 @@ type Config struct {
 	Naive        bool          // demoapp -naive: listener close + Shutdown, no steering
 	Metrics      bool          // serve /metrics on a free port
 	Log          io.Writer     // coordinator output (nil: discarded)
+	StartFlags   []string      // more `rollover start` flags, e.g. --log-format json
 }
 
 // Service is a running coordinator with its generations.
@@ -92,6 +93,7 @@ func Start(ctx context.Context, cfg Config) (*Service, error) {
 		s.MetricsAddr = "127.0.0.1:" + strconv.Itoa(mp)
 		args[len(args)-1] = s.MetricsAddr
 	}
+	args = append(args, cfg.StartFlags...)
 	args = append(args, "--")
 	args = append(args, s.AppArgv("v1")...)
 	s.args = args
@@ -172,6 +174,20 @@ func (s *Service) PID() int { return s.cmd.Process.Pid }
 
 // Exited is closed when the coordinator has exited.
 func (s *Service) Exited() <-chan struct{} { return s.exited }
+
+// ExitCode is the coordinator's exit code once Exited is closed (-1 when
+// a signal ended it).
+func (s *Service) ExitCode() int {
+	<-s.exited
+	if s.exitErr == nil {
+		return 0
+	}
+	var ee *exec.ExitError
+	if errors.As(s.exitErr, &ee) {
+		return ee.ExitCode()
+	}
+	return -1
+}
 
 func (s *Service) addPID(pid int) {
 	if pid <= 0 {
