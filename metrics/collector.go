@@ -6,6 +6,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
+// RollbackReasons label rollover_rollbacks_total.
+var RollbackReasons = []string{"exited", "health", "health-url", "abort"}
+
 // States a generation can be in, as exported by rollover_generation_state.
 var States = []string{"starting", "ready", "active", "draining"}
 
@@ -18,6 +21,8 @@ type GenSample struct {
 	Inflight    int64
 	Connections int64
 	Requests    uint64
+	Responses   [5]uint64 // by class: 1xx … 5xx
+	Panics      uint64
 }
 
 // Sample is what the coordinator knows at scrape time.
@@ -38,17 +43,25 @@ type Coordinator struct {
 	ScrapeErrors prometheus.Counter
 	Clashes      prometheus.Counter
 	ActiveExits  prometheus.Counter
-	read         func() (Sample, bool)
+	// CanaryWeight is the share of new connections a canary gets now.
+	CanaryWeight prometheus.Gauge
+	Rollbacks    *prometheus.CounterVec
+	// ForcedConnections and ForcedRequests were cut at a drain deadline.
+	ForcedConnections prometheus.Counter
+	ForcedRequests    prometheus.Counter
+	read              func() (Sample, bool)
 }
 
 var (
-	descInfo     = prometheus.NewDesc("rollover_generation_info", "A live generation of the app; always 1.", []string{"generation", "pid", "command"}, nil)
-	descState    = prometheus.NewDesc("rollover_generation_state", "1 for the state the generation is in, 0 for the others.", []string{"generation", "state"}, nil)
-	descInflight = prometheus.NewDesc("rollover_inflight_requests", "Requests the generation is serving now.", []string{"generation"}, nil)
-	descConns    = prometheus.NewDesc("rollover_open_connections", "Connections the generation holds open, hijacked ones included.", []string{"generation"}, nil)
-	descRequests = prometheus.NewDesc("rollover_requests_total", "Requests the generation has started serving.", []string{"generation"}, nil)
-	descActive   = prometheus.NewDesc("rollover_active_generation", "The generation receiving new connections; 0 when none.", nil, nil)
-	descMigrate  = prometheus.NewDesc("rollover_migrate_req_enabled", "1 when net.ipv4.tcp_migrate_req is on in the coordinator's network namespace.", nil, nil)
+	descInfo      = prometheus.NewDesc("rollover_generation_info", "A live generation of the app; always 1.", []string{"generation", "pid", "command"}, nil)
+	descState     = prometheus.NewDesc("rollover_generation_state", "1 for the state the generation is in, 0 for the others.", []string{"generation", "state"}, nil)
+	descInflight  = prometheus.NewDesc("rollover_inflight_requests", "Requests the generation is serving now.", []string{"generation"}, nil)
+	descConns     = prometheus.NewDesc("rollover_open_connections", "Connections the generation holds open, hijacked ones included.", []string{"generation"}, nil)
+	descRequests  = prometheus.NewDesc("rollover_requests_total", "Requests the generation has started serving.", []string{"generation"}, nil)
+	descActive    = prometheus.NewDesc("rollover_active_generation", "The generation receiving new connections; 0 when none.", nil, nil)
+	descResponses = prometheus.NewDesc("rollover_responses_total", "Responses the generation sent, by status class.", []string{"generation", "code"}, nil)
+	descPanics    = prometheus.NewDesc("rollover_panics_total", "Handler panics in the generation (recovered, counted, re-panicked).", []string{"generation"}, nil)
+	descMigrate   = prometheus.NewDesc("rollover_migrate_req_enabled", "1 when net.ipv4.tcp_migrate_req is on in the coordinator's network namespace.", nil, nil)
 )
 
 // NewCoordinator returns the coordinator's metrics; read is called at every
@@ -78,16 +91,31 @@ func NewCoordinator(read func() (Sample, bool)) *Coordinator {
 		ActiveExits: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "rollover_active_exits_total", Help: "Times the active generation exited on its own (and was restarted with backoff).",
 		}),
+		CanaryWeight: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "rollover_canary_weight", Help: "Percent of new connections the canary generation gets; 0 when no canary runs.",
+		}),
+		Rollbacks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "rollover_rollbacks_total", Help: "Automatic and manual rollbacks during a bake or canary, by reason (exited, health, health-url, abort).",
+		}, []string{"reason"}),
+		ForcedConnections: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "rollover_forced_connections_total", Help: "Connections (hijacked ones included) cut at a drain deadline.",
+		}),
+		ForcedRequests: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "rollover_forced_requests_total", Help: "Requests in flight cut at a drain deadline.",
+		}),
 		read: read,
 	}
 	c.Rollovers.WithLabelValues("ok")
 	c.Rollovers.WithLabelValues("failed")
+	for _, r := range RollbackReasons {
+		c.Rollbacks.WithLabelValues(r)
+	}
 	return c
 }
 
 // instruments are the metrics that outlive generations.
 func (c *Coordinator) instruments() []prometheus.Collector {
-	return []prometheus.Collector{c.Rollovers, c.ForcedDrains, c.Ready, c.Drain, c.ScrapeErrors, c.Clashes, c.ActiveExits}
+	return []prometheus.Collector{c.Rollovers, c.ForcedDrains, c.Ready, c.Drain, c.ScrapeErrors, c.Clashes, c.ActiveExits, c.CanaryWeight, c.Rollbacks, c.ForcedConnections, c.ForcedRequests}
 }
 
 // Describe implements prometheus.Collector.
@@ -95,7 +123,7 @@ func (c *Coordinator) Describe(ch chan<- *prometheus.Desc) {
 	for _, m := range c.instruments() {
 		m.Describe(ch)
 	}
-	for _, d := range []*prometheus.Desc{descInfo, descState, descInflight, descConns, descRequests, descActive, descMigrate} {
+	for _, d := range []*prometheus.Desc{descInfo, descState, descInflight, descConns, descRequests, descResponses, descPanics, descActive, descMigrate} {
 		ch <- d
 	}
 }
@@ -122,6 +150,10 @@ func (c *Coordinator) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descInflight, prometheus.GaugeValue, float64(g.Inflight), n)
 		ch <- prometheus.MustNewConstMetric(descConns, prometheus.GaugeValue, float64(g.Connections), n)
 		ch <- prometheus.MustNewConstMetric(descRequests, prometheus.CounterValue, float64(g.Requests), n)
+		for i, v := range g.Responses {
+			ch <- prometheus.MustNewConstMetric(descResponses, prometheus.CounterValue, float64(v), n, strconv.Itoa(i+1)+"xx")
+		}
+		ch <- prometheus.MustNewConstMetric(descPanics, prometheus.CounterValue, float64(g.Panics), n)
 	}
 }
 

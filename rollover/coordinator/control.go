@@ -182,7 +182,7 @@ func (c *Coordinator) handle(conn *net.UnixConn) {
 	switch m.Type {
 	case wire.TypeHello:
 		c.handleGen(out, r, m, cred)
-	case wire.TypeNext, wire.TypeRollback, wire.TypeStatus, wire.TypeStop:
+	case wire.TypeNext, wire.TypeRollback, wire.TypeStatus, wire.TypeStop, wire.TypePromote, wire.TypeAbort:
 		if uid := uint32(os.Geteuid()); cred.Uid != uid && cred.Uid != 0 {
 			c.log.Warn("control: refused request from another user", "uid", cred.Uid, "pid", cred.Pid)
 			_ = out.send(wire.Msg{Type: wire.TypeResult, Error: fmt.Sprintf("permission denied: uid %d is not the coordinator's uid %d", cred.Uid, uid), Code: 1})
@@ -223,7 +223,7 @@ func (c *Coordinator) handleGen(out *genConn, r *wire.Reader, hello wire.Msg, cr
 		}
 		switch m.Type {
 		case wire.TypeReady:
-			c.post(evReady{g: g, lib: true, steerable: m.Steerable, steerErr: m.SteerError})
+			c.post(evReady{g: g, lib: true, steerable: m.Steerable, steerErr: m.SteerError, addrs: m.Addrs})
 		case wire.TypeStats, wire.TypeDone:
 			if m.Stats != nil {
 				c.post(evStats{g: g, stats: *m.Stats})
@@ -307,23 +307,85 @@ func (c *Coordinator) handleCLI(out *genConn, m wire.Msg) {
 		c.requestStop()
 		<-c.stopped
 		result(nil)
-	case wire.TypeNext, wire.TypeRollback:
-		req := rolloverReq{launch: Launch{Argv: m.Argv, Ready: m.Ready, Addr: m.Addr}, expect: m.ExpectGeneration, rollback: m.Type == wire.TypeRollback}
-		if m.DrainSignal != "" {
-			sig, err := ParseSignal(m.DrainSignal)
-			if err != nil {
-				result(err)
-				return
-			}
-			req.launch.DrainSignal = sig
+	case wire.TypePromote, wire.TypeAbort:
+		err, ok := ask(c, func(r chan error) event { return evControl{what: m.Type, reply: r} })
+		if !ok {
+			err = ErrStopping
 		}
-		old, err := c.tryRollover(req, emit)
+		result(err)
+	case wire.TypeNext, wire.TypeRollback:
+		req, err := cliRequest(m)
+		if err != nil {
+			result(err)
+			return
+		}
+		rep, err := c.tryRollover(req, emit)
 		if err != nil {
 			c.log.Warn("rollover failed", "err", err)
 		}
-		if err == nil && m.Wait {
-			c.waitDrain(old, emit)
+		switch {
+		case rep == nil || (err != nil && !rep.rolledBack):
+			// refused, or failed before activation: nothing to report
+		case m.Wait:
+			c.waitReport(rep, emit)
+			if err == nil && rep.report.Lost() {
+				err = &lossError{rep.report}
+			}
+		default:
+			emit(wire.Event{Phase: wire.PhaseReport, Report: rep.partial})
 		}
-		result(err)
+		res := wire.Msg{Type: wire.TypeResult, OK: err == nil}
+		if err != nil {
+			res.Error, res.Code = err.Error(), 1
+			var le *lossError
+			switch {
+			case errors.Is(err, ErrUsage):
+				res.Code = 2
+			case errors.As(err, &le):
+				res.Code = ExitLost
+			}
+		}
+		_ = out.send(res)
 	}
+}
+
+// ExitLost is the exit code of `next --wait` when the rollover cut a
+// connection or a request at a drain deadline.
+const ExitLost = 4
+
+// lossError says what a rollover cut.
+type lossError struct{ r *wire.Report }
+
+func (e *lossError) Error() string {
+	return fmt.Sprintf("the rollover cut %d connections and %d requests at a drain deadline (--drain-timeout): %s", e.r.ForcedConnections, e.r.ForcedRequests, e.r)
+}
+
+// cliRequest reads a next or rollback request.
+func cliRequest(m wire.Msg) (rolloverReq, error) {
+	req := rolloverReq{launch: Launch{Argv: m.Argv, Ready: m.Ready, Addr: m.Addr}, expect: m.ExpectGeneration, rollback: m.Type == wire.TypeRollback, healthURL: m.HealthURL}
+	if m.DrainSignal != "" {
+		sig, err := ParseSignal(m.DrainSignal)
+		if err != nil {
+			return req, err
+		}
+		req.launch.DrainSignal = sig
+	}
+	if m.Bake != "" {
+		d, err := time.ParseDuration(m.Bake)
+		if err != nil || d < 0 {
+			return req, fmt.Errorf("%w: --bake %q is not a duration of 0 or more (say 5s)", ErrUsage, m.Bake)
+		}
+		req.bake = &d
+	}
+	for i, w := range m.Canary {
+		if w < 1 || w > 100 || (i > 0 && w <= m.Canary[i-1]) {
+			return req, fmt.Errorf("%w: --canary %v: give rising percentages from 1 to 100 (say 5%%,25%%,100%%)", ErrUsage, m.Canary)
+		}
+	}
+	req.canary = m.Canary
+	if m.StepMS < 0 {
+		return req, fmt.Errorf("%w: --step must not be negative", ErrUsage)
+	}
+	req.step = time.Duration(m.StepMS) * time.Millisecond
+	return req, nil
 }

@@ -25,6 +25,15 @@ var (
 	DefaultDrainTimeout = 30 * time.Second
 	DefaultDrainGrace   = time.Second
 	DefaultKillGrace    = 5 * time.Second
+	// DefaultBake keeps the old generation ready to take the port back
+	// for 5s: long enough to see a new generation crash on its first
+	// requests or answer 5xx under real traffic, short enough that `next`
+	// and `systemctl reload` stay quick.
+	DefaultBake = 5 * time.Second
+	// The default health rule: at least 20 responses, of which 10% or more
+	// are 5xx or panics, fail a bake.
+	DefaultHealthMinRequests   uint64 = 20
+	DefaultHealthMaxErrorRatio        = 0.1
 	// MaxRestartDelay bounds the backoff between restarts of a crashing
 	// active generation.
 	MaxRestartDelay = 30 * time.Second
@@ -65,6 +74,17 @@ type Config struct {
 	Ready       string
 	Addr        string
 	DrainSignal syscall.Signal
+
+	// Bake is how long the old generation keeps its listener, steered
+	// away, after a rollover, so that the rollover can be rolled back at
+	// once if the new generation exits or fails its health (0: no bake;
+	// the CLI's default is DefaultBake). HealthMinRequests and
+	// HealthMaxErrorRatio are the health rule (0: the defaults); HealthURL,
+	// when set, is probed through the port during the bake.
+	Bake                time.Duration
+	HealthMinRequests   uint64
+	HealthMaxErrorRatio float64
+	HealthURL           string
 
 	// Notify, when set, receives sd_notify messages ("READY=1\nSTATUS=…")
 	// for the service manager: ready, reloading around a rollover, stopping.
@@ -113,6 +133,15 @@ func New(cfg Config) (*Coordinator, error) {
 	}
 	if cfg.KillGrace <= 0 {
 		cfg.KillGrace = DefaultKillGrace
+	}
+	if cfg.Bake < 0 {
+		cfg.Bake = 0
+	}
+	if cfg.HealthMinRequests == 0 {
+		cfg.HealthMinRequests = DefaultHealthMinRequests
+	}
+	if cfg.HealthMaxErrorRatio <= 0 {
+		cfg.HealthMaxErrorRatio = DefaultHealthMaxErrorRatio
 	}
 	if cfg.AdoptWait <= 0 {
 		cfg.AdoptWait = DefaultAdoptWait

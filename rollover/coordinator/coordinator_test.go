@@ -109,7 +109,7 @@ func TestRollover(t *testing.T) {
 	if !res.OK {
 		t.Fatalf("next failed: %s", res.Error)
 	}
-	want := []string{wire.PhaseStarted, wire.PhaseReady, wire.PhaseActive, wire.PhaseDraining, wire.PhaseLeft}
+	want := []string{wire.PhaseStarted, wire.PhaseReady, wire.PhaseActive, wire.PhaseDraining, wire.PhaseLeft, wire.PhaseReport}
 	if got := phases(events); !slices.Equal(got, want) {
 		t.Fatalf("next events %v, want %v", got, want)
 	}

@@ -53,11 +53,20 @@ type gen struct {
 	wasActive    bool   // the predecessor's active generation
 	notifyStatus string // last STATUS= (ReadyNotify)
 	exitErr      error
+	addrs        []string     // the listeners' addresses, as the library reported them at ready
+	released     bool         // in the bake of its successor: steered away, keeping its listener
+	health       *wire.Health // the rule its bake or canary step judges it by
+	unhealthyWhy string       // set before unhealthy is closed
+	forcedConns  int64        // cut at its drain deadline
+	forcedReqs   int64
 
 	hello  chan struct{} // hello accepted
 	ready  chan struct{} // ready
 	left   chan struct{} // listeners closed, or exited
 	exited chan struct{} // process gone; exitErr set before
+	// unhealthy is closed when the generation breaks its health rule;
+	// unhealthyWhy is set before.
+	unhealthy chan struct{}
 }
 
 func newGen(n int, l Launch) *gen {
@@ -71,6 +80,8 @@ func newGen(n int, l Launch) *gen {
 		ready:  make(chan struct{}),
 		left:   make(chan struct{}),
 		exited: make(chan struct{}),
+
+		unhealthy: make(chan struct{}),
 	}
 	if l.Ready != ReadyLibrary {
 		g.steerErr = "the app does not link the rollover library (--ready=" + l.Ready + ")"

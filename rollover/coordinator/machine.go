@@ -83,6 +83,7 @@ type (
 		lib       bool
 		steerable bool
 		steerErr  string
+		addrs     []string
 	}
 	evNotifyStatus struct {
 		g    *gen
@@ -119,6 +120,33 @@ type (
 		g   *gen
 		err error
 	}
+	// evWatch starts judging g's health by rule (nil: stops) as its stats
+	// arrive: the rollover's bake or canary step.
+	evWatch struct {
+		g    *gen
+		rule *wire.Health
+	}
+	// evCanary records the share of new connections the rollover's new
+	// generation gets (0: the canary is over).
+	evCanary struct{ weight int }
+	// evRelease: the bake began; prev is steered away and drains its
+	// connections, but keeps its listener for a rollback.
+	evRelease struct{ g *gen }
+	// evRollback gives the port back to prev, the generation g replaced,
+	// and drains g: the bake or canary failed.
+	evRollback struct {
+		g, prev *gen
+		reason  string // exited, health, health-url, abort
+		reply   chan struct{}
+	}
+	// evControl asks the rollover in progress to promote its canary (or
+	// end its bake) or to abort; reply says why not, if it cannot.
+	evControl struct {
+		what  string // wire.TypePromote or wire.TypeAbort
+		reply chan error
+	}
+	// evReport: a rollover's loss report is complete.
+	evReport struct{ r *wire.Report }
 	// evFinish ends the rollover that spawned g (if it is still the one in
 	// progress) with err.
 	evFinish struct {
@@ -166,6 +194,10 @@ type (
 		g     *gen
 		reply chan wire.Stats
 	}
+	qNumbers struct {
+		g     *gen
+		reply chan numbers
+	}
 	qConnected struct{ reply chan []*gen } // generations with a control connection
 	qView      struct{ reply chan view }
 )
@@ -182,6 +214,12 @@ func (evClosedListener) isEvent() {}
 func (evDrainTimeout) isEvent()   {}
 func (evExited) isEvent()         {}
 func (evFinish) isEvent()         {}
+func (evWatch) isEvent()          {}
+func (evCanary) isEvent()         {}
+func (evRelease) isEvent()        {}
+func (evRollback) isEvent()       {}
+func (evControl) isEvent()        {}
+func (evReport) isEvent()         {}
 func (evRestartDue) isEvent()     {}
 func (evStop) isEvent()           {}
 func (evForce) isEvent()          {}
@@ -193,6 +231,7 @@ func (qStatus) isEvent()          {}
 func (qSample) isEvent()          {}
 func (qConn) isEvent()            {}
 func (qStats) isEvent()           {}
+func (qNumbers) isEvent()         {}
 func (qConnected) isEvent()       {}
 func (qView) isEvent()            {}
 
@@ -201,13 +240,21 @@ type rolloverReq struct {
 	launch   Launch // empty fields: the active generation's
 	expect   int    // refuse unless this generation is active (0: any)
 	rollback bool   // roll to the previous generation's launch
+	// bake overrides Config.Bake when set; canary lists the weights of
+	// the canary's steps (percent), each lasting step (0: until promote or
+	// abort); healthURL overrides Config.HealthURL.
+	bake      *time.Duration
+	canary    []int
+	step      time.Duration
+	healthURL string
 }
 
 // began answers evBegin: the new generation and the one it replaces.
 type began struct {
 	g, prev   *gen
-	reloading bool   // a rollover of a started service (not generation 1's start)
-	note      string // worth telling whoever asked
+	ctl       chan string // promote or abort, from evControl
+	reloading bool        // a rollover of a started service (not generation 1's start)
+	note      string      // worth telling whoever asked
 	err       error
 }
 
@@ -273,9 +320,12 @@ type machine struct {
 	active   *gen
 	previous *Launch // what was active before the current one
 
-	rolling   *gen // the new generation of the rollover in progress
-	reloading bool // that rollover replaces a started service
-	adopting  bool // adopting a predecessor's generations (holds rollovers off)
+	rolling   *gen        // the new generation of the rollover in progress
+	reloading bool        // that rollover replaces a started service
+	ctl       chan string // that rollover's promote and abort
+	canary    int         // the share of new connections its canary gets
+	baking    *gen        // the generation in its bake or canary
+	adopting  bool        // adopting a predecessor's generations (holds rollovers off)
 
 	stopping       bool
 	started        bool    // some generation became active
@@ -283,6 +333,7 @@ type machine struct {
 	crashes        int     // for the restart backoff; reset after a minute of uptime
 	activeExits    int
 	restartPending bool
+	lastReport     *wire.Report
 	forces         int           // evForce received
 	forced         bool          // some generation was killed: a forced drain or stop
 	final          bool          // no more state file
@@ -307,7 +358,7 @@ func (m *machine) step(ev event) {
 	case evNotifyStatus:
 		e.g.notifyStatus = e.text
 	case evStats:
-		e.g.stats = e.stats
+		m.stats(e.g, e.stats)
 	case evDisconnected:
 		if e.g.conn == e.conn {
 			e.g.conn = nil
@@ -324,12 +375,48 @@ func (m *machine) step(ev event) {
 	case evDrainTimeout:
 		if e.g.state != stateGone {
 			m.forced = true
+			// What it still held is cut now; the library's own count
+			// (in done) wins when it reported one.
+			e.g.forcedConns = max(e.g.forcedConns, e.g.stats.Connections)
+			e.g.forcedReqs = max(e.g.forcedReqs, e.g.stats.Inflight)
 			m.fx.metrics.ForcedDrains.Inc()
 			m.fx.log.Warn("drain timed out; killing", "gen", e.g.n, "pid", e.g.pid, "drain_timeout", m.fx.drainTimeout)
 			m.fx.kill(e.g)
 		}
 	case evExited:
 		m.exited(e.g, e.err)
+	case evWatch:
+		e.g.health = e.rule
+		m.judge(e.g)
+		if e.rule != nil {
+			m.baking = e.g
+		} else if m.baking == e.g {
+			m.baking = nil
+		}
+	case evCanary:
+		m.canary = e.weight
+		m.fx.metrics.CanaryWeight.Set(float64(e.weight))
+	case evRelease:
+		if e.g.state != stateGone {
+			e.g.state, e.g.released = stateDraining, true
+		}
+	case evRollback:
+		m.rollback(e.g, e.prev, e.reason)
+		close(e.reply)
+	case evControl:
+		switch {
+		case m.ctl == nil:
+			e.reply <- errors.New("no canary or bake is waiting")
+		default:
+			select {
+			case m.ctl <- e.what:
+				e.reply <- nil
+			default:
+				e.reply <- errors.New("the rollover is already acting on a promote or abort")
+			}
+		}
+	case evReport:
+		m.lastReport = e.r
 	case evFinish:
 		if m.rolling == e.g {
 			m.finish(e.err)
@@ -386,6 +473,8 @@ func (m *machine) step(ev event) {
 		e.reply <- e.g.conn
 	case qStats:
 		e.reply <- e.g.stats
+	case qNumbers:
+		e.reply <- numbers{stats: e.g.stats, forcedConns: e.g.forcedConns, forcedReqs: e.g.forcedReqs}
 	case qConnected:
 		var gs []*gen
 		for _, g := range m.gens {
@@ -457,8 +546,9 @@ func (m *machine) begin(req rolloverReq) began {
 	}
 	m.gens[g.n] = g
 	m.rolling, m.reloading = g, m.started
+	m.ctl = make(chan string, 1)
 	m.save()
-	b := began{g: g, prev: m.active, reloading: m.reloading}
+	b := began{g: g, prev: m.active, reloading: m.reloading, ctl: m.ctl}
 	if a := m.active; a != nil && slices.Equal(g.launch.Argv, a.launch.Argv) && g.exe.same(a.exe) {
 		b.note = fmt.Sprintf("gen %d runs the same %s as gen %d (unchanged since %s): this restarts the same program; if a deploy copied a new one, it did not land (a plain cp onto a running binary fails with \"Text file busy\": write a new file and mv it into place)",
 			g.n, g.launch.Argv[0], a.n, a.exe.mtime.Format(time.DateTime))
@@ -468,7 +558,11 @@ func (m *machine) begin(req rolloverReq) began {
 
 // finish ends the rollover in progress with err.
 func (m *machine) finish(err error) {
-	m.rolling = nil
+	m.rolling, m.ctl, m.baking = nil, nil, nil
+	if m.canary != 0 {
+		m.canary = 0
+		m.fx.metrics.CanaryWeight.Set(0)
+	}
 	result := "ok"
 	if err != nil {
 		result = "failed"
@@ -549,7 +643,7 @@ func (m *machine) ready(e evReady) {
 	default:
 	}
 	if e.lib {
-		g.steerable, g.steerErr = e.steerable, e.steerErr
+		g.steerable, g.steerErr, g.addrs = e.steerable, e.steerErr, e.addrs
 	}
 	if g.state == stateStarting {
 		g.state = stateReady
@@ -557,6 +651,52 @@ func (m *machine) ready(e evReady) {
 		m.fx.metrics.Ready.Observe(g.readyAt.Sub(g.start).Seconds())
 	}
 	close(g.ready)
+}
+
+// stats records what g reported, judges its health, and keeps what its
+// drain deadline cut.
+func (m *machine) stats(g *gen, s wire.Stats) {
+	g.stats = s
+	g.forcedConns = max(g.forcedConns, s.ForcedConnections)
+	g.forcedReqs = max(g.forcedReqs, s.ForcedRequests)
+	m.judge(g)
+}
+
+// judge closes g.unhealthy once g breaks its health rule.
+func (m *machine) judge(g *gen) {
+	if g.health == nil || g.state == stateGone || isDone(g.unhealthy) || !g.health.Failing(g.stats) {
+		return
+	}
+	s := g.stats
+	bad := s.R5xx + s.Panics
+	total := s.R1xx + s.R2xx + s.R3xx + s.R4xx + bad
+	g.unhealthyWhy = fmt.Sprintf("%d of %d responses were 5xx or panics (%.0f%%, limit %.0f%% of at least %d)", bad, total, 100*float64(bad)/float64(total), 100*g.health.MaxErrorRatio, g.health.MinRequests)
+	close(g.unhealthy)
+}
+
+func isDone(ch chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+// rollback makes prev, the generation g replaced, active again and drains
+// g. prev takes the port back itself (resume), before this.
+func (m *machine) rollback(g, prev *gen, reason string) {
+	m.fx.metrics.Rollbacks.WithLabelValues(reason).Inc()
+	m.baking = nil
+	if prev.state != stateGone {
+		prev.state, prev.released = stateActive, false
+		m.active = prev
+	} else if m.active == g {
+		m.active = nil
+	}
+	g.health = nil
+	m.drain(g)
+	m.save()
 }
 
 func (m *machine) activate(g *gen, last bool) error {
@@ -605,7 +745,19 @@ func (m *machine) exited(g *gen, err error) {
 	closeOnce(g.left)
 	close(g.exited)
 	now := m.fx.now()
+	if g.forcedConns > 0 || g.forcedReqs > 0 {
+		m.fx.metrics.ForcedConnections.Add(float64(g.forcedConns))
+		m.fx.metrics.ForcedRequests.Add(float64(g.forcedReqs))
+		m.fx.log.Warn(fmt.Sprintf("gen %d: its drain deadline cut %d connections and %d requests", g.n, g.forcedConns, g.forcedReqs), "gen", g.n, "pid", g.pid, "forced_connections", g.forcedConns, "forced_requests", g.forcedReqs)
+	}
 	switch {
+	case m.baking == g:
+		// Judged by its rollover, which rolls back: not a crash to restart.
+		m.baking = nil
+		if m.active == g {
+			m.active = nil
+		}
+		m.fx.log.Warn("generation exited during its bake", "gen", g.n, "pid", g.pid, "exit", exitText(err))
 	case !g.drainStart.IsZero():
 		d := now.Sub(g.drainStart)
 		m.fx.metrics.Drain.Observe(d.Seconds())
@@ -716,7 +868,11 @@ func (m *machine) sorted() []*gen {
 }
 
 func (m *machine) status() wire.Status {
-	st := wire.Status{PID: os.Getpid(), InProgress: m.inProgress(), ActiveExits: m.activeExits, RestartPending: m.restartPending, Generations: []wire.GenStatus{}}
+	st := wire.Status{PID: os.Getpid(), InProgress: m.inProgress(), ActiveExits: m.activeExits, RestartPending: m.restartPending, Generations: []wire.GenStatus{},
+		CanaryWeight: m.canary, LastReport: m.lastReport}
+	if m.baking != nil {
+		st.Baking = m.baking.n
+	}
 	if m.active != nil {
 		st.Active = m.active.n
 	}
@@ -739,6 +895,7 @@ func (m *machine) sample() metrics.Sample {
 		s.Generations = append(s.Generations, metrics.GenSample{
 			N: g.n, PID: g.pid, Command: strings.Join(g.launch.Argv, " "), State: g.state.String(),
 			Inflight: g.stats.Inflight, Connections: g.stats.Connections, Requests: g.stats.Requests,
+			Responses: [5]uint64{g.stats.R1xx, g.stats.R2xx, g.stats.R3xx, g.stats.R4xx, g.stats.R5xx}, Panics: g.stats.Panics,
 		})
 	}
 	return s
