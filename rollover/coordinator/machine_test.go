@@ -349,6 +349,104 @@ func TestMachine(t *testing.T) {
 				t.Fatalf("second force: %d, did %v", n, w.did)
 			}
 		}},
+		{"the bake: health judged from stats, an exit is a rollback not a crash", func(t *testing.T, w *fakeWorld) {
+			g1 := w.start()
+			b := w.begin(rolloverReq{})
+			g2 := b.g
+			w.m.step(evReady{g: g2, lib: true, steerable: true})
+			rule := &wire.Health{MinRequests: 20, MaxErrorRatio: 0.1}
+			w.m.step(evWatch{g: g2, rule: rule})
+			if err := w.activate(g2, false); err != nil {
+				t.Fatal(err)
+			}
+			w.m.step(evRelease{g: g1})
+			if got, st := w.states(), w.status(); got != "1:draining 2:active" || st.Baking != 2 {
+				t.Fatalf("in the bake: %q, baking %d", got, st.Baking)
+			}
+			w.m.step(evStats{g: g2, stats: wire.Stats{R2xx: 15, R5xx: 1}})
+			if isClosed(g2.unhealthy) {
+				t.Fatal("unhealthy on 1 error in 16 responses")
+			}
+			w.m.step(evStats{g: g2, stats: wire.Stats{R2xx: 17, R5xx: 2, Panics: 1}})
+			if !isClosed(g2.unhealthy) || !strings.Contains(g2.unhealthyWhy, "3 of 20 responses were 5xx or panics (15%") {
+				t.Fatalf("not unhealthy at 3 of 20: %q", g2.unhealthyWhy)
+			}
+			w.m.step(evExited{g: g2, err: errBoom})
+			if st := w.status(); st.ActiveExits != 0 || st.RestartPending {
+				t.Fatalf("an exit during the bake counted as an active crash: %+v", st)
+			}
+			reply := make(chan struct{})
+			w.m.step(evRollback{g: g2, prev: g1, reason: "exited", reply: reply})
+			w.finish(g2, errors.New("rolled back"))
+			if got, st := w.states(), w.status(); got != "1:active" || st.Active != 1 || st.Baking != 0 || st.InProgress {
+				t.Fatalf("after the rollback: %q, %+v", got, st)
+			}
+			if got := testutil.ToFloat64(w.m.fx.metrics.Rollbacks.WithLabelValues("exited")); got != 1 {
+				t.Errorf("rollbacks{exited} = %v, want 1", got)
+			}
+			if w.didAny("order 1") {
+				t.Error("the old generation was told to drain: it must take the port back")
+			}
+		}},
+		{"a rollback drains a live new generation; after the bake a crash restarts", func(t *testing.T, w *fakeWorld) {
+			g1 := w.start()
+			b := w.begin(rolloverReq{})
+			w.m.step(evReady{g: b.g, lib: true, steerable: true})
+			w.m.step(evWatch{g: b.g, rule: &wire.Health{MinRequests: 1, MaxErrorRatio: 0.5}})
+			_ = w.activate(b.g, false)
+			w.m.step(evRelease{g: g1})
+			w.m.step(evRollback{g: b.g, prev: g1, reason: "health", reply: make(chan struct{})})
+			if got := w.states(); got != "1:active 2:draining" || !w.didAny("order 2") {
+				t.Fatalf("after a health rollback: %q, did %v", got, w.did)
+			}
+			w.finish(b.g, errors.New("rolled back"))
+			// A clean bake: judging stops, and the active one's exit is a
+			// crash again.
+			b3 := w.begin(rolloverReq{})
+			w.m.step(evReady{g: b3.g, lib: true, steerable: true})
+			w.m.step(evWatch{g: b3.g, rule: &wire.Health{MinRequests: 1, MaxErrorRatio: 0.5}})
+			_ = w.activate(b3.g, false)
+			w.m.step(evWatch{g: b3.g})
+			w.m.step(evExited{g: b3.g, err: errBoom})
+			if st := w.status(); st.ActiveExits != 1 {
+				t.Fatalf("a crash after the bake was not counted: %+v", st)
+			}
+		}},
+		{"promote and abort reach only a rollover in progress", func(t *testing.T, w *fakeWorld) {
+			w.start()
+			reply := make(chan error, 1)
+			w.m.step(evControl{what: wire.TypePromote, reply: reply})
+			if err := <-reply; err == nil || !strings.Contains(err.Error(), "no canary or bake") {
+				t.Fatalf("promote with no rollover: %v", err)
+			}
+			b := w.begin(rolloverReq{canary: []int{10}})
+			w.m.step(evCanary{weight: 10})
+			if st := w.status(); st.CanaryWeight != 10 || testutil.ToFloat64(w.m.fx.metrics.CanaryWeight) != 10 {
+				t.Fatalf("canary weight: %+v", st)
+			}
+			w.m.step(evControl{what: wire.TypeAbort, reply: reply})
+			if err := <-reply; err != nil {
+				t.Fatal(err)
+			}
+			if got := <-b.ctl; got != wire.TypeAbort {
+				t.Fatalf("the rollover got %q", got)
+			}
+			w.finish(b.g, errors.New("aborted"))
+			if st := w.status(); st.CanaryWeight != 0 || testutil.ToFloat64(w.m.fx.metrics.CanaryWeight) != 0 {
+				t.Fatalf("canary weight after the rollover: %+v", st)
+			}
+		}},
+		{"what a drain deadline cut is counted once, the library's count first", func(t *testing.T, w *fakeWorld) {
+			g1 := w.start()
+			w.m.step(evStats{g: g1, stats: wire.Stats{Connections: 7, Inflight: 2}})
+			w.m.step(evDrain{g: g1})
+			w.m.step(evStats{g: g1, stats: wire.Stats{Connections: 3, Inflight: 1, ForcedConnections: 3, ForcedRequests: 1}})
+			w.m.step(evDrainTimeout{g: g1}) // killed with 3 still open
+			w.m.step(evExited{g: g1})
+			if c, r := testutil.ToFloat64(w.m.fx.metrics.ForcedConnections), testutil.ToFloat64(w.m.fx.metrics.ForcedRequests); c != 3 || r != 1 {
+				t.Fatalf("forced connections %v requests %v, want 3 and 1", c, r)
+			}
+		}},
 		{"hello: only the spawned pid with its secret, once", func(t *testing.T, w *fakeWorld) {
 			b := w.begin(rolloverReq{})
 			hello := func(m wire.Msg, pid int) welcome {
