@@ -295,7 +295,6 @@ func (e Event) String() string {
 			return e.Report.String()
 		}
 		return "report"
-
 	default:
 		return e.Text
 	}
