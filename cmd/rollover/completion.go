@@ -20,7 +20,8 @@ the shells look for them.`,
   rollover completion fish > ~/.config/fish/completions/rollover.fish`,
 		Annotations: map[string]string{"exit": `  0  ok
   2  usage: no shell, or not bash, zsh or fish`},
-		ValidArgs: shells,
+		ValidArgs:             shells,
+		DisableFlagsInUseLine: true,
 		Args: func(c *cobra.Command, args []string) error {
 			if len(args) != 1 || (args[0] != "bash" && args[0] != "zsh" && args[0] != "fish") {
 				return usageErr("completion takes one shell: bash, zsh or fish")
