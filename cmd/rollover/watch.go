@@ -122,7 +122,7 @@ type rolloverSeen struct {
 	started    time.Time // the coordinator's spawn time
 	ready      time.Duration
 	activeAt   time.Time
-	result     string // "in progress", "ok" (became active), "failed"
+	result     string // "in progress", "ok" (became active), "failed", "rolled back"
 	drainStart time.Time
 	drain      time.Duration
 	drained    bool
@@ -188,7 +188,7 @@ func (w *watcher) observe(st *wire.Status, now time.Time) []string {
 	for _, n := range gone {
 		sg := w.gens[n]
 		delete(w.gens, n)
-		if r := sg.rollover; r != nil && r.result != "ok" {
+		if r := sg.rollover; r != nil && r.result == "in progress" {
 			r.result = "failed"
 			events = append(events, fmt.Sprintf("gen %d failed: gone before it was active", n))
 		}
@@ -204,6 +204,14 @@ func (w *watcher) observe(st *wire.Status, now time.Time) []string {
 			}
 		}
 	}
+	if r := st.LastReport; r != nil && r.RolledBack {
+		for _, seen := range w.recent {
+			if seen.gen == r.Generation && seen.result != "rolled back" {
+				seen.result = "rolled back"
+				events = append(events, fmt.Sprintf("gen %d rolled back: %s", r.Generation, r.Reason))
+			}
+		}
+	}
 	if len(w.recent) > maxRecent {
 		w.recent = w.recent[:maxRecent]
 	}
@@ -216,8 +224,8 @@ func (w *watcher) observe(st *wire.Status, now time.Time) []string {
 func (w *watcher) frame(st *wire.Status, now time.Time) []string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "rollover status --watch   coordinator pid %d   %s   %s\n", st.PID, st.Socket, now.Format("15:04:05"))
-	fmt.Fprintf(&b, "active gen %d   rollover in progress: %s   tcp_migrate_req=%s   active exits %d\n\n",
-		st.Active, yesNo(st.InProgress), migrateReq(st), st.ActiveExits)
+	fmt.Fprintf(&b, "active gen %d   rollover in progress: %s%s   tcp_migrate_req=%s   active exits %d\n\n",
+		st.Active, yesNo(st.InProgress), bakeCanary(st), migrateReq(st), st.ActiveExits)
 	tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tIN-FLIGHT\tCONNS\tAGE\tDRAIN\tCOMMAND")
 	for _, g := range st.Generations {
@@ -253,13 +261,16 @@ func (w *watcher) frame(st *wire.Status, now time.Time) []string {
 		}
 		_ = tw.Flush()
 	}
+	if st.LastReport != nil {
+		b.WriteString("\nLast " + st.LastReport.String() + "\n")
+	}
 	b.WriteString("\nCtrl-C to quit")
 	return strings.Split(b.String(), "\n")
 }
 
 // summary is one plain line for st.
 func (w *watcher) summary(st *wire.Status, now time.Time) string {
-	parts := []string{fmt.Sprintf("active gen %d, rollover in progress: %s", st.Active, yesNo(st.InProgress))}
+	parts := []string{fmt.Sprintf("active gen %d, rollover in progress: %s%s", st.Active, yesNo(st.InProgress), bakeCanary(st))}
 	for _, g := range st.Generations {
 		s := fmt.Sprintf("gen %d %s pid %d: %d in flight, %d connections, up %s", g.Generation, g.State, g.PID,
 			g.Stats.Inflight, g.Stats.Connections, fmtAge(now.Sub(g.StartedAt)))
@@ -269,6 +280,18 @@ func (w *watcher) summary(st *wire.Status, now time.Time) string {
 		parts = append(parts, s)
 	}
 	return strings.Join(parts, " | ")
+}
+
+// bakeCanary says which generation bakes and a canary's weight, if any.
+func bakeCanary(st *wire.Status) string {
+	var s string
+	if st.Baking > 0 {
+		s += fmt.Sprintf(", baking gen %d", st.Baking)
+	}
+	if st.CanaryWeight > 0 {
+		s += fmt.Sprintf(", canary %d%%", st.CanaryWeight)
+	}
+	return s
 }
 
 func yesNo(b bool) string {
