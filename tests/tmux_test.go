@@ -29,9 +29,20 @@ type pane struct {
 // ends, the pane shows "[exit N]" and stays.
 func startPane(t *testing.T, width, height int, shellCmd string) *pane {
 	t.Helper()
-	p := &pane{t: t, tmux: needTool(t, "tmux"), sock: filepath.Join(shortDir(t), "tmux")}
-	script := shellCmd + `; echo "[exit $?]"; exec sleep 600`
-	cmd := exec.Command(p.tmux, "-S", p.sock, "-f", "/dev/null", "new-session", "-d", "-s", "t",
+	return startPaneScript(t, width, height, shellCmd+`; echo "[exit $?]"; exec sleep 600`)
+}
+
+// startPaneScript runs script as the pane's command; the pane stays after
+// it exits (remain-on-exit), for exitStatus.
+func startPaneScript(t *testing.T, width, height int, script string) *pane {
+	t.Helper()
+	dir := shortDir(t)
+	p := &pane{t: t, tmux: needTool(t, "tmux"), sock: filepath.Join(dir, "tmux")}
+	conf := filepath.Join(dir, "tmux.conf")
+	if err := os.WriteFile(conf, []byte("set -g remain-on-exit on\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(p.tmux, "-S", p.sock, "-f", conf, "new-session", "-d", "-s", "t",
 		"-x", strconv.Itoa(width), "-y", strconv.Itoa(height), script)
 	cmd.Env = append(os.Environ(), "TERM=xterm-256color")
 	if out, err := cmd.CombinedOutput(); err != nil {
@@ -90,6 +101,20 @@ func (p *pane) waitScreen(what string, ok func(string) bool) string {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// exitStatus is the exit status of the pane's command once it has ended.
+func (p *pane) exitStatus() (int, bool) {
+	out, err := exec.Command(p.tmux, "-S", p.sock, "display-message", "-p", "-t", "t", "#{pane_dead} #{pane_dead_status}").Output()
+	if err != nil {
+		return 0, false
+	}
+	dead, status, _ := strings.Cut(strings.TrimSpace(string(out)), " ")
+	if dead != "1" {
+		return 0, false
+	}
+	n, err := strconv.Atoi(status)
+	return n, err == nil
 }
 
 func (p *pane) keys(keys ...string) {
@@ -278,5 +303,55 @@ func TestStatusWatchPlain(t *testing.T) {
 	}
 	if err := svc.Stop(ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Ctrl-C in the coordinator's terminal: the first one shows the drain at
+// once, the second forces it; the coordinator exits 1 and its generation is
+// gone.
+func TestCtrlCInTmux(t *testing.T) {
+	dir := shortDir(t)
+	socket := filepath.Join(dir, "ctl.sock")
+	port, err := harness.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	argv := []string{filepath.Join(bin, "rollover"), "start", "--socket", socket, "--metrics-addr", "",
+		"--drain-grace", "100ms", "--drain-timeout", "1m", "--", filepath.Join(bin, "demoapp"), "-addr", addr}
+	p := startPaneScript(t, 160, 30, "exec "+shellQuote(argv...))
+	var gen int
+	t.Cleanup(func() {
+		if gen > 0 {
+			_ = syscall.Kill(gen, syscall.SIGKILL)
+		}
+	})
+	waitFor(t, 20*time.Second, "gen 1 active", func() bool {
+		st, err := ctlStatus(context.Background(), socket)
+		if err != nil || st.Active != 1 || len(st.Generations) != 1 {
+			return false
+		}
+		gen = st.Generations[0].PID
+		return true
+	})
+	holdConns(t, addr, 1)
+	p.keys("C-c")
+	p.waitScreen("the drain line at once", func(s string) bool {
+		return strings.Contains(s, `msg="draining 1 generations (max 1m0s; Ctrl-C again to force)"`)
+	})
+	if _, dead := p.exitStatus(); dead || len(harness.Alive([]int{gen})) != 1 {
+		t.Fatalf("the first Ctrl-C ended the coordinator or its generation:\n%s", p.screen())
+	}
+	p.keys("C-c")
+	screen := p.waitScreen("the forced stop", func(s string) bool {
+		return strings.Contains(s, "forcing the stop") && matches(`^rollover: forced: `)(s)
+	})
+	t.Logf("Ctrl-C twice:\n%s", screen)
+	waitFor(t, 10*time.Second, "the pane's command to end", func() bool { _, dead := p.exitStatus(); return dead })
+	if code, _ := p.exitStatus(); code != 1 {
+		t.Errorf("exit status %d after a forced stop, want 1", code)
+	}
+	if left := harness.WaitGone([]int{gen}, 5*time.Second); len(left) > 0 {
+		t.Errorf("generation left: %v", left)
 	}
 }

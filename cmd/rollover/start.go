@@ -166,9 +166,9 @@ func runStart(ctx context.Context, g *globals, o *startOpts, cmd *cobra.Command,
 					continue
 				}
 				if c.Force() == 1 {
-					log.Warn("signal again: forcing the stop: SIGTERM to every generation (SIGKILL after --kill-grace; once more to SIGKILL now)", "signal", sig.String())
+					log.Warn("forcing the stop: SIGTERM to every generation, SIGKILL after --kill-grace (Ctrl-C again: SIGKILL now)", "signal", sig.String())
 				} else {
-					log.Warn("signal again: SIGKILL to every generation", "signal", sig.String())
+					log.Warn("forcing the stop: SIGKILL to every generation", "signal", sig.String())
 				}
 			case <-ctx.Done():
 				return
