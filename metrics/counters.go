@@ -18,6 +18,8 @@ type Counters struct {
 	inflight atomic.Int64
 	conns    atomic.Int64
 	requests atomic.Uint64
+	classes  [5]atomic.Uint64 // final responses by class: 1xx … 5xx
+	panics   atomic.Uint64
 }
 
 // Snapshot is a consistent-enough read of the counters.
@@ -25,16 +27,36 @@ type Snapshot struct {
 	Inflight    int64
 	Connections int64
 	Requests    uint64
+	// Classes counts final responses by status class: Classes[0] is 1xx
+	// (101 Switching Protocols, hijacked connections), … Classes[4] 5xx.
+	Classes [5]uint64
+	Panics  uint64 // handler panics (http.ErrAbortHandler excluded)
 }
 
 // Snapshot returns the current values.
 func (c *Counters) Snapshot() Snapshot {
-	return Snapshot{
+	s := Snapshot{
 		Inflight:    c.inflight.Load(),
 		Connections: c.conns.Load(),
 		Requests:    c.requests.Load(),
+		Panics:      c.panics.Load(),
+	}
+	for i := range c.classes {
+		s.Classes[i] = c.classes[i].Load()
+	}
+	return s
+}
+
+// Response counts a final response with status code; codes outside
+// 100–599 are not counted.
+func (c *Counters) Response(code int) {
+	if i := code/100 - 1; i >= 0 && i < len(c.classes) {
+		c.classes[i].Add(1)
 	}
 }
+
+// Panic counts a handler panic.
+func (c *Counters) Panic() { c.panics.Add(1) }
 
 // StartRequest counts a request that starts now, in flight and in total, and
 // returns its start for EndRequest.

@@ -43,3 +43,15 @@ func TestCountersZero(t *testing.T) {
 		t.Errorf("%+v, want 1 request, 0 in flight", s)
 	}
 }
+
+func TestCountersClasses(t *testing.T) {
+	var c Counters
+	for _, code := range []int{101, 200, 204, 302, 404, 499, 500, 503, 99, 600, 0} {
+		c.Response(code)
+	}
+	c.Panic()
+	s := c.Snapshot()
+	if s.Classes != [5]uint64{1, 2, 1, 2, 2} || s.Panics != 1 {
+		t.Errorf("classes %v panics %d, want [1 2 1 2 2] and 1 (codes out of range not counted)", s.Classes, s.Panics)
+	}
+}

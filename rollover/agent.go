@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/signal"
@@ -118,20 +119,37 @@ type agent struct {
 
 	mu        sync.Mutex
 	listeners []*listener
-	probes    map[string]chan struct{} // probe client address → accepted
-	early     map[string]bool          // accepted while probing, before the probe registered
+	probes    map[string]probeWait  // probe client address → its listener and wake-up
+	early     map[string]*listener // accepted while probing, before the probe registered
 	probing   atomic.Int32
+
+	connMu sync.Mutex
+	open   map[io.Closer]struct{} // every counted connection not yet closed
 
 	readyOnce sync.Once
 	readyErr  error
 	readyMsg  wire.Msg // what ready reported, for a hello to a new coordinator
 
+	// health is the rule of a bake or canary step (nil: none); unhealthy
+	// says the counters broke it when last checked.
+	health    atomic.Pointer[wire.Health]
+	unhealthy atomic.Bool
+
+	released atomic.Bool // the bake: keep-alive stops, the listeners stay
+
 	drainOnce sync.Once
-	draining  chan struct{} // closed when a drain starts
-	order     drainOrder    // set before draining is closed
-	closing   atomic.Bool   // responses say Connection: close; set before draining is closed
+	ordered   chan struct{} // closed when a drain is ordered
+	order     drainOrder    // set before ordered is closed
+	closing   atomic.Bool   // responses say Connection: close (a release or a drain)
 	idle      broadcast     // fired when the last connection closes while closing
-	closed    chan struct{} // closed once every listener is closed
+	draining  chan struct{} // Draining: closed once every listener is handed over
+	cut       chan struct{} // closed once the drain deadline has passed (see deadline)
+
+	forcedConns atomic.Int64 // cut at the drain deadline
+	forcedReqs  atomic.Int64
+
+	h2mu    sync.Mutex
+	h2conns map[*h2Conn]struct{} // HTTP/2 connections being served
 
 	doneOnce sync.Once
 	finished chan struct{} // closed once the final counters are reported
@@ -142,10 +160,13 @@ type agent struct {
 func newAgent(cfg config) (*agent, error) {
 	a := &agent{
 		cfg:      cfg,
-		probes:   map[string]chan struct{}{},
-		early:    map[string]bool{},
+		probes:   map[string]probeWait{},
+		early:    map[string]*listener{},
+		open:     map[io.Closer]struct{}{},
+		h2conns:  map[*h2Conn]struct{}{},
+		ordered:  make(chan struct{}),
 		draining: make(chan struct{}),
-		closed:   make(chan struct{}),
+		cut:      make(chan struct{}),
 		finished: make(chan struct{}),
 		own:      prometheus.NewRegistry(),
 	}
@@ -234,8 +255,20 @@ func (a *agent) send(m wire.Msg) error {
 }
 
 func (a *agent) stats() *wire.Stats {
+	s := a.statsValue()
+	return &s
+}
+
+// statsValue is the counters as the protocol reports them.
+func (a *agent) statsValue() wire.Stats {
 	s := a.counter.Snapshot()
-	return &wire.Stats{Inflight: s.Inflight, Connections: s.Connections, Requests: s.Requests}
+	return wire.Stats{
+		Inflight: s.Inflight, Connections: s.Connections, Requests: s.Requests,
+		R1xx: s.Classes[0], R2xx: s.Classes[1], R3xx: s.Classes[2], R4xx: s.Classes[3], R5xx: s.Classes[4],
+		Panics:            s.Panics,
+		ForcedConnections: a.forcedConns.Load(),
+		ForcedRequests:    a.forcedReqs.Load(),
+	}
 }
 
 func (a *agent) statsLoop() {
@@ -268,9 +301,15 @@ func (a *agent) readLoop(conn net.Conn, r *wire.Reader) {
 		}
 		switch m.Type {
 		case wire.TypeSteer:
-			go a.ack(m.ID, a.steer())
+			go a.ack(m.ID, a.steer(m.Weight, m.Health))
 		case wire.TypePin:
 			go a.ack(m.ID, a.pin())
+		case wire.TypeRelease:
+			// In order, before the next command: a resume must find the
+			// release done.
+			a.ack(m.ID, a.release())
+		case wire.TypeResume:
+			a.ack(m.ID, a.resume())
 		case wire.TypeMetrics:
 			go a.answerMetrics(m.ID)
 		case wire.TypeDrain:
@@ -331,7 +370,7 @@ func (a *agent) rejoin() bool {
 	wasReady := hello.Type != ""
 	hello.Type, hello.Adopt, hello.State = "", true, "starting"
 	select {
-	case <-a.draining:
+	case <-a.ordered:
 		hello.State = "draining"
 	default:
 		if wasReady {

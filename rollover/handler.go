@@ -7,24 +7,56 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
-// handler counts requests around h. Once the agent drains, every response
-// whose header is not yet written says "Connection: close", including those
-// of requests already in flight, so keep-alive clients leave after their
-// current request instead of being cut off while idle.
+// handler counts requests around h: in flight, in total, their final
+// responses by status class, and handler panics (recovered, counted and
+// re-panicked, so that net/http behaves as without the library;
+// http.ErrAbortHandler is not a panic). Once the agent drains or is
+// released, every HTTP/1.x response whose header is not yet written says
+// "Connection: close", including those of requests already in flight, so
+// keep-alive clients leave after their current request instead of being
+// cut off while idle. HTTP/2 connections get GOAWAY instead (see h2.go).
 func (a *agent) handler(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		start := a.counter.StartRequest()
-		defer a.counter.EndRequest(start)
 		cw := closeWriters.Get().(*closeWriter)
-		*cw = closeWriter{ResponseWriter: w, closing: &a.closing}
-		defer putCloseWriter(cw)
+		*cw = closeWriter{ResponseWriter: w, closing: &a.closing, h2: r.ProtoMajor == 2}
+		defer a.finish(cw, a.counter.StartRequest())
 		h.ServeHTTP(cw, r)
-		if !cw.wroteHeader {
-			cw.markClose() // the server writes the header after h returns
-		}
+		cw.returned = true
 	})
+}
+
+// finish ends the request that cw answered. A deferred call of its own, so
+// that recover sees a panic.
+func (a *agent) finish(cw *closeWriter, start time.Time) {
+	var p any
+	if !cw.returned {
+		p = recover() // nil for runtime.Goexit
+		if p != nil && p != http.ErrAbortHandler {
+			a.counter.Panic()
+		}
+	}
+	switch {
+	case p != nil:
+		// No response of its own: net/http aborts the connection.
+	case cw.hijacked:
+		a.counter.Response(http.StatusSwitchingProtocols)
+	case !cw.wroteHeader:
+		cw.markClose() // the server writes the header after h returns
+		a.counter.Response(http.StatusOK)
+	default:
+		a.counter.Response(cw.status)
+	}
+	a.counter.EndRequest(start)
+	if hr := a.health.Load(); hr != nil {
+		a.checkHealth(hr)
+	}
+	putCloseWriter(cw)
+	if p != nil {
+		panic(p)
+	}
 }
 
 // closeWriters saves an allocation per request on the hot path. A handler
@@ -39,22 +71,30 @@ func putCloseWriter(cw *closeWriter) {
 // closeWriter decides on "Connection: close" when the header is written, not
 // when the request arrived: a request in flight when the drain starts must
 // still send its client away, or the client keeps the connection and holds
-// the old generation until the drain timeout.
+// the old generation until the drain timeout. It records the final status.
 type closeWriter struct {
 	http.ResponseWriter
 	closing     *atomic.Bool
+	h2          bool // an HTTP/2 stream: GOAWAY moves its client, not a header
 	wroteHeader bool
+	hijacked    bool
+	returned    bool // the handler returned (did not panic)
+	status      int
 }
 
 func (w *closeWriter) markClose() {
-	if w.closing.Load() {
+	// HTTP/2 has no Connection header; net/http and x/net turn a
+	// "Connection: close" there into a GOAWAY that races the client's next
+	// stream. h2.go sends a safe one.
+	if !w.h2 && w.closing.Load() {
 		w.ResponseWriter.Header().Set("Connection", "close")
 	}
 }
 
 func (w *closeWriter) WriteHeader(code int) {
-	if !w.wroteHeader && code >= 200 {
+	if !w.wroteHeader && (code >= 200 || code == http.StatusSwitchingProtocols) {
 		w.wroteHeader = true
+		w.status = code
 		w.markClose()
 	}
 	w.ResponseWriter.WriteHeader(code)
@@ -84,7 +124,11 @@ func (w *closeWriter) Flush() {
 }
 
 func (w *closeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	return http.NewResponseController(w.ResponseWriter).Hijack()
+	c, rw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err == nil {
+		w.hijacked = true
+	}
+	return c, rw, err
 }
 
 // Unwrap lets http.ResponseController reach the server's writer.

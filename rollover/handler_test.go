@@ -32,7 +32,7 @@ func TestHandlerAndListener(t *testing.T) {
 	}
 	srv := httptest.NewUnstartedServer(h)
 	srv.Listener.Close()
-	srv.Listener = a.register(ln)
+	srv.Listener, _ = a.register(ln, "tcp")
 	srv.Start()
 	defer srv.Close()
 
@@ -94,7 +94,7 @@ func TestServeWrappedListenerCountedOnce(t *testing.T) {
 	defer cancel()
 	served := make(chan error, 1)
 	srv := &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}
-	go func() { served <- a.serve(ctx, srv, wrapped{ln}) }()
+	go func() { served <- a.serve(ctx, srv, wrapped{ln}, nil) }()
 	ka := dialKeepAlive(t, ln.Addr().String())
 	ka.send(t, "/")
 	if resp, body := ka.read(t); resp.StatusCode != 200 || body != "ok" {

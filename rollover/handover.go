@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/rollover-sh/rollover/reuse"
@@ -13,7 +14,8 @@ import (
 )
 
 // ready pins the reuseport groups to the active generation (index 0; this
-// process when it is alone) and tells the coordinator it serves.
+// process when it is alone) and tells the coordinator it serves, with the
+// address of every listener.
 func (a *agent) ready() error {
 	a.readyOnce.Do(func() {
 		m := wire.Msg{Type: wire.TypeReady, Steerable: true}
@@ -42,8 +44,12 @@ func (a *agent) ready() error {
 	return a.readyErr
 }
 
+// pin points every listener's group at index 0.
 func (a *agent) pin() error {
 	for _, l := range a.snapshotListeners() {
+		if l.sockClosed.Load() {
+			continue
+		}
 		if err := reuse.Steer(l, 0); err != nil {
 			return err
 		}
@@ -52,10 +58,21 @@ func (a *agent) pin() error {
 }
 
 // steer makes every listener's group send new connections to this process
-// (index 1, behind the old generation at 0) and proves it with a probe
-// connection per listener.
-func (a *agent) steer() error {
+// (index 1, behind the old generation at 0): all of them, proven with a
+// probe connection per listener, or, for a canary weight of 1–99, that
+// share at random. One probe cannot prove a random split, so a canary step
+// is verified by the kernel's acceptance of the program on every listener;
+// the split itself is the kernel's. health, when set, is the rule this
+// generation's counts are judged by from now on (see checkHealth).
+func (a *agent) steer(weight int, health *wire.Health) error {
+	a.setHealth(health)
 	for _, l := range a.snapshotListeners() {
+		if weight > 0 && weight < 100 {
+			if err := reuse.SteerWeighted(l, weight); err != nil {
+				return err
+			}
+			continue
+		}
 		if err := reuse.Steer(l, 1); err != nil {
 			return err
 		}
@@ -66,39 +83,96 @@ func (a *agent) steer() error {
 	return nil
 }
 
-// accepted tells a waiting probe that its connection arrived here.
-func (a *agent) accepted(c net.Conn) {
+// release starts the bake: the listeners stay open and in their groups (the
+// coordinator steered new connections away), while keep-alive clients are
+// moved on: every HTTP/1.1 response says Connection: close and HTTP/2
+// connections get GOAWAY. Draining does not fire: the generation may be
+// asked to take the port back (resume).
+func (a *agent) release() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if isClosed(a.ordered) {
+		return nil // draining already: there is nothing left to release
+	}
+	a.released.Store(true)
+	a.closing.Store(true)
+	a.goAwayH2(h2GoAwayDelay)
+	return nil
+}
+
+// resume undoes a release: the groups point at this generation again
+// (index 0) and keep-alive is back.
+func (a *agent) resume() error {
+	a.mu.Lock()
+	if isClosed(a.ordered) {
+		a.mu.Unlock()
+		return errors.New("rollover: resume: the generation is already draining")
+	}
+	a.released.Store(false)
+	a.closing.Store(false)
+	a.mu.Unlock()
+	return a.pin()
+}
+
+// accepted tells a waiting probe that its connection arrived here, on l.
+func (a *agent) accepted(l *listener, c net.Conn) {
 	key := c.RemoteAddr().String()
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if ch := a.probes[key]; ch != nil {
-		close(ch)
+	if p, ok := a.probes[key]; ok && p.l == l {
+		close(p.ch)
 		delete(a.probes, key)
 		return
 	}
 	// Loopback accepts can beat the prober to registering its address.
-	a.early[key] = true
+	a.early[key] = l
+}
+
+// probeTargets returns the addresses that reach l from this host, best
+// first. A wildcard listener is reached through a loopback address: for a
+// dual-stack [::] socket (network "tcp") 127.0.0.1 first, since ::1 is
+// missing where IPv6 is off (the Docker default); for a tcp6 one ::1.
+func probeTargets(l *listener) ([]string, error) {
+	addr, ok := l.Addr().(*net.TCPAddr)
+	if !ok {
+		return nil, fmt.Errorf("rollover: steer verify: %s is not a TCP address", l.Addr())
+	}
+	port := addr.Port
+	join := func(ip net.IP) string { return net.JoinHostPort(ip.String(), fmt.Sprint(port)) }
+	v4, v6 := net.IPv4(127, 0, 0, 1), net.IPv6loopback
+	switch {
+	case !addr.IP.IsUnspecified():
+		return []string{addr.String()}, nil
+	case addr.IP.To4() != nil:
+		return []string{join(v4)}, nil
+	case l.network == "tcp6":
+		return []string{join(v6)}, nil
+	default:
+		return []string{join(v4), join(v6)}, nil
+	}
 }
 
 // probe dials the listener and waits until this process accepted that very
-// connection.
+// connection on it.
 func (a *agent) probe(l *listener) error {
-	addr, ok := l.Addr().(*net.TCPAddr)
-	if !ok {
-		return fmt.Errorf("rollover: steer verify: %s is not a TCP address", l.Addr())
-	}
-	target := *addr
-	if target.IP.IsUnspecified() {
-		if target.IP.To4() != nil {
-			target.IP = net.IPv4(127, 0, 0, 1)
-		} else {
-			target.IP = net.IPv6loopback
-		}
+	targets, err := probeTargets(l)
+	if err != nil {
+		return err
 	}
 	a.probing.Add(1)
 	defer a.probing.Add(-1)
 	d := net.Dialer{Timeout: probeTimeout}
-	c, err := d.Dial("tcp", target.String())
+	var c net.Conn
+	var target string
+	for _, target = range targets {
+		if c, err = d.Dial("tcp", target); err == nil {
+			break
+		}
+		// Try the next loopback only when this one does not exist here.
+		if !errors.Is(err, syscall.EADDRNOTAVAIL) && !errors.Is(err, syscall.ENETUNREACH) && !errors.Is(err, syscall.EAFNOSUPPORT) {
+			break
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("rollover: steer verify: %w", err)
 	}
@@ -106,10 +180,10 @@ func (a *agent) probe(l *listener) error {
 	ch := make(chan struct{})
 	key := c.LocalAddr().String()
 	a.mu.Lock()
-	if a.early[key] {
+	if a.early[key] == l {
 		close(ch)
 	} else {
-		a.probes[key] = ch
+		a.probes[key] = probeWait{l: l, ch: ch}
 	}
 	a.mu.Unlock()
 	defer func() {
@@ -118,26 +192,41 @@ func (a *agent) probe(l *listener) error {
 		clear(a.early)
 		a.mu.Unlock()
 	}()
+	t := time.NewTimer(probeTimeout)
+	defer t.Stop()
 	select {
 	case <-ch:
 		return nil
-	case <-time.After(probeTimeout):
-		return fmt.Errorf("rollover: steer verify: probe to %s was not accepted by this generation within %v", target.String(), probeTimeout)
+	case <-t.C:
+		return fmt.Errorf("rollover: steer verify: probe to %s was not accepted by this generation within %v", target, probeTimeout)
 	}
 }
 
+// probeWait is a probe waiting for its connection on l.
+type probeWait struct {
+	l  *listener
+	ch chan struct{}
+}
+
 // drain starts the hand-over once: answer with Connection: close from now
-// on, keep accepting for the grace (clients whose handshake the old program
-// still routed here), wait for the accept queues to empty, then close.
+// on (HTTP/2: GOAWAY), keep accepting for the grace (clients whose
+// handshake the old program still routed here), wait for the accept queues
+// to empty, then close and fire Draining.
 func (a *agent) drain(o drainOrder) {
 	a.drainOnce.Do(func() {
 		if o.timeout <= 0 {
 			o.timeout = a.drainTimeout()
 		}
+		a.mu.Lock()
 		a.order = o
 		a.closing.Store(true)
-		close(a.draining)
+		close(a.ordered)
+		if !a.released.Load() {
+			a.goAwayH2(max(o.grace, h2GoAwayDelay))
+		}
+		a.mu.Unlock()
 		go a.handOver(o)
+		go a.deadline(o)
 	})
 }
 
@@ -148,15 +237,18 @@ func (a *agent) handOver(o drainOrder) {
 		<-time.After(o.grace)
 	}
 	for _, l := range a.snapshotListeners() {
+		if l.sockClosed.Load() {
+			continue // the app closed it while nothing was handed over
+		}
 		if !a.cfg.naive {
 			drainQueue(l)
 		}
-		l.Close()
+		_ = l.closeSocket(true)
 	}
 	// Tell the coordinator before Serve may go on to report done: closed
 	// comes first on the wire.
 	_ = a.send(wire.Msg{Type: wire.TypeClosed})
-	close(a.closed)
+	close(a.draining)
 }
 
 // drainQueue waits, bounded by DefaultQueueDrain, until the accept queue of
@@ -169,16 +261,17 @@ func drainQueue(l net.Listener) {
 	}
 }
 
-// awaitConnections waits until the connections are gone, bounded by the
-// drain timeout less a margin, so that the coordinator sees this generation
-// exit before it forces it. A naive hand-over does not wait.
+// cutAt is when a drain with timeout t cuts what is left: a margin before
+// the coordinator's own deadline, so that it sees this generation exit
+// before it forces it.
+func cutAt(t time.Duration) time.Duration { return t - min(2*time.Second, t/10) }
+
+// awaitConnections waits until the connections are gone; at the drain
+// deadline (see deadline) they are cut. A naive hand-over does not wait.
 func (a *agent) awaitConnections() {
 	if a.cfg.naive {
 		return
 	}
-	o := a.order
-	bound := time.NewTimer(o.timeout - min(2*time.Second, o.timeout/10))
-	defer bound.Stop()
 	for {
 		gone := a.idle.wait()
 		if a.counter.Snapshot().Connections == 0 {
@@ -186,8 +279,54 @@ func (a *agent) awaitConnections() {
 		}
 		select {
 		case <-gone:
-		case <-bound.C:
+		case <-a.cut:
 			return
 		}
 	}
+}
+
+// deadline cuts, at the drain's deadline, whatever connections (hijacked
+// ones included) are still open, counts them and the requests in flight as
+// forced, says so on stderr, and reports them at once.
+func (a *agent) deadline(o drainOrder) {
+	if a.cfg.naive {
+		return
+	}
+	t := time.NewTimer(cutAt(o.timeout))
+	defer t.Stop()
+	select {
+	case <-a.finished:
+		return
+	case <-t.C:
+	}
+	defer close(a.cut)
+	conns := a.openConns()
+	inflight := a.counter.Snapshot().Inflight
+	if len(conns) == 0 && inflight == 0 {
+		return
+	}
+	a.forcedConns.Store(int64(len(conns)))
+	a.forcedReqs.Store(inflight)
+	fmt.Fprintf(os.Stderr, "rollover: drain deadline (%v): force-closed %d connections with %d requests in flight\n", cutAt(o.timeout).Round(time.Millisecond), len(conns), inflight)
+	for _, c := range conns {
+		_ = c.Close()
+	}
+	_ = a.send(wire.Msg{Type: wire.TypeStats, Stats: a.stats()})
+}
+
+// setHealth sets the rule checkHealth judges by (nil: none).
+func (a *agent) setHealth(h *wire.Health) {
+	a.health.Store(h)
+	a.unhealthy.Store(false)
+}
+
+// checkHealth reports the counters at once, rather than at the next stats
+// tick, the moment they break the health rule, so that a bad generation
+// is rolled back within milliseconds. It reports once per crossing.
+func (a *agent) checkHealth(h *wire.Health) {
+	failing := h.Failing(a.statsValue())
+	if failing == a.unhealthy.Load() || !a.unhealthy.CompareAndSwap(!failing, failing) || !failing {
+		return
+	}
+	go func() { _ = a.send(wire.Msg{Type: wire.TypeStats, Stats: a.stats()}) }()
 }

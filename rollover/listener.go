@@ -1,16 +1,40 @@
 package rollover
 
 import (
+	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 )
 
 // listener is a net.Listener whose connections the agent counts until each
 // is closed, hijacked ones included, and whose accepts a steering probe
 // watches for its own connection.
+//
+// It is always safe to close. While the generation hands its port over to
+// a successor (a drain or a release was ordered), the app's Close does not
+// close the socket under the connections queued on it: it waits for the
+// hand-over (grace, queue drain, close) instead. And once the hand-over has
+// closed the socket, Accept does not fail at once, which would end the
+// app's accept loop (and, with gRPC's canonical main, the process) before
+// its connections are done: it waits until the app closes the listener, or
+// until the generation holds no connection any more.
 type listener struct {
-	net.Listener
-	a *agent
+	net.Listener // the socket
+	a            *agent
+	network      string // as given to Listen ("tcp" for a listener Serve registered)
+
+	appOnce   sync.Once
+	appClosed chan struct{} // closed by the app's Close
+
+	sockOnce   sync.Once
+	sockErr    error
+	sockClosed atomic.Bool // the socket is closed (by the hand-over or the app)
+	handedOver atomic.Bool // the hand-over closed the socket
+}
+
+func newListener(a *agent, ln net.Listener, network string) *listener {
+	return &listener{Listener: ln, a: a, network: network, appClosed: make(chan struct{})}
 }
 
 // NetListener returns the wrapped listener, for socket options.
@@ -20,67 +44,163 @@ func (l *listener) NetListener() net.Listener { return l.Listener }
 func (l *listener) Accept() (net.Conn, error) {
 	conn, err := l.Listener.Accept()
 	if err != nil {
+		if l.handedOver.Load() {
+			l.a.holdAccept(l)
+		}
 		return nil, err
 	}
-	l.a.counter.OpenConn()
-	if l.a.probing.Load() != 0 {
-		l.a.accepted(conn)
+	a := l.a
+	a.counter.OpenConn()
+	if a.probing.Load() != 0 {
+		a.accepted(l, conn)
 	}
 	// Keep *net.TCPConn's methods (ReadFrom for sendfile, CloseWrite) visible.
+	var c net.Conn
 	if tc, ok := conn.(*net.TCPConn); ok {
-		return &tcpConn{TCPConn: tc, a: l.a}, nil
+		c = &tcpConn{TCPConn: tc, a: a}
+	} else {
+		c = &countedConn{Conn: conn, a: a}
 	}
-	return &countedConn{Conn: conn, a: l.a}, nil
+	a.track(c)
+	return c, nil
+}
+
+// Close closes the listener for the app; see listener.
+func (l *listener) Close() error {
+	l.appOnce.Do(func() { close(l.appClosed) })
+	a := l.a
+	if isClosed(a.ordered) {
+		<-a.draining // the hand-over closes the socket
+		return nil
+	}
+	if a.released.Load() && !a.cfg.naive {
+		// Steered away since the release: what the group routed here
+		// before is queued. Empty the queue first.
+		drainQueue(l)
+	}
+	return l.closeSocket(false)
+}
+
+// closeSocket closes the socket once; handOver tells Accept that the
+// hand-over did it.
+func (l *listener) closeSocket(handOver bool) error {
+	l.sockOnce.Do(func() {
+		if handOver {
+			l.handedOver.Store(true)
+		}
+		l.sockClosed.Store(true)
+		l.sockErr = l.Listener.Close()
+	})
+	return l.sockErr
+}
+
+// holdAccept keeps Accept from failing after the hand-over closed l's
+// socket, until the app closes l, the generation holds no connection, or
+// the agent is done.
+func (a *agent) holdAccept(l *listener) {
+	for {
+		gone := a.idle.wait()
+		if a.counter.Snapshot().Connections == 0 {
+			return
+		}
+		select {
+		case <-gone:
+		case <-l.appClosed:
+			return
+		case <-a.finished:
+			return
+		}
+	}
 }
 
 type tcpConn struct {
 	*net.TCPConn
-	a    *agent
-	once sync.Once
+	a      *agent
+	closed atomic.Bool
 }
 
 func (t *tcpConn) Close() error {
-	t.once.Do(t.a.connClosed)
+	if t.closed.CompareAndSwap(false, true) {
+		t.a.connClosed(t)
+	}
 	return t.TCPConn.Close()
 }
 
 type countedConn struct {
 	net.Conn
-	a    *agent
-	once sync.Once
+	a      *agent
+	closed atomic.Bool
 }
 
 func (t *countedConn) Close() error {
-	t.once.Do(t.a.connClosed)
+	if t.closed.CompareAndSwap(false, true) {
+		t.a.connClosed(t)
+	}
 	return t.Conn.Close()
 }
 
+// track remembers an open connection, so that the drain deadline can close
+// it.
+func (a *agent) track(c io.Closer) {
+	a.connMu.Lock()
+	a.open[c] = struct{}{}
+	a.connMu.Unlock()
+}
+
 // connClosed uncounts a connection and, once the last one is gone during a
-// drain, wakes those waiting for it.
-func (a *agent) connClosed() {
+// drain or a release, wakes those waiting for it.
+func (a *agent) connClosed(c io.Closer) {
+	a.connMu.Lock()
+	delete(a.open, c)
+	a.connMu.Unlock()
 	if a.counter.CloseConn() == 0 && a.closing.Load() {
 		a.idle.fire()
 	}
 }
 
-// register adds ln to the listeners that are counted, steered and handed
-// over, and returns what to serve. A listener that already wraps one of this
-// agent's (an app's own wrapper around one from Listen) is served as it is,
-// so that its connections are counted and its socket steered once.
-func (a *agent) register(ln net.Listener) net.Listener {
-	if a.owns(ln) {
-		return ln
+// openConns returns the connections open now.
+func (a *agent) openConns() []io.Closer {
+	a.connMu.Lock()
+	defer a.connMu.Unlock()
+	out := make([]io.Closer, 0, len(a.open))
+	for c := range a.open {
+		out = append(out, c)
 	}
-	l := &listener{Listener: ln, a: a}
+	return out
+}
+
+// register adds ln to the listeners that are counted, steered and handed
+// over, and returns what to serve and whether it is a wrapper of the app's
+// around one of this agent's listeners. Such a wrapper (tls.NewListener
+// over a listener from Listen) is served as it is, so that its connections
+// are counted and its socket steered once, underneath.
+func (a *agent) register(ln net.Listener, network string) (net.Listener, bool) {
+	if l, ok := ln.(*listener); ok && l.a == a {
+		return l, false
+	}
+	if a.owns(ln) {
+		return ln, true
+	}
+	l := newListener(a, ln, network)
 	a.mu.Lock()
 	a.listeners = append(a.listeners, l)
 	a.mu.Unlock()
-	return l
+	return l, false
 }
 
-// owns reports whether ln is, or wraps, a listener of this agent. It looks
-// through wrappers the way the socket options do (NetListener).
+// owns reports whether ln wraps a listener of this agent: it looks through
+// wrappers the way the socket options do (NetListener), and it recognizes a
+// wrapper that hides what it wraps (tls.NewListener) by the address it
+// reports, which is the very *net.TCPAddr of the socket underneath.
 func (a *agent) owns(ln net.Listener) bool {
+	addr, _ := ln.Addr().(*net.TCPAddr)
+	if addr != nil {
+		for _, l := range a.snapshotListeners() {
+			if la, ok := l.Addr().(*net.TCPAddr); ok && la == addr {
+				return true
+			}
+		}
+	}
 	for range 16 { // bounded: a wrapper could return itself
 		if l, ok := ln.(*listener); ok {
 			return l.a == a
@@ -123,5 +243,15 @@ func (b *broadcast) fire() {
 	if b.ch != nil {
 		close(b.ch)
 		b.ch = nil
+	}
+}
+
+// isClosed reports whether ch is closed.
+func isClosed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
 	}
 }

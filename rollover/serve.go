@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"reflect"
 	"strconv"
 	"syscall"
 	"time"
@@ -37,10 +38,21 @@ func Ready() error {
 	return a.ready()
 }
 
-// Draining is closed when this generation is told to drain: by the
-// coordinator, or, standalone, by SIGTERM or SIGINT while Serve runs. By then
-// the listeners are being handed over; an app that serves its own protocol
-// stops accepting and finishes its connections.
+// Draining is closed once this generation has handed its listeners over:
+// a drain was ordered (by the coordinator; standalone, by SIGTERM or SIGINT
+// while Serve runs; by the cancellation of Serve's context; or when no new
+// coordinator adopted an orphaned generation in time), the grace has
+// passed, every accept queue is empty and every listener's socket is
+// closed. No new connection arrives after it, so an app stops taking new
+// work and finishes what it has: gRPC's GracefulStop, a close frame (1001,
+// going away) to each WebSocket, the end of a raw accept loop. A bake
+// (the coordinator's release) does not close it: the generation may be
+// asked to take the port back.
+//
+// Serve needs none of this: from the moment the drain is ordered, its
+// HTTP/1.x responses say Connection: close and its HTTP/2 connections get
+// GOAWAY, and it returns once its connections are done. Whatever is still
+// open at the drain deadline is closed and reported as forced.
 func Draining() <-chan struct{} {
 	a, err := std()
 	if err != nil {
@@ -67,16 +79,38 @@ func ListenAndServe(addr string, handler http.Handler) error {
 }
 
 // Serve serves srv on ln, reports ready, and returns nil after a graceful
-// drain: the listener is handed over, every response says Connection: close,
-// the connections finish (bounded by the drain timeout), and only then is
-// srv shut down. Canceling ctx drains too. Standalone, SIGTERM and SIGINT
+// drain: the listener is handed over, every HTTP/1.x response says
+// Connection: close and every HTTP/2 connection gets GOAWAY, the
+// connections finish (bounded by the drain timeout), and only then is srv
+// shut down. Canceling ctx drains too. Standalone, SIGTERM and SIGINT
 // drain.
+//
+// With srv.TLSConfig set (with a certificate), Serve serves TLS on a
+// listener from Listen, with ALPN h2 and http/1.1 as srv.ServeTLS does. A
+// listener that the app wrapped itself around one from Listen
+// (tls.NewListener) is served as it is: its socket underneath is still
+// steered, handed over and counted once.
+//
+// HTTP/2 (TLS h2, h2c through srv.Protocols, and h2c through an x/net
+// h2c.NewHandler given as srv.Handler) is served by the library, unless
+// the app set srv.TLSNextProto itself.
 func Serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	a, err := std()
 	if err != nil {
 		return err
 	}
-	return a.serve(ctx, srv, ln)
+	return a.serve(ctx, srv, ln, nil)
+}
+
+// ServeTLS is Serve with TLS from certFile and keyFile, as
+// http.Server.ServeTLS: they may be empty when srv.TLSConfig holds the
+// certificate.
+func ServeTLS(ctx context.Context, srv *http.Server, ln net.Listener, certFile, keyFile string) error {
+	a, err := std()
+	if err != nil {
+		return err
+	}
+	return a.serve(ctx, srv, ln, &[2]string{certFile, keyFile})
 }
 
 func (a *agent) listen(ctx context.Context, network, address string) (net.Listener, error) {
@@ -84,19 +118,41 @@ func (a *agent) listen(ctx context.Context, network, address string) (net.Listen
 	if err != nil {
 		return nil, err
 	}
-	return a.register(ln), nil
+	l, _ := a.register(ln, network)
+	return l, nil
 }
 
-func (a *agent) serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
-	l := a.register(ln)
+// serve serves srv on ln; files, when set, are ServeTLS's certificate and
+// key.
+func (a *agent) serve(ctx context.Context, srv *http.Server, ln net.Listener, files *[2]string) error {
+	l, wrapped := a.register(ln, "tcp")
 	h := srv.Handler
 	if h == nil {
 		h = http.DefaultServeMux
 	}
-	srv.Handler = a.handler(h)
+	counted := a.handler(h)
+	srv.Handler = counted
+	if reflect.TypeOf(h) == h2cHandlerType {
+		srv.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if !a.serveH2C(w, r, counted) {
+				counted.ServeHTTP(w, r)
+			}
+		})
+	}
+	a.installH2(srv)
+	if files == nil && !wrapped && srv.TLSConfig != nil &&
+		(len(srv.TLSConfig.Certificates) > 0 || srv.TLSConfig.GetCertificate != nil || srv.TLSConfig.GetConfigForClient != nil) {
+		files = &[2]string{}
+	}
 
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(l) }()
+	go func() {
+		if files != nil {
+			served <- srv.ServeTLS(l, files[0], files[1])
+			return
+		}
+		served <- srv.Serve(l)
+	}()
 	if err := a.ready(); err != nil {
 		_ = srv.Close()
 		return fmt.Errorf("rollover: ready: %w", err)
@@ -109,24 +165,22 @@ func (a *agent) serve(ctx context.Context, srv *http.Server, ln net.Listener) er
 		defer signal.Stop(sig)
 	}
 	select {
-	case <-a.draining:
+	case <-a.ordered:
 	case <-ctx.Done():
 		a.drain(drainOrder{})
 	case <-sig:
 		a.drain(drainOrder{})
 	case err := <-served:
-		select {
-		case <-a.draining:
-		default:
+		if !isClosed(a.ordered) {
 			return err
 		}
 	}
-	<-a.closed
+	<-a.draining
 	a.awaitConnections()
 	sctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	// The hand-over closed the listeners; Shutdown closes them again if
-	// srv.Serve has not yet returned from Accept, and says so (net.ErrClosed).
+	// The hand-over closed the sockets; Shutdown closes the listeners for
+	// the app, which ends srv.Serve's Accept.
 	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, net.ErrClosed) {
 		return err
 	}

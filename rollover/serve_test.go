@@ -93,15 +93,6 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 	}
 }
 
-func isClosed(ch <-chan struct{}) bool {
-	select {
-	case <-ch:
-		return true
-	default:
-		return false
-	}
-}
-
 // testHandler answers "ok"; /slow?d=DURATION answers after d.
 func testHandler() http.Handler {
 	mux := http.NewServeMux()
@@ -152,7 +143,7 @@ func serve(t *testing.T, a *agent, ctx context.Context) (addr string, served <-c
 	}
 	ch := make(chan error, 1)
 	srv := &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}
-	go func() { ch <- a.serve(ctx, srv, ln) }()
+	go func() { ch <- a.serve(ctx, srv, ln, nil) }()
 	return ln.Addr().String(), ch
 }
 
@@ -402,7 +393,7 @@ func TestServeCountsHijackedConnections(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	served := make(chan error, 1)
-	go func() { served <- a.serve(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln) }()
+	go func() { served <- a.serve(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln, nil) }()
 
 	ka := dialKeepAlive(t, ln.Addr().String())
 	ka.send(t, "/hijack")
@@ -757,7 +748,7 @@ func TestServeCleanDrainReturnsNil(t *testing.T) {
 	defer cancel()
 	served := make(chan error, 1)
 	srv := &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}
-	go func() { served <- a.serve(ctx, srv, lateListener{ln}) }()
+	go func() { served <- a.serve(ctx, srv, lateListener{ln}, nil) }()
 	if body, err := getNew(ln.Addr().String(), "/"); err != nil || body != "ok" {
 		t.Fatalf("GET /: %q %v", body, err)
 	}
