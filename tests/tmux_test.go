@@ -25,23 +25,18 @@ type pane struct {
 	sock string
 }
 
-// startPane runs shellCmd in a width x height tmux pane. When shellCmd
-// ends, the pane shows "[exit N]" and stays.
+// startPane runs shellCmd with bash in a width x height tmux pane. When
+// shellCmd ends, the pane shows "[exit N]" and stays. bash, like a
+// person's shell, waits out a command that handles Ctrl-C itself.
 func startPane(t *testing.T, width, height int, shellCmd string) *pane {
-	t.Helper()
-	return startPaneScript(t, width, height, shellCmd+`; echo "[exit $?]"; exec sleep 600`)
-}
-
-// startPaneScript runs script as the pane's command; the pane stays after
-// it exits (remain-on-exit), for exitStatus.
-func startPaneScript(t *testing.T, width, height int, script string) *pane {
 	t.Helper()
 	dir := shortDir(t)
 	p := &pane{t: t, tmux: needTool(t, "tmux"), sock: filepath.Join(dir, "tmux")}
 	conf := filepath.Join(dir, "tmux.conf")
-	if err := os.WriteFile(conf, []byte("set -g remain-on-exit on\n"), 0o644); err != nil {
+	if err := os.WriteFile(conf, []byte("set -g default-shell "+needTool(t, "bash")+"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	script := shellCmd + `; echo "[exit $?]"; exec sleep 600`
 	cmd := exec.Command(p.tmux, "-S", p.sock, "-f", conf, "new-session", "-d", "-s", "t",
 		"-x", strconv.Itoa(width), "-y", strconv.Itoa(height), script)
 	cmd.Env = append(os.Environ(), "TERM=xterm-256color")
@@ -101,20 +96,6 @@ func (p *pane) waitScreen(what string, ok func(string) bool) string {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-}
-
-// exitStatus is the exit status of the pane's command once it has ended.
-func (p *pane) exitStatus() (int, bool) {
-	out, err := exec.Command(p.tmux, "-S", p.sock, "display-message", "-p", "-t", "t", "#{pane_dead} #{pane_dead_status}").Output()
-	if err != nil {
-		return 0, false
-	}
-	dead, status, _ := strings.Cut(strings.TrimSpace(string(out)), " ")
-	if dead != "1" {
-		return 0, false
-	}
-	n, err := strconv.Atoi(status)
-	return n, err == nil
 }
 
 func (p *pane) keys(keys ...string) {
@@ -319,7 +300,7 @@ func TestCtrlCInTmux(t *testing.T) {
 	addr := "127.0.0.1:" + strconv.Itoa(port)
 	argv := []string{filepath.Join(bin, "rollover"), "start", "--socket", socket, "--metrics-addr", "",
 		"--drain-grace", "100ms", "--drain-timeout", "1m", "--", filepath.Join(bin, "demoapp"), "-addr", addr}
-	p := startPaneScript(t, 160, 30, "exec "+shellQuote(argv...))
+	p := startPane(t, 160, 30, shellQuote(argv...))
 	var gen int
 	t.Cleanup(func() {
 		if gen > 0 {
@@ -339,18 +320,14 @@ func TestCtrlCInTmux(t *testing.T) {
 	p.waitScreen("the drain line at once", func(s string) bool {
 		return strings.Contains(s, `msg="draining 1 generations (max 1m0s; Ctrl-C again to force)"`)
 	})
-	if _, dead := p.exitStatus(); dead || len(harness.Alive([]int{gen})) != 1 {
+	if strings.Contains(p.screen(), "[exit ") || len(harness.Alive([]int{gen})) != 1 {
 		t.Fatalf("the first Ctrl-C ended the coordinator or its generation:\n%s", p.screen())
 	}
 	p.keys("C-c")
-	screen := p.waitScreen("the forced stop", func(s string) bool {
-		return strings.Contains(s, "forcing the stop") && matches(`^rollover: forced: `)(s)
+	screen := p.waitScreen("the forced stop and exit 1", func(s string) bool {
+		return strings.Contains(s, "forcing the stop") && matches(`^rollover: forced: `)(s) && matches(`^\[exit 1\]$`)(s)
 	})
 	t.Logf("Ctrl-C twice:\n%s", screen)
-	waitFor(t, 10*time.Second, "the pane's command to end", func() bool { _, dead := p.exitStatus(); return dead })
-	if code, _ := p.exitStatus(); code != 1 {
-		t.Errorf("exit status %d after a forced stop, want 1", code)
-	}
 	if left := harness.WaitGone([]int{gen}, 5*time.Second); len(left) > 0 {
 		t.Errorf("generation left: %v", left)
 	}
