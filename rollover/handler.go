@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/http"
 	"sync"
-	"sync/atomic"
 	"time"
 )
 
@@ -18,11 +17,14 @@ import (
 // "Connection: close", including those of requests already in flight, so
 // keep-alive clients leave after their current request instead of being
 // cut off while idle. HTTP/2 connections get GOAWAY instead (see h2.go).
+// A hijacked connection (a WebSocket) stops being a request in flight at
+// the hijack; it is counted as a connection until it closes.
 func (a *agent) handler(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		cw := closeWriters.Get().(*closeWriter)
-		*cw = closeWriter{ResponseWriter: w, closing: &a.closing, h2: r.ProtoMajor == 2}
-		defer a.finish(cw, a.counter.StartRequest())
+		*cw = closeWriter{ResponseWriter: w, a: a, h2: r.ProtoMajor == 2}
+		cw.start = a.counter.StartRequest()
+		defer a.finish(cw)
 		h.ServeHTTP(cw, r)
 		cw.returned = true
 	})
@@ -30,7 +32,7 @@ func (a *agent) handler(h http.Handler) http.Handler {
 
 // finish ends the request that cw answered. A deferred call of its own, so
 // that recover sees a panic.
-func (a *agent) finish(cw *closeWriter, start time.Time) {
+func (a *agent) finish(cw *closeWriter) {
 	var p any
 	if !cw.returned {
 		p = recover() // nil for runtime.Goexit
@@ -49,7 +51,9 @@ func (a *agent) finish(cw *closeWriter, start time.Time) {
 	default:
 		a.counter.Response(cw.status)
 	}
-	a.counter.EndRequest(start)
+	if !cw.ended {
+		a.counter.EndRequest(cw.start)
+	}
 	if hr := a.health.Load(); hr != nil {
 		a.checkHealth(hr)
 	}
@@ -74,8 +78,10 @@ func putCloseWriter(cw *closeWriter) {
 // the old generation until the drain timeout. It records the final status.
 type closeWriter struct {
 	http.ResponseWriter
-	closing     *atomic.Bool
+	a           *agent
+	start       time.Time
 	h2          bool // an HTTP/2 stream: GOAWAY moves its client, not a header
+	ended       bool // no longer in flight: hijacked
 	wroteHeader bool
 	hijacked    bool
 	returned    bool // the handler returned (did not panic)
@@ -86,7 +92,7 @@ func (w *closeWriter) markClose() {
 	// HTTP/2 has no Connection header; net/http and x/net turn a
 	// "Connection: close" there into a GOAWAY that races the client's next
 	// stream. h2.go sends a safe one.
-	if !w.h2 && w.closing.Load() {
+	if !w.h2 && w.a.closing.Load() {
 		w.ResponseWriter.Header().Set("Connection", "close")
 	}
 }
@@ -125,8 +131,11 @@ func (w *closeWriter) Flush() {
 
 func (w *closeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	c, rw, err := http.NewResponseController(w.ResponseWriter).Hijack()
-	if err == nil {
-		w.hijacked = true
+	if err == nil && !w.hijacked {
+		// From now on a connection (counted until it closes), no longer a
+		// request in flight, even while the handler runs it (WebSockets).
+		w.hijacked, w.ended = true, true
+		w.a.counter.EndRequest(w.start)
 	}
 	return c, rw, err
 }

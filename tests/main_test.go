@@ -41,7 +41,7 @@ func runMain(m *testing.M) int {
 	if raceEnabled {
 		args = append(args, "-race")
 	}
-	args = append(args, "../cmd/rollover", "../cmd/demoapp", "../cmd/rollover-stress")
+	args = append(args, "../cmd/rollover", "../cmd/demoapp", "../cmd/rollover-stress", "./protoapp")
 	cmd := exec.Command("go", args...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {

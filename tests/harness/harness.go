@@ -33,6 +33,8 @@ type Config struct {
 	Metrics      bool          // serve /metrics on a free port
 	Log          io.Writer     // coordinator output (nil: discarded)
 	StartFlags   []string      // more `rollover start` flags, e.g. --log-format json
+	AppArgs      []string      // more flags for the app, after -addr and -version
+	ListenAll    bool          // the app listens on ":PORT" (every address); clients still use Addr
 }
 
 // Service is a running coordinator with its generations.
@@ -162,7 +164,13 @@ func (s *Service) waitActive(ctx context.Context) error {
 
 // AppArgv is the demo app's command line for a version.
 func (s *Service) AppArgv(version string) []string {
-	argv := []string{s.cfg.App, "-addr", s.Addr, "-version", version}
+	listen := s.Addr
+	if s.cfg.ListenAll {
+		_, port, _ := net.SplitHostPort(s.Addr)
+		listen = ":" + port
+	}
+	argv := []string{s.cfg.App, "-addr", listen, "-version", version}
+	argv = append(argv, s.cfg.AppArgs...)
 	if s.cfg.Naive {
 		argv = append(argv, "-naive")
 	}
