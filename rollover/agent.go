@@ -119,7 +119,7 @@ type agent struct {
 
 	mu        sync.Mutex
 	listeners []*listener
-	probes    map[string]probeWait  // probe client address → its listener and wake-up
+	probes    map[string]probeWait // probe client address → its listener and wake-up
 	early     map[string]*listener // accepted while probing, before the probe registered
 	probing   atomic.Int32
 

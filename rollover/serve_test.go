@@ -393,7 +393,9 @@ func TestServeCountsHijackedConnections(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	served := make(chan error, 1)
-	go func() { served <- a.serve(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln, nil) }()
+	go func() {
+		served <- a.serve(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln, nil)
+	}()
 
 	ka := dialKeepAlive(t, ln.Addr().String())
 	ka.send(t, "/hijack")

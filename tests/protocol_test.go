@@ -480,14 +480,14 @@ type driver struct {
 	pc    protoCase
 	certs certFiles
 
-	mu       sync.Mutex
-	ok       int64
-	fails    map[string]int64
-	samples  []string
-	gens     map[string]bool
-	longest  time.Duration
-	retried  atomic.Int64
-	shared   map[string]*http.Transport
+	mu      sync.Mutex
+	ok      int64
+	fails   map[string]int64
+	samples []string
+	gens    map[string]bool
+	longest time.Duration
+	retried atomic.Int64
+	shared  map[string]*http.Transport
 }
 
 func newDriver(addr string, pc protoCase, certs certFiles) *driver {
