@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -38,7 +39,7 @@ import (
 // arguments after genArg; TestMain puts them into the environment.
 const (
 	genArg    = "-rollover.test.generation"
-	envMode   = "ROLLOVER_TEST_MODE"        // ready, never-ready, crash-on-start, crash-after-ready, slow-drain, ready-then-exit
+	envMode   = "ROLLOVER_TEST_MODE"        // ready, never-ready, crash-on-start, crash-after-ready, slow-drain, ready-then-exit, panics
 	envAddr   = "ROLLOVER_TEST_ADDR"        // 127.0.0.1:port to serve on
 	envDelay  = "ROLLOVER_TEST_READY_DELAY" // warm-up before listening (a duration)
 	envTag    = "ROLLOVER_TEST_TAG"         // marks the command line of every process a test starts
@@ -101,6 +102,15 @@ func generation(mode string) int {
 	}
 	srv := &http.Server{Handler: genHandler(), ReadHeaderTimeout: 5 * time.Second}
 	switch mode {
+	case "panics":
+		// Ready and serving, but every handler panics: a bad deploy that
+		// only shows under traffic.
+		srv.Handler = http.HandlerFunc(func(http.ResponseWriter, *http.Request) { panic("boom: nil map") })
+		srv.ErrorLog = log.New(io.Discard, "", 0)
+		if err := rollover.Serve(ctx, srv, ln); err != nil {
+			return fail(err)
+		}
+		return 0
 	case "ready":
 		if err := rollover.Serve(ctx, srv, ln); err != nil {
 			return fail(err)
