@@ -3,6 +3,14 @@
 //
 //	GET /          200, "demoapp VERSION gen N", header X-Rollover-Generation: N
 //	GET /slow?d=2s the same after sleeping d (at most a minute)
+//
+// A bad deploy on purpose, for the bake's and the canary's tests:
+//
+//	-fail=panic    every handler panics (net/http aborts the connection)
+//	-fail=crash    the process exits with status 2 on its first request
+//	-fail=500      every request answers 500 (any status: -fail=503, …)
+//
+// It is ready and steerable as usual; only its answers are bad.
 package main
 
 import (
@@ -26,7 +34,13 @@ func main() {
 	version := flag.String("version", "v1", "version to report")
 	naive := flag.Bool("naive", false, "use the naive hand-over (close + Shutdown) to show what rollover prevents")
 	plain := flag.Bool("plain", false, "serve the same handler on plain net/http, without the library (for the overhead benchmark)")
+	fail := flag.String("fail", "", "a bad deploy: panic (every handler panics), crash (exit 2 on the first request), or a status code such as 500 (every answer)")
 	flag.Parse()
+	h, err := failing(*fail, handler(*version))
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "demoapp: %v\n", err)
+		os.Exit(2)
+	}
 	if *plain {
 		// MPTCP off as in the library, so the benchmark measures only the
 		// library's own cost.
@@ -34,7 +48,7 @@ func main() {
 		lc.SetMultipathTCP(false)
 		ln, err := lc.Listen(context.Background(), "tcp", *addr)
 		if err == nil {
-			srv := &http.Server{Handler: handler(*version), ReadHeaderTimeout: 10 * time.Second}
+			srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
 			err = srv.Serve(ln)
 		}
 		if err != nil {
@@ -46,10 +60,36 @@ func main() {
 	if *naive {
 		os.Setenv(rollover.EnvHandover, "naive")
 	}
-	if err := rollover.ListenAndServe(*addr, handler(*version)); err != nil {
+	if err := rollover.ListenAndServe(*addr, h); err != nil {
 		fmt.Fprintf(os.Stderr, "demoapp: %v\n", err)
 		os.Exit(1)
 	}
+}
+
+// failing wraps h in the bad behaviour that mode names ("" is none).
+func failing(mode string, h http.Handler) (http.Handler, error) {
+	switch mode {
+	case "":
+		return h, nil
+	case "panic":
+		return http.HandlerFunc(func(http.ResponseWriter, *http.Request) {
+			panic("demoapp: -fail=panic")
+		}), nil
+	case "crash":
+		return http.HandlerFunc(func(http.ResponseWriter, *http.Request) {
+			fmt.Fprintln(os.Stderr, "demoapp: -fail=crash: exiting on the first request")
+			os.Exit(2)
+		}), nil
+	}
+	code, err := strconv.Atoi(mode)
+	if err != nil || code < 100 || code > 599 {
+		return nil, fmt.Errorf("-fail=%q: want panic, crash or a status code 100-599", mode)
+	}
+	gen := strconv.Itoa(rollover.Generation())
+	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("X-Rollover-Generation", gen)
+		http.Error(w, fmt.Sprintf("demoapp: -fail=%d", code), code)
+	}), nil
 }
 
 func handler(version string) http.Handler {
