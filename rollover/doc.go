@@ -19,8 +19,47 @@
 //     its connections are gone, and only then calls http.Server.Shutdown,
 //     which would otherwise close idle keep-alive connections under clients'
 //     feet.
-//   - In-flight requests and open connections (hijacked ones included until
-//     they close) are counted with atomics and reported to the coordinator.
+//   - A listener from Listen is always safe to close. While the generation
+//     has a successor (a drain or a release was ordered), the app's Close,
+//     http.Server.Shutdown or gRPC's GracefulStop never closes the socket
+//     under the connections queued on it: Close waits for the hand-over
+//     (grace, queue drain, close). Once the hand-over has closed the socket,
+//     Accept does not fail until the app closes the listener or the
+//     generation holds no connection, so an accept loop (gRPC's Serve in a
+//     canonical main) does not end while its connections are still served.
+//   - HTTP/1.1 connections keep the Connection: close path; HTTP/2
+//     connections (TLS h2, h2c through http.Server.Protocols, h2c through an
+//     x/net h2c handler) get GOAWAY at once, in two steps (last stream ID
+//     2^31-1, then the real one), so that no new stream races it, while
+//     their streams in flight finish. Idle connections are never closed
+//     first.
+//   - Serve serves TLS when srv.TLSConfig holds a certificate (ALPN h2 and
+//     http/1.1), or through ServeTLS. Connections are counted below TLS, so
+//     net/http still sees *tls.Conn; an app's own tls.NewListener around a
+//     listener from Listen is steered, handed over and counted once.
+//   - In-flight requests, open connections (hijacked ones included until
+//     they close; a hijacked request stops being in flight at the hijack),
+//     final responses by status class and handler panics (recovered, counted
+//     and re-panicked; http.ErrAbortHandler is not one) are counted with
+//     atomics and reported to the coordinator.
+//   - What is still open at the drain deadline (the drain timeout less
+//     min(2s, a tenth of it)) is closed, reported as forced
+//     (wire.Stats.ForcedConnections, ForcedRequests) and said on stderr.
+//
+// When each signal fires, for a generation that the coordinator replaces:
+//
+//	steer          this generation takes new connections (a canary: a share of them)
+//	release        the bake: Connection: close and GOAWAY begin; the listeners
+//	               stay open, Draining does not fire; resume undoes it
+//	drain ordered  Connection: close and GOAWAY (if not released yet); the
+//	               grace starts; Serve's context, SIGTERM/SIGINT standalone,
+//	               and a lost coordinator not replaced in time order it too
+//	Draining()     closed once the grace has passed, every accept queue is
+//	               empty and every socket closed: no new connection comes;
+//	               stop taking new work and finish (GracefulStop, WebSocket
+//	               close 1001, return from a raw accept loop)
+//	drain deadline what is left is cut and counted as forced
+//	Serve returns  once the connections are gone (then srv.Shutdown); nil
 //
 // The functions of this package share one agent per process, made from the
 // coordinator's environment variables on first use: the coordinator sees a
