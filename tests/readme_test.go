@@ -109,7 +109,7 @@ func TestReadmeCLIMatchesHelp(t *testing.T) {
 		t.Errorf("the README has no block with --help's exit codes:\n%s", exits)
 	}
 	var usage []string
-	for _, c := range []string{"start", "next", "status", "rollback", "stop", "completion"} {
+	for _, c := range []string{"start", "next", "status", "rollback", "stop", "promote", "abort", "completion"} {
 		help, _, _ := rolloverCLI(t, nil, c, "--help")
 		usage = append(usage, helpSection(help, "Usage:"))
 	}

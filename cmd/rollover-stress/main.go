@@ -56,6 +56,7 @@ func run(args []string) error {
 	naive := fs.Bool("naive", false, "naive hand-over (close + Shutdown), to compare")
 	grace := fs.Duration("drain-grace", 100*time.Millisecond, "coordinator --drain-grace (loopback RTT is ~0)")
 	drainTimeout := fs.Duration("drain-timeout", 10*time.Second, "coordinator --drain-timeout")
+	bake := fs.Duration("bake", 200*time.Millisecond, "coordinator --bake (0: none)")
 	asJSON := fs.Bool("json", false, "print the report as JSON (progress goes to stderr)")
 	slow := fs.Int("slow", 0, "clients that keep a 1s request in flight across the rollovers")
 	loadCmd := fs.String("load-cmd", "", `drive load with this command instead (e.g. "wrk -t2 -c32 -d20s {url}"); split on spaces, quotes group, no shell; rollovers run until it exits`)
@@ -89,7 +90,7 @@ func run(args []string) error {
 	}
 	svc, err := harness.Start(ctx, harness.Config{
 		Rollover: *rolloverBin, App: *appBin, Dir: dir,
-		DrainGrace: *grace, DrainTimeout: *drainTimeout, Naive: *naive, Log: logw,
+		DrainGrace: *grace, DrainTimeout: *drainTimeout, Naive: *naive, Log: logw, Bake: bakeFlag(*bake),
 	})
 	if err != nil {
 		return err
@@ -222,4 +223,12 @@ func splitArgs(line string) []string {
 		out = append(out, cur.String())
 	}
 	return out
+}
+
+// bakeFlag maps -bake to harness.Config.Bake, where 0 means its default.
+func bakeFlag(d time.Duration) time.Duration {
+	if d <= 0 {
+		return -1
+	}
+	return d
 }

@@ -181,10 +181,13 @@ request.`,
 		},
 		Annotations: map[string]string{
 			"exit": `  0  ok
-  1  the rollover failed (the old generation keeps serving) or was refused,
-     or a stop had to kill a generation that did not drain in time
+  1  the rollover failed (the old generation keeps serving), was rolled back
+     during its bake or canary, or was refused, or a stop had to kill a
+     generation that did not drain in time
   2  usage: unknown command or flag, bad argument
-  3  no coordinator at that socket`,
+  3  no coordinator at that socket
+  4  next --wait: the old generation's drain cut connections or requests at
+     --drain-timeout (the report line says how many)`,
 			"signals": signalsText,
 		},
 		SuggestionsMinimumDistance: 2,
@@ -211,6 +214,8 @@ request.`,
 		newStatusCmd(g),
 		newNextCmd(g, "rollback"),
 		newStopCmd(g),
+		newCanaryCmd(g, "promote"),
+		newCanaryCmd(g, "abort"),
 		newCompletionCmd(),
 		newVersionCmd(),
 	)

@@ -69,17 +69,21 @@ type nextOpts struct {
 	wait, asJSON bool
 	expect       int
 	launch       launchOpts
+	safe         safeOpts
 }
 
 // newNextCmd is `next` or, with typ rollback, `rollback`.
 func newNextCmd(g *globals, typ string) *cobra.Command {
 	o := &nextOpts{}
-	exit := `  0  the new generation is active (with --wait: and the old one has exited)
+	exit := `  0  the new generation is active and baked (with --wait: and the old one has
+     exited, cutting nothing)
   1  the rollover failed (the old generation keeps serving; the reason and the
-     new generation's last stderr lines follow), or was refused: another
-     rollover is in progress, --expect-generation did not match, permission
-     denied%s
-` + exitCodesClient
+     new generation's last stderr lines follow), was rolled back during its
+     bake or canary, or was refused: another rollover is in progress,
+     --expect-generation did not match, permission denied%s
+` + exitCodesClient + `
+  4  with --wait: the old generation's drain cut connections or requests at
+     --drain-timeout (the report line says how many)`
 	c := &cobra.Command{
 		Use:   "next [flags] [--] [CMD [ARGS...]]",
 		Short: "Roll over to a new command line (default: the active one again)",
@@ -89,8 +93,17 @@ ready, steer every new connection to it, then drain generation N. Each phase
 is printed as it happens. Until N+1 is active, any failure ends N+1 and
 leaves N serving untouched.
 
+After the steer comes the bake (the coordinator's --bake, or --bake here):
+N keeps its listener, steered away, while its connections already drain; if
+N+1 exits or fails its health (5xx and panics, --health-url) in that time,
+N takes the port back at once and next exits 1. With --canary, N+1 first
+gets only a share of new connections per step (--step each, or until
+` + "`rollover promote`" + `); every step is judged the same way.
+
 With --wait, also wait until N has drained and exited; in a terminal the
-drain is one progress line that updates in place.
+drain is one progress line that updates in place. The last line is the
+rollover's loss report: what its drain deadline cut, the 5xx and panics of
+each generation, and the kernel's TcpExt counters over the rollover.
 
 Flags end at CMD (or at --). A relative CMD path is made absolute here,
 since the coordinator may run in another directory. How the new generation
@@ -99,7 +112,10 @@ the active generation unless given.`,
 		Example: `  rollover next -- ./api-v2 -addr :8080
   rollover next --wait                       # the same command line again
   rollover --name web next --wait --json     # one JSON event per line
-  rollover next --expect-generation 4 -- ./api-v3 -addr :8080`,
+  rollover next --expect-generation 4 -- ./api-v3 -addr :8080
+  rollover next --bake 30s --health-url http://127.0.0.1:8080/healthz -- ./api-v2
+  rollover next --canary 5%,25%,100% --step 1m -- ./api-v2 -addr :8080
+  rollover next --canary 10% -- ./api-v2 -addr :8080   # then: rollover promote`,
 		Annotations: map[string]string{"exit": fmt.Sprintf(exit, ""), "signals": signalsText},
 		ValidArgsFunction: func(*cobra.Command, []string, string) ([]cobra.Completion, cobra.ShellCompDirective) {
 			return nil, cobra.ShellCompDirectiveDefault
@@ -127,6 +143,7 @@ becomes active once ready, and the active one drains.`
 	f.IntVar(&o.expect, "expect-generation", 0, "roll over only if generation `N` is still the active one (a compare-and-swap for deploy scripts)")
 	if typ == wire.TypeNext {
 		o.launch.add(f, true)
+		o.safe.addNext(f)
 		_ = c.RegisterFlagCompletionFunc("ready", fixedCompletions(coordinator.ReadyLibrary, coordinator.ReadyNotify, coordinator.ReadyListen))
 		_ = c.RegisterFlagCompletionFunc("drain-signal", fixedCompletions("SIGTERM", "SIGQUIT", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH"))
 	}
@@ -140,6 +157,9 @@ func runNext(g *globals, o *nextOpts, typ string, cmd *cobra.Command, argv []str
 	}
 	req := wire.Msg{Type: typ, Wait: o.wait, ExpectGeneration: o.expect}
 	if typ == wire.TypeNext {
+		if err := o.safe.nextRequest(cmd.Flags(), &req); err != nil {
+			return err
+		}
 		launch, err := o.launch.resolve()
 		if err != nil {
 			return err

@@ -34,6 +34,7 @@ type startOpts struct {
 	adoptWait, adoptTimeout                           time.Duration
 	metricsAddr, logFormat                            string
 	launch                                            launchOpts
+	safe                                              safeOpts
 }
 
 func newStartCmd(g *globals) *cobra.Command {
@@ -85,6 +86,7 @@ Flags end at CMD (or at --): everything after it is CMD's own arguments.`,
 	f.StringVar(&o.metricsAddr, "metrics-addr", DefaultMetricsAddr, "serve /metrics on `HOST:PORT`; \"\" turns it off")
 	f.StringVar(&o.logFormat, "log-format", "text", "log `FORMAT`: text or json (slog; in JSON, durations are seconds in keys ending in _s)")
 	o.launch.add(f, false)
+	o.safe.addStart(f)
 	f.DurationVar(&o.adoptWait, "adopt-wait", coordinator.DefaultAdoptWait, "at start, how long to wait for the generations of a coordinator that crashed")
 	f.DurationVar(&o.adoptTimeout, "adopt-timeout", DefaultAdoptTimeout, "how long generations keep serving after this coordinator dies, waiting to be adopted")
 	_ = c.RegisterFlagCompletionFunc("log-format", fixedCompletions("text", "json"))
@@ -122,11 +124,15 @@ func runStart(ctx context.Context, g *globals, o *startOpts, cmd *cobra.Command,
 	}
 	log := slog.New(logHandler(cmd.ErrOrStderr(), o.logFormat))
 	socket := g.socketPath()
-	c, err := coordinator.New(coordinator.Config{
+	cfg := coordinator.Config{
 		Argv: argv, Socket: socket, ReadyTimeout: o.readyTimeout, DrainTimeout: o.drainTimeout,
 		DrainGrace: o.drainGrace, KillGrace: o.killGrace, Log: log, AdoptWait: o.adoptWait, AdoptTimeout: o.adoptTimeout,
 		Ready: launch.Ready, Addr: launch.Addr, DrainSignal: launch.DrainSignal, Notify: systemdNotifier(log),
-	})
+	}
+	if err := o.safe.startConfig(cmd.Flags(), &cfg); err != nil {
+		return err
+	}
+	c, err := coordinator.New(cfg)
 	if err != nil {
 		return err
 	}

@@ -29,12 +29,15 @@ type Config struct {
 	DrainGrace   time.Duration // default 100ms
 	DrainTimeout time.Duration // default 10s
 	ReadyTimeout time.Duration // default 10s
-	Naive        bool          // demoapp -naive: listener close + Shutdown, no steering
-	Metrics      bool          // serve /metrics on a free port
-	Log          io.Writer     // coordinator output (nil: discarded)
-	StartFlags   []string      // more `rollover start` flags, e.g. --log-format json
-	AppArgs      []string      // more flags for the app, after -addr and -version
-	ListenAll    bool          // the app listens on ":PORT" (every address); clients still use Addr
+	// Bake is the coordinator's --bake: default 200ms, so that every test
+	// rolls over through a bake; negative turns it off.
+	Bake       time.Duration
+	Naive      bool      // demoapp -naive: listener close + Shutdown, no steering
+	Metrics    bool      // serve /metrics on a free port
+	Log        io.Writer // coordinator output (nil: discarded)
+	StartFlags []string  // more `rollover start` flags, e.g. --log-format json
+	AppArgs    []string  // more flags for the app, after -addr and -version
+	ListenAll  bool      // the app listens on ":PORT" (every address); clients still use Addr
 }
 
 // Service is a running coordinator with its generations.
@@ -73,6 +76,12 @@ func Start(ctx context.Context, cfg Config) (*Service, error) {
 	if cfg.ReadyTimeout == 0 {
 		cfg.ReadyTimeout = 10 * time.Second
 	}
+	switch {
+	case cfg.Bake == 0:
+		cfg.Bake = 200 * time.Millisecond
+	case cfg.Bake < 0:
+		cfg.Bake = 0
+	}
 	port, err := FreePort()
 	if err != nil {
 		return nil, err
@@ -86,7 +95,7 @@ func Start(ctx context.Context, cfg Config) (*Service, error) {
 	}
 	args := []string{"start", "--socket", s.Socket,
 		"--drain-grace", cfg.DrainGrace.String(), "--drain-timeout", cfg.DrainTimeout.String(),
-		"--ready-timeout", cfg.ReadyTimeout.String(), "--kill-grace", "2s", "--metrics-addr", ""}
+		"--ready-timeout", cfg.ReadyTimeout.String(), "--kill-grace", "2s", "--bake", cfg.Bake.String(), "--metrics-addr", ""}
 	if cfg.Metrics {
 		mp, err := FreePort()
 		if err != nil {
