@@ -1,11 +1,23 @@
 package tests
 
 import (
+	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
+	"regexp"
+	"slices"
+	"sort"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+
+	"github.com/rollover-sh/rollover/tests/harness"
 )
 
 // dashboardPath is the Grafana dashboard users import or provision.
@@ -53,9 +65,10 @@ type grafanaPanel struct {
 }
 
 type grafanaTarget struct {
-	RefID      string      `json:"refId"`
-	Expr       string      `json:"expr"`
-	Datasource *grafanaRef `json:"datasource"`
+	RefID        string      `json:"refId"`
+	Expr         string      `json:"expr"`
+	LegendFormat string      `json:"legendFormat"`
+	Datasource   *grafanaRef `json:"datasource"`
 }
 
 type grafanaVariable struct {
@@ -77,10 +90,21 @@ type grafanaAnnotation struct {
 // they have a series for the old generation and one for the new.
 var drainPanels = []string{"In-flight requests per generation", "Open connections per generation", "Generation states"}
 
+// safePanels show the bake, the canary, rollbacks and the loss report.
+var safePanels = []string{
+	"Canary weight now", "Rollbacks in range", "Cut at drain deadlines in range", "5xx and panics in range",
+	"Rollover phase", "Canary weight", "Rollbacks per minute by reason",
+	"Cut at drain deadlines per minute", "5xx and panics/s per generation", "5xx-or-panic share per generation",
+}
+
+// eventAnnotations mark events on every time series panel.
+var eventAnnotations = []string{"Rollovers", "Failed rollovers", "Forced drains", "Cut at drain deadlines", "Rollbacks"}
+
 // dashboardQuery is one PromQL expression of the dashboard and where it is.
 type dashboardQuery struct {
-	Panel string // panel title, or "annotation NAME"
-	Expr  string
+	Panel  string // panel title, or "annotation NAME"
+	Legend string // the target's legendFormat ("" for annotations)
+	Expr   string
 }
 
 // loadDashboard reads the shipped dashboard and fails the test on any
@@ -250,7 +274,7 @@ func (d grafanaDashboard) queries() []dashboardQuery {
 	walk = func(ps []grafanaPanel) {
 		for _, p := range ps {
 			for _, tg := range p.Targets {
-				out = append(out, dashboardQuery{Panel: p.Title, Expr: tg.Expr})
+				out = append(out, dashboardQuery{Panel: p.Title, Legend: tg.LegendFormat, Expr: tg.Expr})
 			}
 			walk(p.Panels)
 		}
@@ -265,25 +289,266 @@ func (d grafanaDashboard) queries() []dashboardQuery {
 }
 
 // The shipped dashboard passes every check, and has the panels that show a
-// drain.
+// drain, the bake, the canary, rollbacks and the loss report, and the
+// annotations that mark events.
 func TestDashboard(t *testing.T) {
 	d := loadDashboard(t)
-	titles := map[string]bool{}
+	titles := map[string]int{}
 	var walk func([]grafanaPanel)
 	walk = func(ps []grafanaPanel) {
 		for _, p := range ps {
-			titles[p.Title] = true
+			if p.Type != "row" {
+				titles[p.Title]++
+			}
 			walk(p.Panels)
 		}
 	}
 	walk(d.Panels)
-	for _, want := range drainPanels {
-		if !titles[want] {
+	for _, want := range slices.Concat(drainPanels, safePanels) {
+		if titles[want] == 0 {
 			t.Errorf("no panel titled %q", want)
 		}
 	}
-	if n := len(d.queries()); n < 15 {
+	for title, n := range titles {
+		if n > 1 {
+			t.Errorf("%d panels titled %q", n, title)
+		}
+	}
+	var names []string
+	for _, a := range d.Annotations.List {
+		names = append(names, a.Name)
+	}
+	for _, want := range eventAnnotations {
+		if !slices.Contains(names, want) {
+			t.Errorf("no annotation %q (have %q)", want, names)
+		}
+	}
+	if n := len(d.queries()); n < 30 {
 		t.Errorf("only %d queries", n)
+	}
+}
+
+// Every query of the dashboard, and its variables, refer only to metrics a
+// real coordinator exports, and ask only for label values it exports: a
+// misspelt name or value would leave a panel empty rather than fail. The
+// names come from the exposition itself, so a metric renamed in metrics/
+// fails here until the dashboard follows.
+func TestDashboardMetricsExported(t *testing.T) {
+	d := loadDashboard(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	svc := startService(t, harness.Config{Metrics: true})
+	// An answered request, so that every family of the generation has a
+	// sample.
+	if code, _, _, err := svc.Get(ctx, "/"); err != nil || code != http.StatusOK {
+		t.Fatalf("GET /: %d %v", code, err)
+	}
+	exp, err := parseExposition(httpGet(t, ctx, "http://"+svc.MetricsAddr+"/metrics"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := svc.Stop(ctx); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	for _, p := range dashboardMetricProblems(d, exp) {
+		t.Error(p)
+	}
+
+	// The check can fail: each mistake, made in a copy, is caught.
+	raw, err := os.ReadFile(dashboardPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range []struct{ name, old, new, want string }{
+		{"misspelt metric", `max(rollover_canary_weight{`, `max(rollover_canary_weights{`, "rollover_canary_weights"},
+		{"misspelt label value", `code=\"5xx\"`, `code=\"5XX\"`, `code="5XX"`},
+		{"regexp that matches no value", `state=~\"starting|ready\"`, `state=~\"begin|idle\"`, `state=~"begin|idle"`},
+		{"misspelt variable metric", `label_values(rollover_build_info, instance)`, `label_values(rollover_buildinfo, instance)`, "rollover_buildinfo"},
+		{"metric in an annotation", `increase(rollover_rollbacks_total{`, `increase(rollover_rollback_total{`, "rollover_rollback_total"},
+	} {
+		t.Run(strings.ReplaceAll(m.name, " ", "_"), func(t *testing.T) {
+			if !bytes.Contains(raw, []byte(m.old)) {
+				t.Fatalf("the dashboard has no %s to break", m.old)
+			}
+			var broken grafanaDashboard
+			if err := json.Unmarshal(bytes.Replace(raw, []byte(m.old), []byte(m.new), 1), &broken); err != nil {
+				t.Fatal(err)
+			}
+			probs := dashboardMetricProblems(broken, exp)
+			if !strings.Contains(strings.Join(probs, "\n"), m.want) {
+				t.Errorf("want a problem mentioning %s, got %q", m.want, probs)
+			}
+		})
+	}
+}
+
+// exposition is what one scrape of a coordinator gave: for every sample name
+// (histograms as _bucket, _sum and _count), the values each label took.
+type exposition map[string]map[string]map[string]bool
+
+func parseExposition(body []byte) (exposition, error) {
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	mfs, err := parser.TextToMetricFamilies(bytes.NewReader(body))
+	if err != nil {
+		return nil, fmt.Errorf("parse the exposition: %w", err)
+	}
+	exp := exposition{}
+	add := func(name string, labels map[string]string) {
+		if exp[name] == nil {
+			exp[name] = map[string]map[string]bool{}
+		}
+		for k, v := range labels {
+			if exp[name][k] == nil {
+				exp[name][k] = map[string]bool{}
+			}
+			exp[name][k][v] = true
+		}
+	}
+	for name, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			switch mf.GetType().String() {
+			case "HISTOGRAM":
+				add(name+"_sum", labels)
+				add(name+"_count", labels)
+				add(name+"_bucket", labels) // le is a grouping label, not matched
+			case "SUMMARY":
+				add(name+"_sum", labels)
+				add(name+"_count", labels)
+				add(name, labels)
+			default:
+				add(name, labels)
+			}
+		}
+	}
+	return exp, nil
+}
+
+// scrapeMade are the series Prometheus makes for every target; targetLabels
+// are the labels it adds to every series.
+var (
+	scrapeMade   = []string{"up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_samples_post_metric_relabeling", "scrape_series_added"}
+	targetLabels = []string{"job", "instance"}
+)
+
+// dashboardMetricProblems lists the dashboard's references to metrics and
+// label values that exp does not have.
+func dashboardMetricProblems(d grafanaDashboard, exp exposition) []string {
+	var probs []string
+	for _, q := range d.queries() {
+		for _, p := range queryProblems(q.Expr, exp) {
+			probs = append(probs, fmt.Sprintf("%s: %s", q.Panel, p))
+		}
+	}
+	for _, v := range d.Templating.List {
+		if v.Type != "query" {
+			continue
+		}
+		m := labelValues.FindStringSubmatch(v.Definition)
+		if m == nil {
+			probs = append(probs, fmt.Sprintf("variable %q: definition %q is not label_values(METRIC, LABEL)", v.Name, v.Definition))
+			continue
+		}
+		for _, p := range queryProblems(m[1], exp) {
+			probs = append(probs, fmt.Sprintf("variable %q: %s", v.Name, p))
+		}
+	}
+	return probs
+}
+
+// queryProblems lists what expr asks for that exp does not have: a metric
+// name, or a label value that a matcher (=, != or =~) requires.
+func queryProblems(expr string, exp exposition) []string {
+	var probs []string
+	for _, name := range promMetricNames(expr) {
+		if _, ok := exp[name]; !ok && !slices.Contains(scrapeMade, name) {
+			probs = append(probs, fmt.Sprintf("%s is not exported (in %s)", name, expr))
+		}
+	}
+	for _, sel := range promSelector.FindAllStringSubmatch(expr, -1) {
+		labels, ok := exp[sel[1]]
+		if !ok {
+			continue // reported above, or made by Prometheus
+		}
+		for _, m := range promMatcher.FindAllStringSubmatch(sel[2], -1) {
+			label, op, value := m[1], m[2], m[3]
+			if slices.Contains(targetLabels, label) || strings.Contains(value, "$") || value == "" || op == "!~" {
+				continue
+			}
+			match := func(v string) bool { return v == value }
+			if op == "=~" {
+				re, err := regexp.Compile("^(?:" + value + ")$")
+				if err != nil {
+					probs = append(probs, fmt.Sprintf("%s%s%q: %v", label, op, value, err))
+					continue
+				}
+				match = re.MatchString
+			}
+			var have []string
+			found := false
+			for v := range labels[label] {
+				have = append(have, v)
+				found = found || match(v)
+			}
+			if !found {
+				sort.Strings(have)
+				probs = append(probs, fmt.Sprintf("%s{%s%s%q}: %s has no such value (exported: %q)", sel[1], label, op, value, label, have))
+			}
+		}
+	}
+	return probs
+}
+
+var (
+	promString   = regexp.MustCompile(`"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|` + "`[^`]*`")
+	promBraces   = regexp.MustCompile(`\{[^}]*\}`)
+	promBrackets = regexp.MustCompile(`\[[^\]]*\]`)
+	promGrouping = regexp.MustCompile(`\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)`)
+	// A number or duration, or a name (a function's when a parenthesis
+	// follows).
+	promToken    = regexp.MustCompile(`[0-9][0-9.]*(?:[eE][-+]?[0-9]+)?[a-z]*|([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?`)
+	promSelector = regexp.MustCompile(`([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}`)
+	promMatcher  = regexp.MustCompile(`([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"`)
+	promKeywords = []string{"and", "or", "unless", "bool", "offset", "inf", "nan", "Inf", "NaN"}
+)
+
+// promMetricNames lists the metric names a PromQL expression selects, with
+// Grafana's variables in it or not: what is left once strings, label
+// matchers, ranges, grouping labels, functions and keywords are taken out.
+func promMetricNames(expr string) []string {
+	s := promString.ReplaceAllString(expr, `""`)
+	s = grafanaVar.ReplaceAllString(s, "")
+	s = promBraces.ReplaceAllString(s, " ")
+	s = promBrackets.ReplaceAllString(s, " ")
+	s = promGrouping.ReplaceAllString(s, " ")
+	var names []string
+	for _, m := range promToken.FindAllStringSubmatch(s, -1) {
+		name, call := m[1], m[2] != ""
+		if name == "" || call || slices.Contains(promKeywords, name) || slices.Contains(names, name) {
+			continue
+		}
+		names = append(names, name)
+	}
+	return names
+}
+
+func TestPromMetricNames(t *testing.T) {
+	for _, tc := range []struct {
+		expr string
+		want []string
+	}{
+		{`up{job="rollover"} == 0 or absent(rollover_active_generation)`, []string{"up", "rollover_active_generation"}},
+		{`histogram_quantile(0.95, sum by (generation, le) (rate(rollover_request_duration_seconds_bucket{instance=~"$instance"}[$__rate_interval])))`, []string{"rollover_request_duration_seconds_bucket"}},
+		{`max(label_replace(3 * (max(a_total) > bool 0), "phase", "canary", "", "") or b offset $__range) - ignoring(x) group_left () c / 1e3`, []string{"a_total", "b", "c"}},
+		{`sum(max_over_time(x[5m]) - ((x offset 5m) + 0 or max_over_time(x[5m]) * 0))`, []string{"x"}},
+		{`count(rollover_generation_info{command="rate(x)"}) unless on (instance) y`, []string{"rollover_generation_info", "y"}},
+	} {
+		if got := promMetricNames(tc.expr); !slices.Equal(got, tc.want) {
+			t.Errorf("promMetricNames(%s) = %q, want %q", tc.expr, got, tc.want)
+		}
 	}
 }
 
