@@ -276,7 +276,7 @@ func TestStatusWatchPlain(t *testing.T) {
 	if err != nil || code != 0 {
 		t.Fatalf("next --wait: exit %d %v: %s", code, err, stderr)
 	}
-	if !regexp.MustCompile(`^started gen 3 \(pid \d+\)\nready after \d+ms\ngen 3 active\ndraining gen 2: \d+ in flight, \d+ connections\n(.*\n)*gen 2 drained after \d+ms\nreport: gen 3 replacing gen 2 [^\n]*\ndone\n$`).MatchString(out) || strings.Contains(out, "\r") {
+	if !regexp.MustCompile(`^started gen 3 \(pid \d+\)\nready after \d+ms\ngen 3 active\n(baking gen 3 for \d+ms\n)?draining gen 2: \d+ in flight, \d+ connections\n(.*\n)*gen 2 drained after \d+ms\nreport: gen 3 replacing gen 2 [^\n]*\ndone\n$`).MatchString(out) || strings.Contains(out, "\r") {
 		t.Errorf("next --wait in a pipe:\n%q", out)
 	}
 	if _, err := svc.Status(ctx); err != nil {
