@@ -306,7 +306,7 @@ func (c *Coordinator) handleCLI(out *genConn, m wire.Msg) {
 	case wire.TypeStop:
 		c.requestStop()
 		<-c.stopped
-		result(nil)
+		result(c.stopErr)
 	case wire.TypePromote, wire.TypeAbort:
 		err, ok := ask(c, func(r chan error) event { return evControl{what: m.Type, reply: r} })
 		if !ok {

@@ -107,7 +107,8 @@ type Coordinator struct {
 	dead     chan struct{} // owner loop gone
 	stopCh   chan struct{} // stop requested
 	stopOnce sync.Once
-	stopped  chan struct{} // every generation gone
+	stopped  chan struct{} // every generation gone; stopErr set before
+	stopErr  error         // what the stop cost (ErrForced), for `rollover stop`
 	cmdID    atomic.Uint64
 	clis     atomic.Int32  // CLI requests being served
 	cliLeft  chan struct{} // a CLI request ended
@@ -376,14 +377,19 @@ func (c *Coordinator) shutdown() error {
 	c.requestStop()
 	c.notify("STOPPING=1\nSTATUS=stopping: draining every generation")
 	n, _ := ask(c, func(r chan int) event { return evStop{reply: r} })
-	c.log.Info(fmt.Sprintf("draining %d generations (max %v; Ctrl-C again to force)", n, c.cfg.DrainTimeout), "generations", n, "drain_timeout", c.cfg.DrainTimeout)
+	what := fmt.Sprintf("%d generations", n)
+	if n == 1 {
+		what = "1 generation"
+	}
+	c.log.Info(fmt.Sprintf("draining %s (max %v; Ctrl-C again to force)", what, c.cfg.DrainTimeout), "generations", n, "drain_timeout", c.cfg.DrainTimeout)
 	select {
 	case <-c.m.idle:
 	case <-c.dead:
 	}
 	if v, _ := ask(c, func(r chan view) event { return qView{reply: r} }); v.forced {
 		c.log.Warn("stopped: every generation is gone, some of them killed")
-		return fmt.Errorf("%w: some generation was killed before it finished draining", ErrForced)
+		c.stopErr = fmt.Errorf("%w: some generation was killed before it finished draining", ErrForced)
+		return c.stopErr
 	}
 	c.log.Info("stopped: every generation drained")
 	return nil

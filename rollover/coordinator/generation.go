@@ -57,6 +57,7 @@ type gen struct {
 	released     bool         // in the bake of its successor: steered away, keeping its listener
 	health       *wire.Health // the rule its bake or canary step judges it by
 	unhealthyWhy string       // set before unhealthy is closed
+	killed       bool         // by its drain deadline or a forced stop
 	forcedConns  int64        // cut at its drain deadline
 	forcedReqs   int64
 

@@ -380,6 +380,7 @@ func (m *machine) step(ev event) {
 			e.g.forcedConns = max(e.g.forcedConns, e.g.stats.Connections)
 			e.g.forcedReqs = max(e.g.forcedReqs, e.g.stats.Inflight)
 			m.fx.metrics.ForcedDrains.Inc()
+			e.g.killed = true
 			m.fx.log.Warn("drain timed out; killing", "gen", e.g.n, "pid", e.g.pid, "drain_timeout", m.fx.drainTimeout)
 			m.fx.kill(e.g)
 		}
@@ -440,7 +441,7 @@ func (m *machine) step(ev event) {
 		m.stopping = true
 		m.forces++
 		for _, g := range m.sorted() {
-			m.forced = true
+			m.forced, g.killed = true, true
 			if m.forces == 1 {
 				m.fx.log.Warn("forcing the stop: SIGTERM", "gen", g.n, "pid", g.pid)
 				m.fx.kill(g)
@@ -753,15 +754,27 @@ func (m *machine) exited(g *gen, err error) {
 	switch {
 	case m.baking == g:
 		// Judged by its rollover, which rolls back: not a crash to restart.
+		// The kernel already sends every new connection to the generation
+		// in the bake's standby; it is active again from now.
 		m.baking = nil
 		if m.active == g {
 			m.active = nil
+			for _, p := range m.gens {
+				if p.released {
+					p.state, p.released = stateActive, false
+					m.active = p
+				}
+			}
 		}
 		m.fx.log.Warn("generation exited during its bake", "gen", g.n, "pid", g.pid, "exit", exitText(err))
 	case !g.drainStart.IsZero():
 		d := now.Sub(g.drainStart)
 		m.fx.metrics.Drain.Observe(d.Seconds())
-		m.fx.log.Info("generation drained", "gen", g.n, "pid", g.pid, "after", d.Round(time.Millisecond), "exit", exitText(err))
+		if g.killed {
+			m.fx.log.Warn("generation killed: it did not finish draining in time", "gen", g.n, "pid", g.pid, "after", d.Round(time.Millisecond), "exit", exitText(err))
+		} else {
+			m.fx.log.Info("generation drained", "gen", g.n, "pid", g.pid, "after", d.Round(time.Millisecond), "exit", exitText(err))
+		}
 	case m.active == g:
 		m.active = nil
 		m.activeExits++

@@ -372,8 +372,8 @@ func TestMachine(t *testing.T) {
 				t.Fatalf("not unhealthy at 3 of 20: %q", g2.unhealthyWhy)
 			}
 			w.m.step(evExited{g: g2, err: errBoom})
-			if st := w.status(); st.ActiveExits != 0 || st.RestartPending {
-				t.Fatalf("an exit during the bake counted as an active crash: %+v", st)
+			if st := w.status(); st.ActiveExits != 0 || st.RestartPending || st.Active != 1 {
+				t.Fatalf("an exit during the bake: %+v, want gen 1 active again at once and no crash counted", st)
 			}
 			reply := make(chan struct{})
 			w.m.step(evRollback{g: g2, prev: g1, reason: "exited", reply: reply})
