@@ -528,7 +528,7 @@ func startForeignCoordinator(ctx context.Context, rolloverBin, dir string, flags
 		rollover: rolloverBin, socket: filepath.Join(dir, "ctl.sock"), dir: dir,
 		exited: make(chan struct{}), seen: map[int]bool{},
 	}
-	args := append([]string{"start", "--socket", c.socket, "--drain-grace", "100ms", "--drain-timeout", "10s",
+	args := append([]string{"start", "--socket", c.socket, "--drain-grace", "100ms", "--drain-timeout", "10s", "--bake", "200ms",
 		"--ready-timeout", "10s", "--kill-grace", "2s", "--metrics-addr", ""}, flags...)
 	args = append(append(args, "--"), argv...)
 	c.cmd = exec.Command(rolloverBin, args...)

@@ -119,11 +119,12 @@ func TestSystemdUnitVerifies(t *testing.T) {
 	kill := durationFlag(t, startFlags, "kill-grace", coordinator.DefaultKillGrace)
 	ready := durationFlag(t, startFlags, "ready-timeout", coordinator.DefaultReadyTimeout)
 	grace := durationFlag(t, startFlags, "drain-grace", coordinator.DefaultDrainGrace)
+	bake := durationFlag(t, startFlags, "bake", coordinator.DefaultBake)
 	if stop := unitSeconds(t, svc, "TimeoutStopSec"); stop <= drain+kill {
 		t.Errorf("TimeoutStopSec=%v, want more than --drain-timeout + --kill-grace = %v", stop, drain+kill)
 	}
-	if st := unitSeconds(t, svc, "TimeoutStartSec"); st <= ready+grace+drain+kill {
-		t.Errorf("TimeoutStartSec=%v (it bounds ExecReload too), want more than ready + grace + drain + kill = %v", st, ready+grace+drain+kill)
+	if st := unitSeconds(t, svc, "TimeoutStartSec"); st <= ready+bake+grace+drain+kill {
+		t.Errorf("TimeoutStartSec=%v (it bounds ExecReload too), want more than ready + bake + grace + drain + kill = %v", st, ready+bake+grace+drain+kill)
 	}
 }
 

@@ -29,7 +29,7 @@ type Config struct {
 	DrainGrace   time.Duration // default 100ms
 	DrainTimeout time.Duration // default 10s
 	ReadyTimeout time.Duration // default 10s
-	// Bake is the coordinator's --bake: default 200ms, so that every test
+	// Bake is the coordinator's --bake: default 100ms, so that every test
 	// rolls over through a bake; negative turns it off.
 	Bake       time.Duration
 	Naive      bool      // demoapp -naive: listener close + Shutdown, no steering
@@ -78,7 +78,7 @@ func Start(ctx context.Context, cfg Config) (*Service, error) {
 	}
 	switch {
 	case cfg.Bake == 0:
-		cfg.Bake = 200 * time.Millisecond
+		cfg.Bake = 100 * time.Millisecond
 	case cfg.Bake < 0:
 		cfg.Bake = 0
 	}

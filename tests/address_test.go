@@ -1,0 +1,95 @@
+package tests
+
+import (
+	"context"
+	"net"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/load"
+)
+
+// A new generation that does not listen on every address the active one
+// serves is refused before it gets a connection: next exits 1 with one line
+// naming both address sets, the active generation keeps serving, and not one
+// request fails.
+func TestWrongAddressRefused(t *testing.T) {
+	svc := startService(t, harness.Config{ListenAll: true}) // gen 1 on [::]:PORT
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	_, port, _ := net.SplitHostPort(svc.Addr)
+	other, err := harness.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	runner, err := load.Start(ctx, load.Options{URL: "http://" + svc.Addr + "/", Clients: 8, Duration: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer runner.Stop()
+	app := svc.AppArgv("v2")[0]
+	for _, tc := range []struct {
+		name, addr string
+		want       []string
+	}{
+		{"one address of the wildcard", "127.0.0.1:" + port, []string{"gen 2 listens on 127.0.0.1:" + port, "not on every address gen 1 serves ([::]:" + port + ")", "gen 1 keeps serving"}},
+		{"another port", "127.0.0.1:" + strconv.Itoa(other), []string{"listens on 127.0.0.1:" + strconv.Itoa(other), "([::]:" + port + ")"}},
+	} {
+		_, stderr, code, err := svc.CLI(ctx, "next", "--", app, "-addr", tc.addr, "-version", "v2")
+		if err != nil {
+			t.Fatal(err)
+		}
+		line := strings.TrimSpace(stderr)
+		if code != 1 || strings.Count(line, "\n") != 0 {
+			t.Errorf("%s: next exited %d with %q, want exit 1 and one line", tc.name, code, stderr)
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(line, w) {
+				t.Errorf("%s: %q lacks %q", tc.name, line, w)
+			}
+		}
+		st, err := svc.Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Active != 1 {
+			t.Fatalf("%s: active generation %d, want 1 still", tc.name, st.Active)
+		}
+	}
+	// The refused generations are gone and gen 1 still answers.
+	st, err := svc.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for len(st.Generations) > 1 && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+		if st, err = svc.Status(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(st.Generations) != 1 || st.Generations[0].Generation != 1 {
+		t.Errorf("generations after the refusals: %+v, want gen 1 alone", st.Generations)
+	}
+	res := runner.Stop()
+	t.Logf("load across two refused deploys: %s", res)
+	if res.OK == 0 || res.Failures != 0 {
+		t.Errorf("%d requests failed (%v): %v", res.Failures, res.ByKind, res.Samples)
+	}
+	// A listener on 127.0.0.1:PORT is not in the wildcard's reuseport
+	// group, and the kernel prefers the exact address: the refused
+	// generation serves from its bind until its drain, without failing a
+	// request. Steering cannot keep it dark; the refusal keeps it from
+	// replacing the wildcard.
+	t.Logf("answered by generation: %v", res.ByGeneration)
+	// A deploy on the same addresses still rolls over.
+	if _, err := svc.Next(ctx, "v2", false); err != nil {
+		t.Fatalf("next on the right address: %v", err)
+	}
+	if err := svc.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
