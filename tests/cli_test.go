@@ -325,7 +325,7 @@ func TestCLIRolloverLogs(t *testing.T) {
 					fmt.Sprintf(`msg="started gen 2 (pid %d)" phase=started gen=2 pid=%d`, r.PID, r.PID),
 					`msg="ready after `, `msg="gen 2 active" phase=active gen=2`,
 					`msg="draining gen 1: `, `msg="gen 1 left the port"`,
-					`msg="generation drained" gen=1 pid=`, `msg="draining 1 generations (max 10s; Ctrl-C again to force)" generations=1 drain_timeout=10s`,
+					`msg="generation drained" gen=1 pid=`, `msg="draining 1 generation (max 10s; Ctrl-C again to force)" generations=1 drain_timeout=10s`,
 				} {
 					if !strings.Contains(log, want) {
 						t.Errorf("text log lacks %q:\n%s", want, log)
@@ -357,7 +357,7 @@ func TestCLIRolloverLogs(t *testing.T) {
 			if s, ok := drained["after_s"].(float64); !ok || s <= 0 || s > 10 {
 				t.Errorf("drained line %v: want after_s in seconds", drained)
 			}
-			if s, ok := find("draining 1 generations")["drain_timeout_s"].(float64); !ok || s != 10 {
+			if s, ok := find("draining 1 generation")["drain_timeout_s"].(float64); !ok || s != 10 {
 				t.Errorf("draining line: drain_timeout_s %v, want 10", s)
 			}
 			for _, l := range lines {
@@ -457,7 +457,7 @@ func TestSecondSignalForcesStop(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, 5*time.Second, "the draining line", func() bool {
-		return strings.Contains(out.String(), "draining 1 generations (max 1m0s; Ctrl-C again to force)")
+		return strings.Contains(out.String(), "draining 1 generation (max 1m0s; Ctrl-C again to force)")
 	})
 	select {
 	case <-svc.Exited():
@@ -523,7 +523,7 @@ func TestThirdSignalKills(t *testing.T) {
 		log  string
 		gone bool
 	}{
-		{"draining 1 generations", false},
+		{"draining 1 generation", false},
 		{"forcing the stop: SIGTERM", false},
 		{"forcing the stop: SIGKILL", true},
 	}

@@ -318,7 +318,7 @@ func TestCtrlCInTmux(t *testing.T) {
 	holdConns(t, addr, 1)
 	p.keys("C-c")
 	p.waitScreen("the drain line at once", func(s string) bool {
-		return strings.Contains(s, `msg="draining 1 generations (max 1m0s; Ctrl-C again to force)"`)
+		return strings.Contains(s, `msg="draining 1 generation (max 1m0s; Ctrl-C again to force)"`)
 	})
 	if strings.Contains(p.screen(), "[exit ") || len(harness.Alive([]int{gen})) != 1 {
 		t.Fatalf("the first Ctrl-C ended the coordinator or its generation:\n%s", p.screen())
