@@ -219,7 +219,7 @@ type Report struct {
 	// Kernel holds TcpExt counters from /proc/net/netstat over the window:
 	// per network namespace, so they include any other traffic in it. Nil
 	// when unreadable.
-	Kernel     map[string]uint64 `json:"kernel,omitempty"`
+	Kernel     map[string]uint64 `json:"kernel"`
 	RolledBack bool              `json:"rolled_back,omitempty"`
 	Reason     string            `json:"reason,omitempty"`
 	Millis     int64             `json:"ms"` // the window
