@@ -527,7 +527,11 @@ func (c *Coordinator) waitDrain(g *gen, emit func(wire.Event)) {
 	for {
 		select {
 		case <-g.exited:
-			emit(wire.Event{Phase: wire.PhaseDrained, Generation: g.n, Millis: time.Since(g.drainStart).Milliseconds()})
+			var ms int64 // 0: it exited before it was told to drain (a rollback)
+			if !g.drainStart.IsZero() {
+				ms = time.Since(g.drainStart).Milliseconds()
+			}
+			emit(wire.Event{Phase: wire.PhaseDrained, Generation: g.n, Millis: ms})
 			return
 		case <-t.C:
 			st, ok := ask(c, func(r chan wire.Stats) event { return qStats{g: g, reply: r} })
