@@ -378,28 +378,7 @@ func TestCLIRolloverLogs(t *testing.T) {
 // coordinator's output kept in out.
 func startLoggedService(t *testing.T, out *syncBuffer, flags ...string) *harness.Service {
 	t.Helper()
-	cfg := harness.Config{StartFlags: flags}
-	cfg.Rollover = filepath.Join(bin, "rollover")
-	cfg.App = filepath.Join(bin, "demoapp")
-	cfg.Dir = shortDir(t)
-	cfg.Log = out
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	svc, err := harness.Start(ctx, cfg)
-	if err != nil {
-		t.Fatalf("start: %v\n%s", err, out.String())
-	}
-	t.Cleanup(func() {
-		svc.Kill()
-		if left := harness.WaitGone(append(svc.PIDs(), svc.PID()), 5*time.Second); len(left) > 0 {
-			t.Errorf("processes left behind: %v", left)
-		}
-		checkOutput(t, "coordinator", out.String())
-		if t.Failed() {
-			t.Logf("coordinator log:\n%s", tailLines(out.String(), 80))
-		}
-	})
-	return svc
+	return startServiceLog(t, harness.Config{StartFlags: flags}, out, false)
 }
 
 // waitFor polls cond until it holds or d passes.
@@ -507,14 +486,21 @@ func TestThirdSignalKills(t *testing.T) {
 	if err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
 	}
+	var gens []int
 	t.Cleanup(func() {
 		co.kill()
+		// The helper ignores SIGTERM: a test that failed before the third
+		// signal would leave it behind.
+		for _, pid := range harness.Alive(gens) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+			t.Errorf("cleanup: killed the generation (pid %d)", pid)
+		}
 		checkOutput(t, "coordinator", out.String())
 		if t.Failed() {
 			t.Logf("coordinator log:\n%s", tailLines(out.String(), 60))
 		}
 	})
-	gens := co.pids()
+	gens = co.pids()
 	if len(gens) != 1 {
 		t.Fatalf("generations %v, want 1", gens)
 	}

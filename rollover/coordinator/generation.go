@@ -91,10 +91,19 @@ func newGen(n int, l Launch) *gen {
 }
 
 func closeOnce(ch chan struct{}) {
+	if !isDone(ch) {
+		close(ch)
+	}
+}
+
+// isDone reports whether ch is closed. Only the owner closes these
+// channels, so on the owner goroutine the answer stays true.
+func isDone(ch <-chan struct{}) bool {
 	select {
 	case <-ch:
+		return true
 	default:
-		close(ch)
+		return false
 	}
 }
 

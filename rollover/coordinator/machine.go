@@ -272,13 +272,12 @@ type adoption struct {
 
 // view is what the coordinator's edges read of the machine.
 type view struct {
-	active              int
-	activePID           int
-	steerable           bool
-	steerErr            string
-	restartPending      bool
-	generations, rolled int
-	forced              bool
+	active         int
+	activePID      int
+	steerable      bool
+	steerErr       string
+	restartPending bool
+	forced         bool
 }
 
 // effects are what transitions do to the world. The coordinator fills them
@@ -638,10 +637,8 @@ func (m *machine) hello(e evHello) welcome {
 
 func (m *machine) ready(e evReady) {
 	g := e.g
-	select {
-	case <-g.ready:
+	if isDone(g.ready) {
 		return // said twice; what was read after the first stands
-	default:
 	}
 	if e.lib {
 		g.steerable, g.steerErr, g.addrs = e.steerable, e.steerErr, e.addrs
@@ -673,15 +670,6 @@ func (m *machine) judge(g *gen) {
 	total := s.R1xx + s.R2xx + s.R3xx + s.R4xx + bad
 	g.unhealthyWhy = fmt.Sprintf("%d of %d responses were 5xx or panics (%.0f%%, limit %.0f%% of at least %d)", bad, total, 100*float64(bad)/float64(total), 100*g.health.MaxErrorRatio, g.health.MinRequests)
 	close(g.unhealthy)
-}
-
-func isDone(ch chan struct{}) bool {
-	select {
-	case <-ch:
-		return true
-	default:
-		return false
-	}
 }
 
 // rollback makes prev, the generation g replaced, active again and drains
@@ -915,7 +903,7 @@ func (m *machine) sample() metrics.Sample {
 }
 
 func (m *machine) view() view {
-	v := view{restartPending: m.restartPending, generations: len(m.gens), rolled: m.next, forced: m.forced}
+	v := view{restartPending: m.restartPending, forced: m.forced}
 	if a := m.active; a != nil {
 		v.active, v.activePID, v.steerable, v.steerErr = a.n, a.pid, a.steerable, a.steerErr
 	}

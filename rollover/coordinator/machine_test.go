@@ -110,15 +110,6 @@ func (w *fakeWorld) start() *gen {
 	return b.g
 }
 
-func isClosed(ch <-chan struct{}) bool {
-	select {
-	case <-ch:
-		return true
-	default:
-		return false
-	}
-}
-
 func TestMachine(t *testing.T) {
 	errBoom := errors.New("exit status 3")
 	for _, tc := range []struct {
@@ -134,7 +125,7 @@ func TestMachine(t *testing.T) {
 				t.Fatalf("after spawn: %q, in progress %v", got, w.status().InProgress)
 			}
 			w.m.step(evReady{g: b.g, lib: true, steerable: true})
-			if !isClosed(b.g.ready) || !b.g.steerable || w.states() != "1:ready" {
+			if !isDone(b.g.ready) || !b.g.steerable || w.states() != "1:ready" {
 				t.Fatalf("after ready: %q steerable %v", w.states(), b.g.steerable)
 			}
 			if err := w.activate(b.g, true); err != nil {
@@ -175,7 +166,7 @@ func TestMachine(t *testing.T) {
 				t.Errorf("no drain clock started: %v", w.did)
 			}
 			w.m.step(evClosedListener{g: g1})
-			if !isClosed(g1.left) {
+			if !isDone(g1.left) {
 				t.Fatal("gen 1 left the port but left is open")
 			}
 			w.finish(b.g, nil)
@@ -186,7 +177,7 @@ func TestMachine(t *testing.T) {
 				t.Errorf("no READY=1 to the service manager after the reload: %v", w.did)
 			}
 			w.m.step(evExited{g: g1})
-			if got := w.states(); got != "2:active" || !isClosed(g1.exited) {
+			if got := w.states(); got != "2:active" || !isDone(g1.exited) {
 				t.Fatalf("after gen 1 exited: %q", got)
 			}
 			w.m.step(evDrainTimeout{g: g1}) // fires late: nothing to kill
@@ -319,11 +310,11 @@ func TestMachine(t *testing.T) {
 			if !w.didAny("order 1") {
 				t.Fatalf("gen 1 not drained after the rollover ended: %v", w.did)
 			}
-			if isClosed(w.m.idle) {
+			if isDone(w.m.idle) {
 				t.Fatal("idle before gen 1 exited")
 			}
 			w.m.step(evExited{g: g1})
-			if !isClosed(w.m.idle) {
+			if !isDone(w.m.idle) {
 				t.Fatal("not idle with every generation gone")
 			}
 			if w.didAny("restart") || w.status().RestartPending {
@@ -364,11 +355,11 @@ func TestMachine(t *testing.T) {
 				t.Fatalf("in the bake: %q, baking %d", got, st.Baking)
 			}
 			w.m.step(evStats{g: g2, stats: wire.Stats{R2xx: 15, R5xx: 1}})
-			if isClosed(g2.unhealthy) {
+			if isDone(g2.unhealthy) {
 				t.Fatal("unhealthy on 1 error in 16 responses")
 			}
 			w.m.step(evStats{g: g2, stats: wire.Stats{R2xx: 17, R5xx: 2, Panics: 1}})
-			if !isClosed(g2.unhealthy) || !strings.Contains(g2.unhealthyWhy, "3 of 20 responses were 5xx or panics (15%") {
+			if !isDone(g2.unhealthy) || !strings.Contains(g2.unhealthyWhy, "3 of 20 responses were 5xx or panics (15%") {
 				t.Fatalf("not unhealthy at 3 of 20: %q", g2.unhealthyWhy)
 			}
 			w.m.step(evExited{g: g2, err: errBoom})
@@ -469,7 +460,7 @@ func TestMachine(t *testing.T) {
 					t.Errorf("hello %+v from pid %d: %+v, want refused: %s", tc.m, tc.pid, got, tc.want)
 				}
 			}
-			if got := hello(good, b.g.pid); got.g != b.g || !isClosed(b.g.hello) {
+			if got := hello(good, b.g.pid); got.g != b.g || !isDone(b.g.hello) {
 				t.Fatalf("good hello: %+v", got)
 			}
 			if got := hello(good, b.g.pid); !strings.Contains(got.reason, "already connected") {
