@@ -9,6 +9,13 @@ import (
 // RollbackReasons label rollover_rollbacks_total.
 var RollbackReasons = []string{"exited", "health", "health-url", "abort"}
 
+// Results label rollover_rollovers_total: each rollover counts once, under
+// the one outcome it had. ok: the new generation became active and stayed;
+// failed: it never became active (missing binary, crash, no ready, failed
+// steering); rolled_back: it was rolled back automatically during its bake
+// or canary; aborted: `rollover abort`, or a stop, ended its bake or canary.
+var Results = []string{"ok", "failed", "rolled_back", "aborted"}
+
 // States a generation can be in, as exported by rollover_generation_state.
 var States = []string{"starting", "ready", "active", "draining"}
 
@@ -69,7 +76,7 @@ var (
 func NewCoordinator(read func() (Sample, bool)) *Coordinator {
 	c := &Coordinator{
 		Rollovers: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "rollover_rollovers_total", Help: "Rollovers by result (ok, failed).",
+			Name: "rollover_rollovers_total", Help: "Rollovers by outcome, each counted once (ok, failed, rolled_back, aborted).",
 		}, []string{"result"}),
 		ForcedDrains: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "rollover_forced_drains_total", Help: "Drains that ran past --drain-timeout and were ended by signal.",
@@ -105,8 +112,9 @@ func NewCoordinator(read func() (Sample, bool)) *Coordinator {
 		}),
 		read: read,
 	}
-	c.Rollovers.WithLabelValues("ok")
-	c.Rollovers.WithLabelValues("failed")
+	for _, r := range Results {
+		c.Rollovers.WithLabelValues(r)
+	}
 	for _, r := range RollbackReasons {
 		c.Rollbacks.WithLabelValues(r)
 	}

@@ -53,10 +53,12 @@ rollover_generation_state{generation="2",state="active"} 1
 rollover_generation_state{generation="2",state="draining"} 0
 rollover_generation_state{generation="2",state="ready"} 0
 rollover_generation_state{generation="2",state="starting"} 0
-# HELP rollover_rollovers_total Rollovers by result (ok, failed).
+# HELP rollover_rollovers_total Rollovers by outcome, each counted once (ok, failed, rolled_back, aborted).
 # TYPE rollover_rollovers_total counter
+rollover_rollovers_total{result="aborted"} 0
 rollover_rollovers_total{result="failed"} 0
 rollover_rollovers_total{result="ok"} 1
+rollover_rollovers_total{result="rolled_back"} 0
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
 		"rollover_inflight_requests", "rollover_active_generation", "rollover_generation_state", "rollover_rollovers_total"); err != nil {

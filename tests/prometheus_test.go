@@ -138,6 +138,7 @@ func checkSafetySeries(t *testing.T, ctx context.Context, prom *promServer) {
 		want        []string
 	}{
 		{`rollover_rollbacks_total`, "reason", []string{"abort", "exited", "health", "health-url"}},
+		{`rollover_rollovers_total{result!="ok"}`, "result", []string{"aborted", "failed", "rolled_back"}},
 		{`rollover_canary_weight`, "", []string{""}},
 		{`rollover_forced_connections_total`, "", []string{""}},
 		{`rollover_forced_requests_total`, "", []string{""}},
@@ -236,8 +237,8 @@ func TestPrometheusAlertsOnCutDrain(t *testing.T) {
 // phase panels; `abort` rolls it back, counted under reason abort, and no
 // alert fires. Then a new generation that crashes on its first request
 // (demoapp -fail=crash) is rolled back automatically during its bake:
-// RolloverRolledBack fires with reason exited, and RolloverFailed, which
-// counts that rollover too, does not. The bake and the canary are asked for
+// RolloverRolledBack fires with reason exited, and RolloverFailed does not
+// (each rollover counts once, under its one result). The bake and the canary are asked for
 // over the control socket, as the CLI asks for them.
 func TestPrometheusAlertsOnRollback(t *testing.T) {
 	promtool := needTool(t, "promtool")
@@ -301,14 +302,17 @@ func TestPrometheusAlertsOnRollback(t *testing.T) {
 
 	back := prom.waitAlert(t, ctx, "RolloverRolledBack")
 	t.Logf("RolloverRolledBack: %s: %s", back.Annotations["summary"], back.Annotations["description"])
-	if back.Labels["reason"] != "exited" || back.Labels["severity"] != "warning" {
-		t.Errorf("RolloverRolledBack labels %v, want reason exited, severity warning", back.Labels)
+	if back.Labels["reason"] != "exited" || back.Labels["result"] != "rolled_back" || back.Labels["severity"] != "warning" {
+		t.Errorf("RolloverRolledBack labels %v, want reason exited, result rolled_back, severity warning", back.Labels)
 	}
 	if !strings.HasSuffix(back.Annotations["summary"], "the new generation exited") ||
 		!strings.Contains(back.Annotations["description"], "1 rollover(s) on "+svc.MetricsAddr+" were rolled back in the last 10 minutes (reason exited)") {
 		t.Errorf("RolloverRolledBack annotations %v", back.Annotations)
 	}
-	prom.waitVector(t, ctx, `rollover_rollovers_total{result="failed"} == 2`, "both rollbacks counted as failed rollovers")
+	// Each rollover counts once, under its one result: nothing under failed.
+	prom.waitVector(t, ctx, `rollover_rollovers_total{result="aborted"} == 1`, "the aborted canary counted as aborted")
+	prom.waitVector(t, ctx, `rollover_rollovers_total{result="rolled_back"} == 1`, "the crash in the bake counted as rolled back")
+	prom.waitVector(t, ctx, `rollover_rollovers_total{result="failed"} == 0`, "no failed rollover")
 	prom.checkQuiet(t, ctx, start, "RolloverFailed", "RolloverLoss")
 	if got, err := prom.query(ctx, `ALERTS{alertname="RolloverRolledBack"}`); err != nil || len(got) != 1 {
 		t.Errorf("RolloverRolledBack alerts: %v %v, want the one for exited (none for abort)", got, err)

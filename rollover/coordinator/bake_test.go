@@ -40,6 +40,12 @@ func TestBakeRollsBackAnExit(t *testing.T) {
 	if got := testutil.ToFloat64(r.c.metrics.Rollbacks.WithLabelValues("exited")); got != 1 {
 		t.Errorf("rollbacks{exited} = %v, want 1", got)
 	}
+	if got := rollovers(t, r.c, "rolled_back"); got != 1 {
+		t.Errorf("rollovers{result=\"rolled_back\"} = %v, want 1", got)
+	}
+	if got := rollovers(t, r.c, "failed"); got != 0 {
+		t.Errorf("rollovers{result=\"failed\"} = %v, want 0: a rollback counts once, as rolled_back", got)
+	}
 	// Gen 1 serves keep-alive again and a clean rollover still works.
 	events, res = r.next(r.argv("ready"))
 	if !res.OK {
@@ -103,6 +109,12 @@ func TestBakeRollsBackOnHealth(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(r.c.metrics.Rollbacks.WithLabelValues("health")); got != 1 {
 		t.Errorf("rollbacks{health} = %v, want 1", got)
+	}
+	if got := rollovers(t, r.c, "rolled_back"); got != 1 {
+		t.Errorf("rollovers{result=\"rolled_back\"} = %v, want 1", got)
+	}
+	if got := rollovers(t, r.c, "failed"); got != 0 {
+		t.Errorf("rollovers{result=\"failed\"} = %v, want 0: a rollback counts once, as rolled_back", got)
 	}
 }
 
@@ -168,5 +180,11 @@ func TestCanaryPromoteAndAbort(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(r.c.metrics.Rollbacks.WithLabelValues("abort")); got != 1 {
 		t.Errorf("rollbacks{abort} = %v, want 1", got)
+	}
+	if got := rollovers(t, r.c, "aborted"); got != 1 {
+		t.Errorf("rollovers{result=\"aborted\"} = %v, want 1", got)
+	}
+	if got := rollovers(t, r.c, "failed"); got != 0 {
+		t.Errorf("rollovers{result=\"failed\"} = %v, want 0: a rollback counts once, as aborted", got)
 	}
 }

@@ -319,12 +319,13 @@ type machine struct {
 	active   *gen
 	previous *Launch // what was active before the current one
 
-	rolling   *gen        // the new generation of the rollover in progress
-	reloading bool        // that rollover replaces a started service
-	ctl       chan string // that rollover's promote and abort
-	canary    int         // the share of new connections its canary gets
-	baking    *gen        // the generation in its bake or canary
-	adopting  bool        // adopting a predecessor's generations (holds rollovers off)
+	rolling    *gen        // the new generation of the rollover in progress
+	reloading  bool        // that rollover replaces a started service
+	ctl        chan string // that rollover's promote and abort
+	canary     int         // the share of new connections its canary gets
+	baking     *gen        // the generation in its bake or canary
+	rolledBack string      // why that rollover was rolled back (a reason of rollover_rollbacks_total), if it was
+	adopting   bool        // adopting a predecessor's generations (holds rollovers off)
 
 	stopping       bool
 	started        bool    // some generation became active
@@ -563,12 +564,20 @@ func (m *machine) finish(err error) {
 		m.canary = 0
 		m.fx.metrics.CanaryWeight.Set(0)
 	}
+	// Each rollover counts once, under its one outcome, so that an alert
+	// reads one series and never subtracts one counter from another.
 	result := "ok"
-	if err != nil {
-		result = "failed"
-	} else {
+	switch {
+	case err == nil:
 		m.started = true
+	case m.rolledBack == "abort":
+		result = "aborted"
+	case m.rolledBack != "":
+		result = "rolled_back"
+	default:
+		result = "failed"
 	}
+	m.rolledBack = ""
 	m.fx.metrics.Rollovers.WithLabelValues(result).Inc()
 	if m.reloading {
 		m.reloading = false
@@ -677,6 +686,9 @@ func (m *machine) judge(g *gen) {
 func (m *machine) rollback(g, prev *gen, reason string) {
 	m.fx.metrics.Rollbacks.WithLabelValues(reason).Inc()
 	m.baking = nil
+	if m.rolling == g {
+		m.rolledBack = reason
+	}
 	if prev.state != stateGone {
 		prev.state, prev.released = stateActive, false
 		m.active = prev

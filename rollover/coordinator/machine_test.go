@@ -76,6 +76,17 @@ func (w *fakeWorld) activate(g *gen, last bool) error {
 	return <-reply
 }
 
+// outcomes checks rollover_rollovers_total: want by result, 0 for the
+// others. Each rollover counts once, under one result.
+func (w *fakeWorld) outcomes(t *testing.T, want map[string]float64) {
+	t.Helper()
+	for _, r := range metrics.Results {
+		if got := testutil.ToFloat64(w.m.fx.metrics.Rollovers.WithLabelValues(r)); got != want[r] {
+			t.Errorf("rollovers{result=%q} = %v, want %v", r, got, want[r])
+		}
+	}
+}
+
 func (w *fakeWorld) finish(g *gen, err error) {
 	w.m.step(evFinish{g: g, err: err, reply: make(chan struct{})})
 }
@@ -375,6 +386,7 @@ func TestMachine(t *testing.T) {
 			if got := testutil.ToFloat64(w.m.fx.metrics.Rollbacks.WithLabelValues("exited")); got != 1 {
 				t.Errorf("rollbacks{exited} = %v, want 1", got)
 			}
+			w.outcomes(t, map[string]float64{"ok": 1, "rolled_back": 1})
 			if w.didAny("order 1") {
 				t.Error("the old generation was told to drain: it must take the port back")
 			}
@@ -391,6 +403,7 @@ func TestMachine(t *testing.T) {
 				t.Fatalf("after a health rollback: %q, did %v", got, w.did)
 			}
 			w.finish(b.g, errors.New("rolled back"))
+			w.outcomes(t, map[string]float64{"ok": 1, "rolled_back": 1})
 			// A clean bake: judging stops, and the active one's exit is a
 			// crash again.
 			b3 := w.begin(rolloverReq{})
@@ -422,7 +435,9 @@ func TestMachine(t *testing.T) {
 			if got := <-b.ctl; got != wire.TypeAbort {
 				t.Fatalf("the rollover got %q", got)
 			}
+			w.m.step(evRollback{g: b.g, prev: w.m.gens[1], reason: "abort", reply: make(chan struct{})})
 			w.finish(b.g, errors.New("aborted"))
+			w.outcomes(t, map[string]float64{"ok": 1, "aborted": 1})
 			if st := w.status(); st.CanaryWeight != 0 || testutil.ToFloat64(w.m.fx.metrics.CanaryWeight) != 0 {
 				t.Fatalf("canary weight after the rollover: %+v", st)
 			}
