@@ -4,32 +4,31 @@ import (
 	"strconv"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/rollover-sh/rollover/rollover/wire"
 )
 
-// RollbackReasons label rollover_rollbacks_total.
-var RollbackReasons = []string{"exited", "health", "health-url", "abort"}
-
-// Results label rollover_rollovers_total: each rollover counts once, under
-// the one outcome it had. ok: the new generation became active and stayed;
-// failed: it never became active (missing binary, crash, no ready, failed
-// steering); rolled_back: it was rolled back automatically during its bake
-// or canary; aborted: `rollover abort`, or a stop, ended its bake or canary.
-var Results = []string{"ok", "failed", "rolled_back", "aborted"}
-
-// States a generation can be in, as exported by rollover_generation_state.
-var States = []string{"starting", "ready", "active", "draining"}
+// Labels are the label values the coordinator's metrics take, all of
+// them present from the start (at 0), so that the first increment of a
+// counter is visible to increase(). The coordinator derives them from its
+// own types.
+type Labels struct {
+	// States label rollover_generation_state.
+	States []string
+	// Results label rollover_rollovers_total: each rollover counts once,
+	// under its one outcome.
+	Results []string
+	// Reasons label rollover_rollbacks_total.
+	Reasons []string
+}
 
 // GenSample is one live generation as the coordinator sees it at scrape time.
 type GenSample struct {
-	N           int // the generation's number
-	PID         int
-	Command     string
-	State       string
-	Inflight    int64
-	Connections int64
-	Requests    uint64
-	Responses   [5]uint64 // by class: 1xx … 5xx
-	Panics      uint64
+	N       int // the generation's number
+	PID     int
+	Command string
+	State   string
+	Stats   wire.Stats // as the generation last reported them
 }
 
 // Sample is what the coordinator knows at scrape time.
@@ -57,6 +56,7 @@ type Coordinator struct {
 	ForcedConnections prometheus.Counter
 	ForcedRequests    prometheus.Counter
 	read              func() (Sample, bool)
+	states            []string
 }
 
 var (
@@ -71,12 +71,13 @@ var (
 	descMigrate   = prometheus.NewDesc("rollover_migrate_req_enabled", "1 when net.ipv4.tcp_migrate_req is on in the coordinator's network namespace.", nil, nil)
 )
 
-// NewCoordinator returns the coordinator's metrics; read is called at every
-// scrape and returns false when no fresh sample could be had in time.
-func NewCoordinator(read func() (Sample, bool)) *Coordinator {
+// NewCoordinator returns the coordinator's metrics, with every label value
+// of l; read is called at every scrape and returns false when no fresh
+// sample could be had in time.
+func NewCoordinator(read func() (Sample, bool), l Labels) *Coordinator {
 	c := &Coordinator{
 		Rollovers: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "rollover_rollovers_total", Help: "Rollovers by outcome, each counted once (ok, failed, rolled_back, aborted).",
+			Name: "rollover_rollovers_total", Help: "Rollovers by outcome, each counted once.",
 		}, []string{"result"}),
 		ForcedDrains: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "rollover_forced_drains_total", Help: "Drains that ran past --drain-timeout and were ended by signal.",
@@ -102,7 +103,7 @@ func NewCoordinator(read func() (Sample, bool)) *Coordinator {
 			Name: "rollover_canary_weight", Help: "Percent of new connections the canary generation gets; 0 when no canary runs.",
 		}),
 		Rollbacks: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "rollover_rollbacks_total", Help: "Automatic and manual rollbacks during a bake or canary, by reason (exited, health, health-url, abort).",
+			Name: "rollover_rollbacks_total", Help: "Automatic and manual rollbacks during a bake or canary, by reason.",
 		}, []string{"reason"}),
 		ForcedConnections: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "rollover_forced_connections_total", Help: "Connections (hijacked ones included) cut at a drain deadline.",
@@ -110,12 +111,13 @@ func NewCoordinator(read func() (Sample, bool)) *Coordinator {
 		ForcedRequests: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "rollover_forced_requests_total", Help: "Requests in flight cut at a drain deadline.",
 		}),
-		read: read,
+		read:   read,
+		states: l.States,
 	}
-	for _, r := range Results {
+	for _, r := range l.Results {
 		c.Rollovers.WithLabelValues(r)
 	}
-	for _, r := range RollbackReasons {
+	for _, r := range l.Reasons {
 		c.Rollbacks.WithLabelValues(r)
 	}
 	return c
@@ -152,16 +154,17 @@ func (c *Coordinator) Collect(ch chan<- prometheus.Metric) {
 	for _, g := range s.Generations {
 		n := strconv.Itoa(g.N)
 		ch <- prometheus.MustNewConstMetric(descInfo, prometheus.GaugeValue, 1, n, strconv.Itoa(g.PID), g.Command)
-		for _, st := range States {
+		for _, st := range c.states {
 			ch <- prometheus.MustNewConstMetric(descState, prometheus.GaugeValue, b2f(st == g.State), n, st)
 		}
-		ch <- prometheus.MustNewConstMetric(descInflight, prometheus.GaugeValue, float64(g.Inflight), n)
-		ch <- prometheus.MustNewConstMetric(descConns, prometheus.GaugeValue, float64(g.Connections), n)
-		ch <- prometheus.MustNewConstMetric(descRequests, prometheus.CounterValue, float64(g.Requests), n)
-		for i, v := range g.Responses {
+		st := g.Stats
+		ch <- prometheus.MustNewConstMetric(descInflight, prometheus.GaugeValue, float64(st.Inflight), n)
+		ch <- prometheus.MustNewConstMetric(descConns, prometheus.GaugeValue, float64(st.Connections), n)
+		ch <- prometheus.MustNewConstMetric(descRequests, prometheus.CounterValue, float64(st.Requests), n)
+		for i, v := range st.Classes() {
 			ch <- prometheus.MustNewConstMetric(descResponses, prometheus.CounterValue, float64(v), n, strconv.Itoa(i+1)+"xx")
 		}
-		ch <- prometheus.MustNewConstMetric(descPanics, prometheus.CounterValue, float64(g.Panics), n)
+		ch <- prometheus.MustNewConstMetric(descPanics, prometheus.CounterValue, float64(st.Panics), n)
 	}
 }
 

@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/rollover-sh/rollover/rollover/wire"
 )
 
 // Counters counts an app's HTTP work with atomics only, so the hot path costs
@@ -22,29 +24,21 @@ type Counters struct {
 	panics   atomic.Uint64
 }
 
-// Snapshot is a consistent-enough read of the counters.
-type Snapshot struct {
-	Inflight    int64
-	Connections int64
-	Requests    uint64
-	// Classes counts final responses by status class: Classes[0] is 1xx
-	// (101 Switching Protocols, hijacked connections), … Classes[4] 5xx.
-	Classes [5]uint64
-	Panics  uint64 // handler panics (http.ErrAbortHandler excluded)
-}
-
-// Snapshot returns the current values.
-func (c *Counters) Snapshot() Snapshot {
-	s := Snapshot{
+// Snapshot returns the current values, in the one shape counters have from
+// the library to the metrics: the protocol's Stats (the forced counts are
+// the library's to fill in).
+func (c *Counters) Snapshot() wire.Stats {
+	return wire.Stats{
 		Inflight:    c.inflight.Load(),
 		Connections: c.conns.Load(),
 		Requests:    c.requests.Load(),
+		R1xx:        c.classes[0].Load(),
+		R2xx:        c.classes[1].Load(),
+		R3xx:        c.classes[2].Load(),
+		R4xx:        c.classes[3].Load(),
+		R5xx:        c.classes[4].Load(),
 		Panics:      c.panics.Load(),
 	}
-	for i := range c.classes {
-		s.Classes[i] = c.classes[i].Load()
-	}
-	return s
 }
 
 // Response counts a final response with status code; codes outside

@@ -51,7 +51,7 @@ func TestCountersClasses(t *testing.T) {
 	}
 	c.Panic()
 	s := c.Snapshot()
-	if s.Classes != [5]uint64{1, 2, 1, 2, 2} || s.Panics != 1 {
-		t.Errorf("classes %v panics %d, want [1 2 1 2 2] and 1 (codes out of range not counted)", s.Classes, s.Panics)
+	if s.Classes() != [5]uint64{1, 2, 1, 2, 2} || s.Panics != 1 {
+		t.Errorf("classes %v panics %d, want [1 2 1 2 2] and 1 (codes out of range not counted)", s.Classes(), s.Panics)
 	}
 }

@@ -10,7 +10,16 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/rollover-sh/rollover/rollover/wire"
 )
+
+// testLabels are the coordinator's label values, as it derives them.
+var testLabels = Labels{
+	States:  []string{"starting", "ready", "active", "draining"},
+	Results: []string{"ok", "failed", "rolled_back", "aborted"},
+	Reasons: []string{"exited", "health", "health-url", "abort"},
+}
 
 func sample(gens ...GenSample) func() (Sample, bool) {
 	on := true
@@ -21,9 +30,9 @@ func sample(gens ...GenSample) func() (Sample, bool) {
 
 func TestCoordinatorMetricsLintAndValues(t *testing.T) {
 	c := NewCoordinator(sample(
-		GenSample{N: 1, PID: 100, Command: "./api -v1", State: "draining", Inflight: 3, Connections: 4, Requests: 10},
-		GenSample{N: 2, PID: 200, Command: "./api -v2", State: "active", Inflight: 1, Connections: 2, Requests: 5},
-	))
+		GenSample{N: 1, PID: 100, Command: "./api -v1", State: "draining", Stats: wire.Stats{Inflight: 3, Connections: 4, Requests: 10}},
+		GenSample{N: 2, PID: 200, Command: "./api -v2", State: "active", Stats: wire.Stats{Inflight: 1, Connections: 2, Requests: 5}},
+	), testLabels)
 	c.Rollovers.WithLabelValues("ok").Inc()
 	c.Ready.Observe(0.2)
 	reg := prometheus.NewRegistry()
@@ -53,7 +62,7 @@ rollover_generation_state{generation="2",state="active"} 1
 rollover_generation_state{generation="2",state="draining"} 0
 rollover_generation_state{generation="2",state="ready"} 0
 rollover_generation_state{generation="2",state="starting"} 0
-# HELP rollover_rollovers_total Rollovers by outcome, each counted once (ok, failed, rolled_back, aborted).
+# HELP rollover_rollovers_total Rollovers by outcome, each counted once.
 # TYPE rollover_rollovers_total counter
 rollover_rollovers_total{result="aborted"} 0
 rollover_rollovers_total{result="failed"} 0
@@ -74,7 +83,7 @@ func TestNoGhostSeries(t *testing.T) {
 		mu.Lock()
 		defer mu.Unlock()
 		return Sample{Generations: append([]GenSample(nil), gens...), Active: 1}, true
-	})
+	}, testLabels)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(c)
 	if n := testutil.CollectAndCount(c, "rollover_inflight_requests"); n != 2 {
@@ -92,7 +101,7 @@ func TestNoGhostSeries(t *testing.T) {
 }
 
 func TestFederation(t *testing.T) {
-	c := NewCoordinator(sample(GenSample{N: 3, PID: 1, State: "active"}))
+	c := NewCoordinator(sample(GenSample{N: 3, PID: 1, State: "active"}), testLabels)
 	own := prometheus.NewRegistry()
 	own.MustRegister(c)
 	appText := `# HELP app_jobs_total Jobs done.

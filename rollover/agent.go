@@ -262,13 +262,8 @@ func (a *agent) stats() *wire.Stats {
 // statsValue is the counters as the protocol reports them.
 func (a *agent) statsValue() wire.Stats {
 	s := a.counter.Snapshot()
-	return wire.Stats{
-		Inflight: s.Inflight, Connections: s.Connections, Requests: s.Requests,
-		R1xx: s.Classes[0], R2xx: s.Classes[1], R3xx: s.Classes[2], R4xx: s.Classes[3], R5xx: s.Classes[4],
-		Panics:            s.Panics,
-		ForcedConnections: a.forcedConns.Load(),
-		ForcedRequests:    a.forcedReqs.Load(),
-	}
+	s.ForcedConnections, s.ForcedRequests = a.forcedConns.Load(), a.forcedReqs.Load()
+	return s
 }
 
 func (a *agent) statsLoop() {

@@ -21,7 +21,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rollover-sh/rollover/metrics"
 	"github.com/rollover-sh/rollover/rollover/wire"
 )
 
@@ -147,7 +146,7 @@ func serve(t *testing.T, a *agent, ctx context.Context) (addr string, served <-c
 	return ln.Addr().String(), ch
 }
 
-func counters(a *agent) metrics.Snapshot { return a.counter.Snapshot() }
+func counters(a *agent) wire.Stats { return a.counter.Snapshot() }
 
 // keepAlive is one HTTP/1.1 connection that the test controls, so that a
 // request is known to reuse it.

@@ -16,22 +16,24 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/rollover-sh/rollover/rollover/coordinator"
+	"github.com/rollover-sh/rollover/rollover/wire"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
 var version = "dev"
 
-// Exit codes, as `rollover --help` and the README document them.
+// Exit codes, as `rollover --help` and the README document them: the one
+// table the coordinator also sends its results with.
 const (
-	exitOK            = 0
-	exitFailed        = 1
-	exitUsage         = 2
-	exitNoCoordinator = 3
+	exitOK            = wire.ExitOK
+	exitFailed        = wire.ExitFailed
+	exitUsage         = wire.ExitUsage
+	exitNoCoordinator = wire.ExitNoCoordinator
 )
 
 // codeError carries an exit code.
 type codeError struct {
-	code int
+	code wire.ExitCode
 	err  error
 }
 
@@ -46,13 +48,13 @@ func exitCode(err error) int {
 	var ce *codeError
 	switch {
 	case err == nil:
-		return exitOK
+		return int(exitOK)
 	case errors.As(err, &ce):
-		return ce.code
+		return int(ce.code)
 	case errors.Is(err, coordinator.ErrUsage):
-		return exitUsage
+		return int(exitUsage)
 	default:
-		return exitFailed
+		return int(exitFailed)
 	}
 }
 

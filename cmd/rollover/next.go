@@ -166,7 +166,7 @@ func runNext(g *globals, o *nextOpts, typ string, cmd *cobra.Command, argv []str
 		}
 		req.Ready, req.Addr = launch.Ready, launch.Addr
 		if launch.DrainSignal != 0 {
-			req.DrainSignal = fmt.Sprint(int(launch.DrainSignal))
+			req.DrainSignal = wire.Signal(launch.DrainSignal)
 		}
 	}
 	if len(argv) > 0 && strings.ContainsRune(argv[0], '/') && !filepath.IsAbs(argv[0]) {

@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"os"
@@ -91,7 +92,7 @@ func (c *Coordinator) adopt() bool {
 	if len(waiting) == 0 {
 		return false
 	}
-	c.done(func(r chan struct{}) event { return evAdoptLoad{s: s, gens: waiting, reply: r} })
+	c.do(func(r chan struct{}) event { return evAdoptLoad{s: s, gens: waiting, reply: r} })
 	c.log.Info("waiting for the generations of a previous coordinator", "count", len(waiting), "up_to", c.cfg.AdoptWait)
 	deadline := time.NewTimer(c.cfg.AdoptWait)
 	defer deadline.Stop()
@@ -101,11 +102,11 @@ func (c *Coordinator) adopt() bool {
 		case <-deadline.C:
 		}
 	}
-	a, _ := ask(c, func(r chan adoption) event { return evAdoptDecide{waiting: waiting, reply: r} })
+	a, _ := request(c, func(r chan adoption) event { return evAdoptDecide{waiting: waiting, reply: r} })
 	for _, g := range waiting {
 		select {
 		case <-g.hello:
-			go c.watchAdopted(g)
+			c.tasks.Go(func(context.Context) { c.watchAdopted(g) }) // ends with the process, which Run outlives
 		default:
 		}
 	}
@@ -115,7 +116,7 @@ func (c *Coordinator) adopt() bool {
 	if a.active != nil && a.active.steerable {
 		c.pin(a.active)
 	}
-	c.done(func(r chan struct{}) event { return evAdoptEnd{others: a.others, reply: r} })
+	c.do(func(r chan struct{}) event { return evAdoptEnd{others: a.others, reply: r} })
 	if a.active != nil {
 		c.log.Info("adopted the active generation of a previous coordinator", "gen", a.active.n, "pid", a.active.pid, "command", a.active.launch.Argv)
 	}
@@ -125,7 +126,7 @@ func (c *Coordinator) adopt() bool {
 // watchAdopted reports an adopted generation's exit; it is not our child,
 // so we watch a pidfd instead of waiting for it.
 func (c *Coordinator) watchAdopted(g *gen) {
-	defer c.exited(g, errAdoptedExit)
+	defer c.processEnded(g, errAdoptedExit)
 	fd, err := unix.PidfdOpen(g.pid, 0)
 	if err != nil {
 		// No pidfd (linux < 5.3): look once a tenth of a second.

@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -107,7 +108,8 @@ func peerCred(c *net.UnixConn) (*unix.Ucred, error) {
 	return cred, credErr
 }
 
-func (c *Coordinator) accept() {
+// accept serves the control socket until it is closed (Run's end).
+func (c *Coordinator) accept(ctx context.Context) {
 	for {
 		conn, err := c.ln.AcceptUnix()
 		if err != nil {
@@ -118,19 +120,63 @@ func (c *Coordinator) accept() {
 			t := time.NewTimer(10 * time.Millisecond)
 			select {
 			case <-t.C:
-			case <-c.dead:
+			case <-ctx.Done():
 				t.Stop()
 				return
 			}
 			continue
 		}
-		go c.handle(conn)
+		if !c.peers.add(conn) {
+			conn.Close() // Run is ending
+			continue
+		}
+		c.tasks.Go(func(context.Context) {
+			defer c.peers.remove(conn)
+			c.handle(conn)
+		})
 	}
 }
 
-// genConn is the coordinator's side of a peer's control connection. For a
-// generation it pairs commands with their acknowledgements.
-type genConn struct {
+// peers are the open control connections; Run closes what is left of them
+// when it ends, so that no connection's reader outlives it.
+type peers struct {
+	mu     sync.Mutex
+	closed bool
+	conns  map[*net.UnixConn]bool
+}
+
+func (p *peers) add(c *net.UnixConn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false
+	}
+	if p.conns == nil {
+		p.conns = map[*net.UnixConn]bool{}
+	}
+	p.conns[c] = true
+	return true
+}
+
+func (p *peers) remove(c *net.UnixConn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.conns, c)
+}
+
+func (p *peers) closeAll() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.closed = true
+	for c := range p.conns {
+		c.Close()
+	}
+}
+
+// peerConn is the coordinator's side of a peer's control connection: a
+// generation's, whose commands it pairs with their acknowledgements, or a
+// CLI's.
+type peerConn struct {
 	mu      sync.Mutex
 	conn    net.Conn
 	pending map[uint64]chan wire.Msg
@@ -139,24 +185,24 @@ type genConn struct {
 	welcomed chan struct{}
 }
 
-func newGenConn(conn net.Conn) *genConn {
-	return &genConn{conn: conn, pending: map[uint64]chan wire.Msg{}, welcomed: make(chan struct{})}
+func newPeerConn(conn net.Conn) *peerConn {
+	return &peerConn{conn: conn, pending: map[uint64]chan wire.Msg{}, welcomed: make(chan struct{})}
 }
 
-func (g *genConn) send(m wire.Msg) error {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	_ = g.conn.SetWriteDeadline(time.Now().Add(2 * time.Second))
-	_, err := g.conn.Write(wire.Encode(m))
+func (p *peerConn) send(m wire.Msg) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	_ = p.conn.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	_, err := p.conn.Write(wire.Encode(m))
 	return err
 }
 
 // deliver hands an acknowledgement to the command waiting for it.
-func (g *genConn) deliver(a wire.Msg) {
-	g.mu.Lock()
-	ch := g.pending[a.ID]
-	delete(g.pending, a.ID)
-	g.mu.Unlock()
+func (p *peerConn) deliver(a wire.Msg) {
+	p.mu.Lock()
+	ch := p.pending[a.ID]
+	delete(p.pending, a.ID)
+	p.mu.Unlock()
 	if ch != nil {
 		ch <- a // buffered: one answer per command
 	}
@@ -164,7 +210,7 @@ func (g *genConn) deliver(a wire.Msg) {
 
 func (c *Coordinator) handle(conn *net.UnixConn) {
 	defer conn.Close()
-	out := newGenConn(conn)
+	out := newPeerConn(conn)
 	cred, err := peerCred(conn)
 	if err != nil {
 		c.log.Warn("control: no peer credentials", "err", err)
@@ -175,7 +221,7 @@ func (c *Coordinator) handle(conn *net.UnixConn) {
 	m, err := r.Read()
 	if err != nil {
 		c.log.Warn("control: bad first message", "peer_pid", cred.Pid, "err", err)
-		_ = out.send(wire.Msg{Type: wire.TypeResult, Error: err.Error(), Code: 2})
+		_ = out.send(wire.Msg{Type: wire.TypeResult, Error: err.Error(), Code: wire.ExitUsage})
 		return
 	}
 	_ = conn.SetReadDeadline(time.Time{})
@@ -185,19 +231,19 @@ func (c *Coordinator) handle(conn *net.UnixConn) {
 	case wire.TypeNext, wire.TypeRollback, wire.TypeStatus, wire.TypeStop, wire.TypePromote, wire.TypeAbort:
 		if uid := uint32(os.Geteuid()); cred.Uid != uid && cred.Uid != 0 {
 			c.log.Warn("control: refused request from another user", "uid", cred.Uid, "pid", cred.Pid)
-			_ = out.send(wire.Msg{Type: wire.TypeResult, Error: fmt.Sprintf("permission denied: uid %d is not the coordinator's uid %d", cred.Uid, uid), Code: 1})
+			_ = out.send(wire.Msg{Type: wire.TypeResult, Error: fmt.Sprintf("permission denied: uid %d is not the coordinator's uid %d", cred.Uid, uid), Code: wire.ExitFailed})
 			return
 		}
 		c.cliStarted()
 		defer c.cliDone()
 		c.handleCLI(out, m)
 	default:
-		_ = out.send(wire.Msg{Type: wire.TypeResult, Error: fmt.Sprintf("unexpected first message %q", m.Type), Code: 2})
+		_ = out.send(wire.Msg{Type: wire.TypeResult, Error: fmt.Sprintf("unexpected first message %q", m.Type), Code: wire.ExitUsage})
 	}
 }
 
-func (c *Coordinator) handleGen(out *genConn, r *wire.Reader, hello wire.Msg, cred *unix.Ucred) {
-	w, ok := ask(c, func(reply chan welcome) event {
+func (c *Coordinator) handleGen(out *peerConn, r *wire.Reader, hello wire.Msg, cred *unix.Ucred) {
+	w, ok := request(c, func(reply chan welcome) event {
 		return evHello{hello: hello, pid: int(cred.Pid), conn: out, reply: reply}
 	})
 	if !ok {
@@ -239,39 +285,41 @@ func (c *Coordinator) handleGen(out *genConn, r *wire.Reader, hello wire.Msg, cr
 }
 
 // command sends m to g and waits for its acknowledgement.
-func (c *Coordinator) command(g *gen, m wire.Msg, timeout time.Duration) error {
-	_, err := c.ask(g, m, timeout)
+func (c *Coordinator) command(g *gen, m wire.Msg) error {
+	_, err := c.commandWithin(g, m, commandTimeout)
 	return err
 }
 
-// ask sends m to g and returns its acknowledgement.
-func (c *Coordinator) ask(g *gen, m wire.Msg, timeout time.Duration) (wire.Msg, error) {
-	out, ok := ask(c, func(reply chan *genConn) event { return qConn{g: g, reply: reply} })
+// commandWithin sends m to g and returns its acknowledgement.
+func (c *Coordinator) commandWithin(g *gen, m wire.Msg, timeout time.Duration) (wire.Msg, error) {
+	out, ok := request(c, func(reply chan *peerConn) event { return qConn{g: g, reply: reply} })
 	if !ok || out == nil {
 		return wire.Msg{}, fmt.Errorf("gen %d has no control connection", g.n)
 	}
-	return out.ask(g, c.cmdID.Add(1), m, timeout)
+	return out.roundTrip(g, c.cmdID.Add(1), m, timeout)
 }
 
-func (out *genConn) ask(g *gen, id uint64, m wire.Msg, timeout time.Duration) (wire.Msg, error) {
+// roundTrip sends m, numbered id, to generation g and waits for its
+// acknowledgement.
+func (p *peerConn) roundTrip(g *gen, id uint64, m wire.Msg, timeout time.Duration) (wire.Msg, error) {
 	m.ID = id
 	ch := make(chan wire.Msg, 1)
-	out.mu.Lock()
-	out.pending[m.ID] = ch
-	out.mu.Unlock()
+	p.mu.Lock()
+	p.pending[m.ID] = ch
+	p.mu.Unlock()
 	defer func() {
-		out.mu.Lock()
-		delete(out.pending, m.ID)
-		out.mu.Unlock()
+		p.mu.Lock()
+		delete(p.pending, m.ID)
+		p.mu.Unlock()
 	}()
 	t := time.NewTimer(timeout)
 	defer t.Stop()
 	select {
-	case <-out.welcomed:
+	case <-p.welcomed:
 	case <-t.C:
 		return wire.Msg{}, fmt.Errorf("gen %d was not welcomed within %v", g.n, timeout)
 	}
-	if err := out.send(m); err != nil {
+	if err := p.send(m); err != nil {
 		return wire.Msg{}, fmt.Errorf("gen %d: send %s: %w", g.n, m.Type, err)
 	}
 	select {
@@ -280,78 +328,87 @@ func (out *genConn) ask(g *gen, id uint64, m wire.Msg, timeout time.Duration) (w
 			return a, errors.New(a.Error)
 		}
 		return a, nil
-	case <-g.exited:
-		return wire.Msg{}, fmt.Errorf("gen %d exited (%s)", g.n, exitText(g.exitErr))
+	case <-g.gone:
+		return wire.Msg{}, fmt.Errorf("gen %d exited before it answered %s", g.n, m.Type)
 	case <-t.C:
 		return wire.Msg{}, fmt.Errorf("gen %d did not answer %s within %v", g.n, m.Type, timeout)
 	}
 }
 
-func (c *Coordinator) handleCLI(out *genConn, m wire.Msg) {
+func (c *Coordinator) handleCLI(out *peerConn, m wire.Msg) {
 	emit := func(e wire.Event) { _ = out.send(wire.Msg{Type: wire.TypeEvent, Event: &e}) }
-	result := func(err error) {
-		res := wire.Msg{Type: wire.TypeResult, OK: err == nil}
-		if err != nil {
-			res.Error, res.Code = err.Error(), 1
-			if errors.Is(err, ErrUsage) {
-				res.Code = 2
-			}
-		}
-		_ = out.send(res)
-	}
+	var err error
 	switch m.Type {
 	case wire.TypeStatus:
 		st := c.status()
 		_ = out.send(wire.Msg{Type: wire.TypeResult, OK: true, Status: &st})
+		return
 	case wire.TypeStop:
-		c.requestStop()
-		<-c.stopped
-		result(c.stopErr)
+		c.haltNow()
+		<-c.over
+		err = c.overErr
 	case wire.TypePromote, wire.TypeAbort:
-		err, ok := ask(c, func(r chan error) event { return evControl{what: m.Type, reply: r} })
-		if !ok {
+		what := causePromote
+		if m.Type == wire.TypeAbort {
+			what = causeAbort
+		}
+		var ok bool
+		if err, ok = request(c, func(r chan error) event { return evControl{what: what, reply: r} }); !ok {
 			err = ErrStopping
 		}
-		result(err)
 	case wire.TypeNext, wire.TypeRollback:
-		req, err := cliRequest(m)
-		if err != nil {
-			result(err)
-			return
-		}
-		rep, err := c.tryRollover(req, emit)
-		if err != nil {
-			c.log.Warn("rollover failed", "err", err)
-		}
-		switch {
-		case rep == nil || (err != nil && !rep.rolledBack):
-			// refused, or failed before activation: nothing to report
-		case m.Wait:
-			c.waitReport(rep, emit)
-			if err == nil && rep.report.Lost() {
-				err = &lossError{rep.report}
-			}
-		default:
-			emit(wire.Event{Phase: wire.PhaseReport, Report: rep.partial})
-		}
-		res := wire.Msg{Type: wire.TypeResult, OK: err == nil}
-		if err != nil {
-			res.Error, res.Code = err.Error(), 1
-			var le *lossError
-			switch {
-			case errors.Is(err, ErrUsage):
-				res.Code = 2
-			case errors.As(err, &le):
-				res.Code = ExitLost
-			}
-		}
-		_ = out.send(res)
+		err = c.handleRollover(m, emit)
 	}
+	res := wire.Msg{Type: wire.TypeResult, OK: err == nil}
+	if err != nil {
+		res.Error, res.Code = err.Error(), exitCode(err)
+	}
+	_ = out.send(res)
 }
 
-// ExitLost is the exit code of `next --wait` when the rollover cut a
-// connection or a request at a drain deadline.
-const ExitLost = 4
+// handleRollover runs a `next` or `rollback` for the CLI: its events go to
+// emit until the rollover settles, or, with --wait, until its report.
+func (c *Coordinator) handleRollover(m wire.Msg, emit func(wire.Event)) error {
+	req, err := cliRequest(m)
+	if err != nil {
+		return err
+	}
+	r, err := c.begin(req, emit)
+	if err != nil {
+		c.log.Warn("rollover refused", "err", err)
+		return err
+	}
+	<-r.settled
+	if r.err != nil {
+		c.log.Warn("rollover failed", "err", r.err)
+	}
+	if r.err != nil && !r.partial.RolledBack {
+		return r.err // failed before activation: nothing to report
+	}
+	if !m.Wait {
+		emit(wire.Event{Phase: wire.PhaseReport, Report: r.partial})
+		return r.err
+	}
+	<-r.done
+	if r.err == nil && r.report.Lost() {
+		return &lossError{r.report}
+	}
+	return r.err
+}
+
+// exitCode is the CLI's exit code for a request that failed with err.
+func exitCode(err error) wire.ExitCode {
+	var le *lossError
+	switch {
+	case err == nil:
+		return wire.ExitOK
+	case errors.Is(err, ErrUsage):
+		return wire.ExitUsage
+	case errors.As(err, &le):
+		return wire.ExitLost
+	}
+	return wire.ExitFailed
+}
 
 // lossError says what a rollover cut.
 type lossError struct{ r *wire.Report }
@@ -362,14 +419,8 @@ func (e *lossError) Error() string {
 
 // cliRequest reads a next or rollback request.
 func cliRequest(m wire.Msg) (rolloverReq, error) {
-	req := rolloverReq{launch: Launch{Argv: m.Argv, Ready: m.Ready, Addr: m.Addr}, expect: m.ExpectGeneration, rollback: m.Type == wire.TypeRollback, healthURL: m.HealthURL}
-	if m.DrainSignal != "" {
-		sig, err := ParseSignal(m.DrainSignal)
-		if err != nil {
-			return req, err
-		}
-		req.launch.DrainSignal = sig
-	}
+	req := rolloverReq{launch: Launch{Argv: m.Argv, Ready: m.Ready, Addr: m.Addr, DrainSignal: syscall.Signal(m.DrainSignal)},
+		expect: m.ExpectGeneration, rollback: m.Type == wire.TypeRollback, healthURL: m.HealthURL, wait: m.Wait}
 	if m.Bake != "" {
 		d, err := time.ParseDuration(m.Bake)
 		if err != nil || d < 0 {

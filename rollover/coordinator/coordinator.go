@@ -93,7 +93,13 @@ type Config struct {
 
 // Coordinator spawns generations and rolls them over. At most one rollover
 // runs at a time. One goroutine (loop) owns all state, in a machine that
-// changes only by events (see machine.go).
+// changes only by events (see machine.go); each rollover is a rollout
+// (rollout.go).
+//
+// Its lifetime, the oklog/run way: every other goroutine is a task (the
+// control socket's acceptor and connections, each rollout, process
+// waiters, timers, watchers), and Run returns only once the generations are
+// gone and every task has returned; the owner loop goes last.
 type Coordinator struct {
 	cfg     Config
 	launch  Launch // generation 1's
@@ -101,17 +107,21 @@ type Coordinator struct {
 	ln      *net.UnixListener
 	metrics *metrics.Coordinator
 	m       *machine // owned by loop
+	tasks   *tasks
+	peers   peers // open control connections, closed when Run ends
 
 	events   chan event
-	quit     chan struct{} // ends the owner loop
-	dead     chan struct{} // owner loop gone
-	stopCh   chan struct{} // stop requested
-	stopOnce sync.Once
-	stopped  chan struct{} // every generation gone; stopErr set before
-	stopErr  error         // what the stop cost (ErrForced), for `rollover stop`
-	cmdID    atomic.Uint64
-	clis     atomic.Int32  // CLI requests being served
-	cliLeft  chan struct{} // a CLI request ended
+	loopQuit chan struct{} // ends the owner loop
+	loopDone chan struct{} // the owner loop is gone
+	// halt is done once a stop is asked for (Stop, a canceled context,
+	// `rollover stop`).
+	halt    context.Context
+	haltNow context.CancelFunc
+	over    chan struct{} // every generation is gone; overErr is set before
+	overErr error         // what the stop cost (ErrForced), for `rollover stop`
+	cmdID   atomic.Uint64
+	clis    atomic.Int32  // CLI requests being served
+	cliLeft chan struct{} // a CLI request ended
 }
 
 // New validates cfg and opens the control socket.
@@ -123,21 +133,59 @@ func New(cfg Config) (*Coordinator, error) {
 	if cfg.Socket == "" {
 		return nil, fmt.Errorf("%w: no socket path", ErrUsage)
 	}
+	cfg = cfg.withDefaults()
+	ln, err := listenControl(cfg.Socket)
+	if err != nil {
+		return nil, err
+	}
+	halt, haltNow := context.WithCancel(context.Background())
+	c := &Coordinator{
+		cfg:      cfg,
+		launch:   launch,
+		log:      cfg.Log,
+		ln:       ln,
+		tasks:    newTasks(),
+		events:   make(chan event),
+		loopQuit: make(chan struct{}),
+		loopDone: make(chan struct{}),
+		halt:     halt,
+		haltNow:  haltNow,
+		over:     make(chan struct{}),
+		cliLeft:  make(chan struct{}, 1),
+	}
+	c.metrics = metrics.NewCoordinator(c.sample, metricLabels())
+	sp := &spawner{socket: cfg.Socket, adoptTimeout: cfg.AdoptTimeout, killGrace: cfg.KillGrace, log: cfg.Log, wait: c.tasks.Go, ended: c.processEnded}
+	c.m = newMachine(launch, effects{
+		log:          cfg.Log,
+		metrics:      c.metrics,
+		now:          time.Now,
+		spawn:        sp.spawn,
+		order:        c.order,
+		cut:          c.cut,
+		kill:         c.kill,
+		signal:       func(g *gen, sig syscall.Signal) { g.signal(sig) },
+		after:        c.after,
+		save:         c.save,
+		restart:      c.restart,
+		notify:       c.notify,
+		drainTimeout: cfg.DrainTimeout,
+	})
+	return c, nil
+}
+
+// withDefaults gives every zero duration its Default.
+func (cfg Config) withDefaults() Config {
 	if cfg.ReadyTimeout <= 0 {
 		cfg.ReadyTimeout = DefaultReadyTimeout
 	}
 	if cfg.DrainTimeout <= 0 {
 		cfg.DrainTimeout = DefaultDrainTimeout
 	}
-	if cfg.DrainGrace < 0 {
-		cfg.DrainGrace = 0
-	}
+	cfg.DrainGrace = max(cfg.DrainGrace, 0)
 	if cfg.KillGrace <= 0 {
 		cfg.KillGrace = DefaultKillGrace
 	}
-	if cfg.Bake < 0 {
-		cfg.Bake = 0
-	}
+	cfg.Bake = max(cfg.Bake, 0)
 	if cfg.HealthMinRequests == 0 {
 		cfg.HealthMinRequests = DefaultHealthMinRequests
 	}
@@ -150,39 +198,7 @@ func New(cfg Config) (*Coordinator, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	ln, err := listenControl(cfg.Socket)
-	if err != nil {
-		return nil, err
-	}
-	c := &Coordinator{
-		cfg:     cfg,
-		launch:  launch,
-		log:     cfg.Log,
-		ln:      ln,
-		events:  make(chan event),
-		quit:    make(chan struct{}),
-		dead:    make(chan struct{}),
-		stopCh:  make(chan struct{}),
-		stopped: make(chan struct{}),
-		cliLeft: make(chan struct{}, 1),
-	}
-	c.metrics = metrics.NewCoordinator(c.sample)
-	sp := &spawner{socket: cfg.Socket, adoptTimeout: cfg.AdoptTimeout, killGrace: cfg.KillGrace, log: cfg.Log, exited: c.exited}
-	c.m = newMachine(launch, effects{
-		log:          cfg.Log,
-		metrics:      c.metrics,
-		now:          time.Now,
-		spawn:        sp.spawn,
-		order:        c.order,
-		kill:         func(g *gen) { g.kill(cfg.KillGrace) },
-		signal:       func(g *gen, sig syscall.Signal) { g.signal(sig) },
-		after:        func(d time.Duration, ev event) { time.AfterFunc(d, func() { c.post(ev) }) },
-		save:         c.save,
-		restart:      c.restart,
-		notify:       c.notify,
-		drainTimeout: cfg.DrainTimeout,
-	})
-	return c, nil
+	return cfg
 }
 
 // Metrics is the coordinator's Prometheus collector.
@@ -193,26 +209,26 @@ func (c *Coordinator) post(ev event) bool {
 	select {
 	case c.events <- ev:
 		return true
-	case <-c.dead:
+	case <-c.loopDone:
 		return false
 	}
 }
 
-// ask posts the request that mk builds around a reply channel and waits for
-// the answer. It reports false when the owner loop is gone.
-func ask[T any](c *Coordinator, mk func(chan T) event) (T, bool) {
-	return askWithin(c, mk, nil)
+// request posts the request that mk builds around a reply channel and
+// waits for the answer. It reports false when the owner loop is gone.
+func request[T any](c *Coordinator, mk func(chan T) event) (T, bool) {
+	return requestWithin(c, mk, nil)
 }
 
-// askWithin is ask that gives up if the owner does not take the request
-// before timeout fires (nil: never). Scrapes use it, so that they never
-// hang on a busy coordinator.
-func askWithin[T any](c *Coordinator, mk func(chan T) event, timeout <-chan time.Time) (T, bool) {
+// requestWithin is request that gives up if the owner does not take the
+// request before timeout fires (nil: never). Scrapes use it, so that they
+// never hang on a busy coordinator.
+func requestWithin[T any](c *Coordinator, mk func(chan T) event, timeout <-chan time.Time) (T, bool) {
 	var zero T
 	reply := make(chan T, 1)
 	select {
 	case c.events <- mk(reply):
-	case <-c.dead:
+	case <-c.loopDone:
 		return zero, false
 	case <-timeout:
 		return zero, false
@@ -220,13 +236,13 @@ func askWithin[T any](c *Coordinator, mk func(chan T) event, timeout <-chan time
 	select {
 	case v := <-reply:
 		return v, true
-	case <-c.dead:
+	case <-c.loopDone:
 		return zero, false
 	}
 }
 
-// done posts a request whose answer is that it ran.
-func (c *Coordinator) done(mk func(chan struct{}) event) bool {
+// do posts a request whose answer is that it ran.
+func (c *Coordinator) do(mk func(chan struct{}) event) bool {
 	reply := make(chan struct{})
 	if !c.post(mk(reply)) {
 		return false
@@ -234,18 +250,29 @@ func (c *Coordinator) done(mk func(chan struct{}) event) bool {
 	select {
 	case <-reply:
 		return true
-	case <-c.dead:
+	case <-c.loopDone:
 		return false
 	}
 }
 
+// view asks for what other goroutines may know of g.
+func (c *Coordinator) view(g *gen) genView {
+	v, _ := request(c, func(r chan genView) event { return qGen{g: g, reply: r} })
+	return v
+}
+
+// finish ends the rollover that spawned g with its outcome.
+func (c *Coordinator) finish(g *gen, o outcome, err error) {
+	c.do(func(ch chan struct{}) event { return evFinish{g: g, outcome: o, err: err, reply: ch} })
+}
+
 func (c *Coordinator) loop() {
-	defer close(c.dead)
+	defer close(c.loopDone)
 	for {
 		select {
 		case ev := <-c.events:
 			c.m.step(ev)
-		case <-c.quit:
+		case <-c.loopQuit:
 			return
 		}
 	}
@@ -261,15 +288,15 @@ func (c *Coordinator) Close() error {
 
 // Stop makes Run drain every generation and return, as canceling its
 // context does.
-func (c *Coordinator) Stop() { c.requestStop() }
+func (c *Coordinator) Stop() { c.haltNow() }
 
 // Force escalates a stop that is under way: the first call sends SIGTERM
 // to every generation's process group (SIGKILL after the kill grace), later
 // calls SIGKILL at once. It returns how many times the stop was forced.
 // Run then returns ErrForced.
 func (c *Coordinator) Force() int {
-	c.requestStop()
-	n, _ := ask(c, func(r chan int) event { return evForce{reply: r} })
+	c.haltNow()
+	n, _ := request(c, func(r chan int) event { return evForce{reply: r} })
 	return n
 }
 
@@ -277,40 +304,52 @@ func (c *Coordinator) Force() int {
 // request until ctx is done, Stop is called or `stop` arrives; then it
 // drains every generation and returns nil, or an error wrapping ErrForced
 // when a generation had to be killed on the way (see Force). It fails if
-// generation 1 never gets ready.
+// generation 1 never gets ready. It returns once every goroutine it
+// started has returned.
 func (c *Coordinator) Run(ctx context.Context) error {
-	defer c.ln.Close()
-	defer os.Remove(c.cfg.Socket)
-	go c.accept()
 	go c.loop()
+	c.tasks.Go(c.accept)
 	// Canceling ctx also stops a start that still waits for generation 1.
-	stopOnCancel := context.AfterFunc(ctx, c.requestStop)
+	stopOnCancel := context.AfterFunc(ctx, c.haltNow)
 	defer stopOnCancel()
-	defer func() {
-		c.done(func(r chan struct{}) event { return evForget{reply: r} })
-		close(c.stopped)
-		c.awaitCLIs(2 * time.Second) // let `stop` and `next --wait` clients read their results
-		close(c.quit)
-		<-c.dead
-	}()
 
+	err := c.serve()
+
+	c.do(func(r chan struct{}) event { return evForget{reply: r} })
+	c.overErr = err
+	close(c.over)
+	c.awaitCLIs(2 * time.Second) // let `stop` and `next --wait` clients read their results
+	c.ln.Close()
+	_ = os.Remove(c.cfg.Socket)
+	c.peers.closeAll()
+	c.tasks.stop()
+	close(c.loopQuit)
+	<-c.loopDone
+	return err
+}
+
+// serve runs the service from generation 1 (or the adopted generations of
+// a predecessor) to the end of the stop, when every generation is gone.
+func (c *Coordinator) serve() error {
 	if !c.adopt() {
-		if _, err := c.tryRollover(rolloverReq{}, nil); err != nil {
-			serr := c.shutdown()
+		r, err := c.begin(rolloverReq{}, nil)
+		if err == nil {
+			<-r.settled
+			err = r.err
+		}
+		if err != nil {
+			serr := c.shutdown(false)
 			if errors.Is(err, ErrStopping) {
 				return serr // stopped (ctx, `stop`) before generation 1 was ready
 			}
 			return err
 		}
 	}
-	v, _ := ask(c, func(r chan view) event { return qView{reply: r} })
+	v, _ := request(c, func(r chan view) event { return qView{reply: r} })
 	c.reportSteering(v)
 	c.notify(fmt.Sprintf("READY=1\nSTATUS=active generation %d (pid %d)", v.active, v.activePID))
-	select {
-	case <-ctx.Done():
-	case <-c.stopCh:
-	}
-	return c.shutdown()
+	<-c.halt.Done()
+	return c.shutdown(true)
 }
 
 func (c *Coordinator) cliStarted() { c.clis.Add(1) }
@@ -359,44 +398,50 @@ func (c *Coordinator) reportSteering(v view) {
 
 // Reload rolls over to the active command line again (SIGHUP, SIGUSR2).
 func (c *Coordinator) Reload() {
-	go func() {
-		if _, err := c.tryRollover(rolloverReq{}, nil); err != nil {
+	c.tasks.Go(func(context.Context) {
+		r, err := c.begin(rolloverReq{}, nil)
+		if err == nil {
+			<-r.settled
+			err = r.err
+		}
+		if err != nil {
 			c.log.Error("reload failed", "err", err)
 		}
-	}()
-}
-
-// requestStop makes Run return after draining.
-func (c *Coordinator) requestStop() {
-	c.stopOnce.Do(func() { close(c.stopCh) })
+	})
 }
 
 // shutdown drains every generation (a rollover past activation finishes its
-// hand-over first) and waits until they are gone.
-func (c *Coordinator) shutdown() error {
-	c.requestStop()
-	c.notify("STOPPING=1\nSTATUS=stopping: draining every generation")
-	n, _ := ask(c, func(r chan int) event { return evStop{reply: r} })
-	what := fmt.Sprintf("%d generations", n)
-	if n == 1 {
-		what = "1 generation"
+// hand-over first) and waits until they are gone. told: the service was
+// up, so the drain is worth saying; after a failed start it is not.
+func (c *Coordinator) shutdown(told bool) error {
+	c.haltNow()
+	if told {
+		c.notify("STOPPING=1\nSTATUS=stopping: draining every generation")
 	}
-	c.log.Info(fmt.Sprintf("draining %s (max %v; Ctrl-C again to force)", what, c.cfg.DrainTimeout), "generations", n, "drain_timeout", c.cfg.DrainTimeout)
+	n, _ := request(c, func(r chan int) event { return evStop{reply: r} })
+	if told {
+		what := fmt.Sprintf("%d generations", n)
+		if n == 1 {
+			what = "1 generation"
+		}
+		c.log.Info(fmt.Sprintf("draining %s (max %v; Ctrl-C again to force)", what, c.cfg.DrainTimeout), "generations", n, "drain_timeout", c.cfg.DrainTimeout)
+	}
 	select {
 	case <-c.m.idle:
-	case <-c.dead:
+	case <-c.loopDone:
 	}
-	if v, _ := ask(c, func(r chan view) event { return qView{reply: r} }); v.forced {
+	if v, _ := request(c, func(r chan view) event { return qView{reply: r} }); v.stopForced {
 		c.log.Warn("stopped: every generation is gone, some of them killed")
-		c.stopErr = fmt.Errorf("%w: some generation was killed before it finished draining", ErrForced)
-		return c.stopErr
+		return fmt.Errorf("%w: some generation was killed before it finished draining", ErrForced)
 	}
-	c.log.Info("stopped: every generation drained")
+	if told {
+		c.log.Info("stopped: every generation drained")
+	}
 	return nil
 }
 
 func (c *Coordinator) status() wire.Status {
-	st, _ := ask(c, func(r chan wire.Status) event { return qStatus{reply: r} })
+	st, _ := request(c, func(r chan wire.Status) event { return qStatus{reply: r} })
 	st.PID, st.Socket = os.Getpid(), c.cfg.Socket
 	if st.Generations == nil {
 		st.Generations = []wire.GenStatus{}
@@ -414,7 +459,7 @@ func (c *Coordinator) Gatherer(own prometheus.Gatherer) prometheus.Gatherer {
 }
 
 func (c *Coordinator) metricSources() []metrics.Source {
-	gens, ok := askWithin(c, func(r chan []*gen) event { return qConnected{reply: r} }, time.After(time.Second))
+	gens, ok := requestWithin(c, func(r chan []*gen) event { return qConnected{reply: r} }, time.After(time.Second))
 	if !ok {
 		return nil
 	}
@@ -425,7 +470,7 @@ func (c *Coordinator) metricSources() []metrics.Source {
 			if d, ok := ctx.Deadline(); ok {
 				timeout = time.Until(d)
 			}
-			a, err := c.ask(g, wire.Msg{Type: wire.TypeMetrics}, timeout)
+			a, err := c.commandWithin(g, wire.Msg{Type: wire.TypeMetrics}, timeout)
 			return a.Metrics, err
 		}})
 	}
@@ -434,9 +479,47 @@ func (c *Coordinator) metricSources() []metrics.Source {
 
 // sample feeds the metrics collector; it gives up rather than block a scrape.
 func (c *Coordinator) sample() (metrics.Sample, bool) {
-	s, ok := askWithin(c, func(r chan metrics.Sample) event { return qSample{reply: r} }, time.After(time.Second))
+	s, ok := requestWithin(c, func(r chan metrics.Sample) event { return qSample{reply: r} }, time.After(time.Second))
 	if mr, err := reuse.MigrateReq(); err == nil {
 		s.MigrateReq = &mr
 	}
 	return s, ok
+}
+
+// tasks are the goroutines Run waits for. Each gets a context that is done
+// once Run ends; once stop began, no new task starts.
+type tasks struct {
+	mu     sync.Mutex
+	closed bool
+	wg     sync.WaitGroup
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+func newTasks() *tasks {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &tasks{ctx: ctx, cancel: cancel}
+}
+
+// Go runs f as a task.
+func (t *tasks) Go(f func(ctx context.Context)) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return
+	}
+	t.wg.Add(1)
+	go func() {
+		defer t.wg.Done()
+		f(t.ctx)
+	}()
+}
+
+// stop cancels every task's context and waits until all have returned.
+func (t *tasks) stop() {
+	t.mu.Lock()
+	t.closed = true
+	t.mu.Unlock()
+	t.cancel()
+	t.wg.Wait()
 }

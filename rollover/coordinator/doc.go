@@ -6,7 +6,10 @@
 //   - At most one rollover at a time. A rollover is in progress from the
 //     spawn of generation N+1 until N has left the port and N+1 is re-pinned;
 //     N's connection drain runs after that, so rollovers can follow each
-//     other while older generations still drain.
+//     other while older generations still drain. `next` without --wait
+//     returns once N+1 is active and baked and N has left the port, or,
+//     when N+1 is steered every new connection, at most the drain grace
+//     plus a second after N was told to drain (a hung N cannot hold it).
 //   - Until N+1 is active, any failure (missing binary, exit, crash, no ready
 //     within ReadyTimeout, failed steering verification) ends N+1 and leaves
 //     N serving untouched.
@@ -25,9 +28,16 @@
 //
 // One goroutine owns all state. It lives in machine.go: typed generation
 // states, typed events, and one transition function (machine.step) that is
-// the only writer. Everything else (the control socket, process waiters,
-// timers, the rollover sequence in rollover.go) posts events and waits on
-// channels; nothing waits by sleeping.
+// the only writer. A rollover is one value, a rollout (rollout.go), whose
+// script runs on a goroutine of its own from spawn to loss report, with
+// typed phases and outcomes; it changes state only through events, and
+// what it needs to know comes back in replies and verdicts. Everything
+// else (the control socket, process waiters, timers) posts events and
+// waits on channels; nothing waits by sleeping.
+//
+// Every goroutine and timer is a task with an owner that waits for it:
+// Run returns only once the generations are gone and every task has
+// returned (goleak checks it in the tests).
 //
 // Generations are exec.Cmds (Cancel sends SIGTERM to the process group,
 // WaitDelay bounds it before SIGKILL); /proc is read through

@@ -40,15 +40,17 @@ type gen struct {
 	notify *notifySocket // ReadyNotify only
 	exe    fileID        // the program file, as it was at spawn
 
-	// owner
+	// owner: other goroutines learn them through a genView (qGen)
 	state        genState
-	conn         *genConn
+	conn         *peerConn
 	stats        wire.Stats
+	statsAt      time.Time // its last report
 	steerable    bool
 	steerErr     string
 	readyAt      time.Time
 	activeAt     time.Time
 	drainStart   time.Time
+	exitAt       time.Time
 	adopting     bool   // left by a crashed coordinator; expecting its hello
 	wasActive    bool   // the predecessor's active generation
 	notifyStatus string // last STATUS= (ReadyNotify)
@@ -56,18 +58,17 @@ type gen struct {
 	addrs        []string     // the listeners' addresses, as the library reported them at ready
 	released     bool         // in the bake of its successor: steered away, keeping its listener
 	health       *wire.Health // the rule its bake or canary step judges it by
-	unhealthyWhy string       // set before unhealthy is closed
+	unhealthy    bool         // it broke that rule (and the rollover was told)
 	killed       bool         // by its drain deadline or a forced stop
 	forcedConns  int64        // cut at its drain deadline
 	forcedReqs   int64
 
-	hello  chan struct{} // hello accepted
-	ready  chan struct{} // ready
-	left   chan struct{} // listeners closed, or exited
-	exited chan struct{} // process gone; exitErr set before
-	// unhealthy is closed when the generation breaks its health rule;
-	// unhealthyWhy is set before.
-	unhealthy chan struct{}
+	// Closed once, by the owner; a closed channel says only that the
+	// moment passed, and the rest is asked for (qGen).
+	hello chan struct{} // hello accepted
+	ready chan struct{} // ready
+	left  chan struct{} // listeners closed, or exited
+	gone  chan struct{} // the process is gone
 }
 
 func newGen(n int, l Launch) *gen {
@@ -80,9 +81,7 @@ func newGen(n int, l Launch) *gen {
 		hello:  make(chan struct{}),
 		ready:  make(chan struct{}),
 		left:   make(chan struct{}),
-		exited: make(chan struct{}),
-
-		unhealthy: make(chan struct{}),
+		gone:   make(chan struct{}),
 	}
 	if l.Ready != ReadyLibrary {
 		g.steerErr = "the app does not link the rollover library (--ready=" + l.Ready + ")"
@@ -172,7 +171,8 @@ type spawner struct {
 	adoptTimeout time.Duration
 	killGrace    time.Duration
 	log          *slog.Logger
-	exited       func(g *gen, err error) // reports the process's end
+	wait         func(func(context.Context)) // runs the process's waiter, owned
+	ended        func(g *gen, err error)     // reports the process's end
 }
 
 func (s *spawner) spawn(g *gen) error {
@@ -228,7 +228,9 @@ func (s *spawner) spawn(g *gen) error {
 		return fmt.Errorf("%w: %s: %v", ErrCommand, g.launch.Argv[0], err)
 	}
 	g.proc, g.pid, g.end = cmd.Process, cmd.Process.Pid, end
-	go func() {
+	// The waiter ends with the process, which Run outlives: every
+	// generation is gone before it returns.
+	s.wait(func(context.Context) {
 		_ = cmd.Wait() // its error may be the context's; the process state tells how it ended
 		end()
 		stdout.flush()
@@ -237,8 +239,8 @@ func (s *spawner) spawn(g *gen) error {
 		if ps := cmd.ProcessState; ps != nil && !ps.Success() {
 			err = errors.New(ps.String())
 		}
-		s.exited(g, err)
-	}()
+		s.ended(g, err)
+	})
 	return nil
 }
 
@@ -247,22 +249,6 @@ func (g *gen) signal(sig syscall.Signal) {
 	if g.pid > 0 {
 		_ = syscall.Kill(-g.pid, sig)
 	}
-}
-
-// kill ends g without blocking: SIGTERM to its group, SIGKILL after grace.
-func (g *gen) kill(grace time.Duration) {
-	if g.end != nil {
-		g.end()
-		return
-	}
-	g.signal(syscall.SIGTERM)
-	time.AfterFunc(grace, func() {
-		select {
-		case <-g.exited:
-		default:
-			g.signal(syscall.SIGKILL)
-		}
-	})
 }
 
 // lineLog logs a stream of output one line at a time, tagged with the

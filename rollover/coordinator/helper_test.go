@@ -30,6 +30,7 @@ import (
 
 	"github.com/rollover-sh/rollover/rollover"
 	"github.com/rollover-sh/rollover/rollover/wire"
+	"go.uber.org/goleak"
 )
 
 // The test binary doubles as a generation (the helper-process pattern of
@@ -57,7 +58,9 @@ func TestMain(m *testing.M) {
 	if mode := os.Getenv(envMode); mode != "" {
 		os.Exit(generation(mode))
 	}
-	os.Exit(m.Run())
+	// Every goroutine and timer a coordinator starts has an owner that
+	// waits for it: once the tests are done, none is left.
+	goleak.VerifyTestMain(m)
 }
 
 // generation runs this process as a generation in mode and returns its exit

@@ -19,7 +19,8 @@ import (
 // owner goroutine (Coordinator.loop) and is the only writer of the machine
 // and of the owner fields of every gen. It never blocks: what takes time
 // (a process start aside, which must precede the generation's hello) is an
-// effect that runs elsewhere and reports back with another event.
+// effect that runs elsewhere and reports back with another event. The
+// rollover's procedure is rollout.go's; here is only what it changes.
 
 // genState is where a generation stands.
 type genState uint8
@@ -31,6 +32,10 @@ const (
 	stateDraining                     // told to hand over and finish
 	stateGone                         // exited
 )
+
+// liveStates are the states a live generation can be in: the label values
+// of rollover_generation_state.
+var liveStates = []genState{stateStarting, stateReady, stateActive, stateDraining}
 
 func (s genState) String() string {
 	switch s {
@@ -50,13 +55,27 @@ func (s genState) String() string {
 
 // parseState reads a state a generation reports when it asks to be adopted.
 func parseState(s string) genState {
-	switch s {
-	case "ready":
-		return stateReady
-	case "draining":
-		return stateDraining
+	for _, st := range liveStates {
+		if st.String() == s && st != stateActive {
+			return st
+		}
 	}
 	return stateStarting
+}
+
+// metricLabels are the label values the metrics take from these types.
+func metricLabels() metrics.Labels {
+	var l metrics.Labels
+	for _, s := range liveStates {
+		l.States = append(l.States, s.String())
+	}
+	for _, o := range outcomes {
+		l.Results = append(l.Results, o.String())
+	}
+	for _, c := range rollbackCauses {
+		l.Reasons = append(l.Reasons, c.reason())
+	}
+	return l
 }
 
 // Events: what happened, or what is asked. Those with a reply channel are
@@ -73,7 +92,7 @@ type (
 	evHello struct {
 		hello wire.Msg
 		pid   int // from SO_PEERCRED
-		conn  *genConn
+		conn  *peerConn
 		reply chan welcome
 	}
 	// evReady: the generation serves. lib: reported by the library, with
@@ -96,7 +115,7 @@ type (
 	// evDisconnected: the generation's control connection conn ended.
 	evDisconnected struct {
 		g    *gen
-		conn *genConn
+		conn *peerConn
 	}
 	// evActivate: the new generation was steered (or needs no steering);
 	// make it the active one. last: nothing remains to hand over, so the
@@ -115,44 +134,63 @@ type (
 	evClosedListener struct{ g *gen }
 	// evDrainTimeout: g's drain deadline passed.
 	evDrainTimeout struct{ g *gen }
+	// evCounted: the connections g still held, as the kernel counts them,
+	// just before it was killed.
+	evCounted struct {
+		g     *gen
+		conns int64
+	}
 	// evExited: g's process is gone; err is its exit (nil: status 0).
 	evExited struct {
 		g   *gen
 		err error
 	}
 	// evWatch starts judging g's health by rule (nil: stops) as its stats
-	// arrive: the rollover's bake or canary step.
+	// arrive, and its exit as a rollback: the rollover's canary or bake.
 	evWatch struct {
 		g    *gen
 		rule *wire.Health
 	}
-	// evCanary records the share of new connections the rollover's new
-	// generation gets (0: the canary is over).
-	evCanary struct{ weight int }
-	// evRelease: the bake began; prev is steered away and drains its
-	// connections, but keeps its listener for a rollback.
-	evRelease struct{ g *gen }
+	// evBaked ends the bake of g; reply says false if g exited first (its
+	// verdict is on the way to the rollout).
+	evBaked struct {
+		g     *gen
+		reply chan bool
+	}
+	// evPhase: the rollover in progress reached phase (weight: a canary's
+	// share of new connections).
+	evPhase struct {
+		phase  phase
+		weight int
+	}
+	// evRelease: the bake began; g, the old generation, is steered away and
+	// drains its connections, but keeps its listener for a rollback.
+	evRelease struct {
+		g     *gen
+		until time.Time
+	}
 	// evRollback gives the port back to prev, the generation g replaced,
 	// and drains g: the bake or canary failed.
 	evRollback struct {
 		g, prev *gen
-		reason  string // exited, health, health-url, abort
+		cause   cause
 		reply   chan struct{}
 	}
 	// evControl asks the rollover in progress to promote its canary (or
 	// end its bake) or to abort; reply says why not, if it cannot.
 	evControl struct {
-		what  string // wire.TypePromote or wire.TypeAbort
+		what  cause // causePromote or causeAbort
 		reply chan error
 	}
 	// evReport: a rollover's loss report is complete.
 	evReport struct{ r *wire.Report }
 	// evFinish ends the rollover that spawned g (if it is still the one in
-	// progress) with err.
+	// progress) with its outcome, and err.
 	evFinish struct {
-		g     *gen
-		err   error
-		reply chan struct{}
+		g       *gen
+		outcome outcome
+		err     error
+		reply   chan struct{}
 	}
 	evRestartDue struct{}
 	// evStop: drain every generation; idle closes once none is left.
@@ -188,15 +226,11 @@ type (
 	qSample struct{ reply chan metrics.Sample }
 	qConn   struct {
 		g     *gen
-		reply chan *genConn
+		reply chan *peerConn
 	}
-	qStats struct {
+	qGen struct {
 		g     *gen
-		reply chan wire.Stats
-	}
-	qNumbers struct {
-		g     *gen
-		reply chan numbers
+		reply chan genView
 	}
 	qConnected struct{ reply chan []*gen } // generations with a control connection
 	qView      struct{ reply chan view }
@@ -212,10 +246,12 @@ func (evActivate) isEvent()       {}
 func (evDrain) isEvent()          {}
 func (evClosedListener) isEvent() {}
 func (evDrainTimeout) isEvent()   {}
+func (evCounted) isEvent()        {}
 func (evExited) isEvent()         {}
 func (evFinish) isEvent()         {}
 func (evWatch) isEvent()          {}
-func (evCanary) isEvent()         {}
+func (evBaked) isEvent()          {}
+func (evPhase) isEvent()          {}
 func (evRelease) isEvent()        {}
 func (evRollback) isEvent()       {}
 func (evControl) isEvent()        {}
@@ -230,8 +266,7 @@ func (evForget) isEvent()         {}
 func (qStatus) isEvent()          {}
 func (qSample) isEvent()          {}
 func (qConn) isEvent()            {}
-func (qStats) isEvent()           {}
-func (qNumbers) isEvent()         {}
+func (qGen) isEvent()             {}
 func (qConnected) isEvent()       {}
 func (qView) isEvent()            {}
 
@@ -247,14 +282,18 @@ type rolloverReq struct {
 	canary    []int
 	step      time.Duration
 	healthURL string
+	// wait: whoever asked follows the rollover to its loss report (next
+	// --wait), not only until it settles.
+	wait bool
 }
 
 // began answers evBegin: the new generation and the one it replaces.
 type began struct {
 	g, prev   *gen
-	ctl       chan string // promote or abort, from evControl
-	reloading bool        // a rollover of a started service (not generation 1's start)
-	note      string      // worth telling whoever asked
+	was       genView        // prev, as the rollover began
+	hear      <-chan verdict // the rollover's verdicts
+	reloading bool           // a rollover of a started service (not generation 1's start)
+	note      string         // worth telling whoever asked
 	err       error
 }
 
@@ -277,7 +316,23 @@ type view struct {
 	steerable      bool
 	steerErr       string
 	restartPending bool
-	forced         bool
+	stopForced     bool // some generation was killed since the stop began
+}
+
+// genView is what a goroutine other than the owner may know of a
+// generation: a copy, taken on the owner goroutine.
+type genView struct {
+	state                   genState
+	stats                   wire.Stats
+	statsAge                time.Duration // since its last report
+	steerable               bool
+	steerErr                string
+	addrs                   []string
+	readyIn                 time.Duration // spawn to ready
+	exit                    string        // how it ended, once gone
+	drainedIn               time.Duration // drain order to exit (0: never ordered)
+	forcedConns, forcedReqs int64         // cut at its drain deadline
+	killed                  bool
 }
 
 // effects are what transitions do to the world. The coordinator fills them
@@ -292,9 +347,12 @@ type effects struct {
 	spawn func(g *gen) error
 	// order sends g its drain order (the library's drain command, or the
 	// drain signal) without blocking; conn is its control connection.
-	order func(g *gen, conn *genConn)
-	// kill ends g: SIGTERM to its process group, SIGKILL after the kill
-	// grace. It never blocks.
+	order func(g *gen, conn *peerConn)
+	// cut counts the connections g holds (evCounted), then ends it:
+	// SIGTERM to its process group, SIGKILL after the kill grace. It never
+	// blocks.
+	cut func(g *gen)
+	// kill ends g like cut, without counting.
 	kill func(g *gen)
 	// signal sends sig to g's process group.
 	signal func(g *gen, sig syscall.Signal)
@@ -309,6 +367,17 @@ type effects struct {
 	drainTimeout time.Duration
 }
 
+// rollState is the rollover in progress, as the machine keeps it.
+type rollState struct {
+	g, prev   *gen
+	hear      chan verdict // to the rollout
+	told      bool         // a promote or abort was passed on
+	reloading bool         // it replaces a started service
+	phase     phase
+	weight    int       // the share of new connections its canary gets
+	bakeUntil time.Time // the end of its bake
+}
+
 // machine is the coordinator's state. Only step writes it.
 type machine struct {
 	fx    effects
@@ -319,13 +388,9 @@ type machine struct {
 	active   *gen
 	previous *Launch // what was active before the current one
 
-	rolling    *gen        // the new generation of the rollover in progress
-	reloading  bool        // that rollover replaces a started service
-	ctl        chan string // that rollover's promote and abort
-	canary     int         // the share of new connections its canary gets
-	baking     *gen        // the generation in its bake or canary
-	rolledBack string      // why that rollover was rolled back (a reason of rollover_rollbacks_total), if it was
-	adopting   bool        // adopting a predecessor's generations (holds rollovers off)
+	roll     *rollState // the rollover in progress
+	judged   *gen       // the generation in its bake or canary
+	adopting bool       // adopting a predecessor's generations (holds rollovers off)
 
 	stopping       bool
 	started        bool    // some generation became active
@@ -335,7 +400,7 @@ type machine struct {
 	restartPending bool
 	lastReport     *wire.Report
 	forces         int           // evForce received
-	forced         bool          // some generation was killed: a forced drain or stop
+	stopForced     bool          // some generation was killed since the stop began
 	final          bool          // no more state file
 	idle           chan struct{} // closed once stopping and every generation is gone
 }
@@ -344,7 +409,7 @@ func newMachine(first Launch, fx effects) *machine {
 	return &machine{fx: fx, first: first, gens: map[int]*gen{}, idle: make(chan struct{})}
 }
 
-func (m *machine) inProgress() bool { return m.rolling != nil || m.adopting }
+func (m *machine) inProgress() bool { return m.roll != nil || m.adopting }
 
 // step applies one event. It is the only writer of the machine's state.
 func (m *machine) step(ev event) {
@@ -373,54 +438,45 @@ func (m *machine) step(ev event) {
 	case evClosedListener:
 		closeOnce(e.g.left)
 	case evDrainTimeout:
-		if e.g.state != stateGone {
-			m.forced = true
-			// What it still held is cut now; the library's own count
-			// (in done) wins when it reported one.
-			e.g.forcedConns = max(e.g.forcedConns, e.g.stats.Connections)
-			e.g.forcedReqs = max(e.g.forcedReqs, e.g.stats.Inflight)
-			m.fx.metrics.ForcedDrains.Inc()
-			e.g.killed = true
-			m.fx.log.Warn("drain timed out; killing", "gen", e.g.n, "pid", e.g.pid, "drain_timeout", m.fx.drainTimeout)
-			m.fx.kill(e.g)
-		}
+		m.drainTimedOut(e.g)
+	case evCounted:
+		e.g.forcedConns = max(e.g.forcedConns, e.conns)
 	case evExited:
 		m.exited(e.g, e.err)
+	default:
+		m.stepRollover(ev)
+	}
+}
+
+// stepRollover applies the events of a rollover and of a stop.
+func (m *machine) stepRollover(ev event) {
+	switch e := ev.(type) {
 	case evWatch:
-		e.g.health = e.rule
-		m.judge(e.g)
-		if e.rule != nil {
-			m.baking = e.g
-		} else if m.baking == e.g {
-			m.baking = nil
+		m.watch(e.g, e.rule)
+	case evBaked:
+		e.reply <- m.judged == e.g && e.g.state != stateGone
+		if m.judged == e.g {
+			m.watch(e.g, nil)
 		}
-	case evCanary:
-		m.canary = e.weight
-		m.fx.metrics.CanaryWeight.Set(float64(e.weight))
+	case evPhase:
+		m.phase(e.phase, e.weight)
 	case evRelease:
 		if e.g.state != stateGone {
 			e.g.state, e.g.released = stateDraining, true
 		}
+		if m.roll != nil {
+			m.roll.phase, m.roll.bakeUntil = phaseBaking, e.until
+		}
 	case evRollback:
-		m.rollback(e.g, e.prev, e.reason)
+		m.rollback(e.g, e.prev, e.cause)
 		close(e.reply)
 	case evControl:
-		switch {
-		case m.ctl == nil:
-			e.reply <- errors.New("no canary or bake is waiting")
-		default:
-			select {
-			case m.ctl <- e.what:
-				e.reply <- nil
-			default:
-				e.reply <- errors.New("the rollover is already acting on a promote or abort")
-			}
-		}
+		e.reply <- m.control(e.what)
 	case evReport:
 		m.lastReport = e.r
 	case evFinish:
-		if m.rolling == e.g {
-			m.finish(e.err)
+		if m.roll != nil && m.roll.g == e.g {
+			m.finish(e.outcome, e.err)
 		}
 		close(e.reply)
 	case evRestartDue:
@@ -429,28 +485,17 @@ func (m *machine) step(ev event) {
 			m.fx.restart()
 		}
 	case evStop:
-		m.stopping = true
-		if !m.inProgress() {
-			m.drainAll()
-		}
-		if e.reply != nil {
-			e.reply <- len(m.gens)
-		}
-		m.checkIdle()
+		m.stop(e.reply)
 	case evForce:
-		m.stopping = true
-		m.forces++
-		for _, g := range m.sorted() {
-			m.forced, g.killed = true, true
-			if m.forces == 1 {
-				m.fx.log.Warn("forcing the stop: SIGTERM", "gen", g.n, "pid", g.pid)
-				m.fx.kill(g)
-			} else {
-				m.fx.log.Warn("forcing the stop: SIGKILL", "gen", g.n, "pid", g.pid)
-				m.fx.signal(g, syscall.SIGKILL)
-			}
-		}
-		e.reply <- m.forces
+		e.reply <- m.force()
+	default:
+		m.stepAdoption(ev)
+	}
+}
+
+// stepAdoption applies adoption's events and answers queries.
+func (m *machine) stepAdoption(ev event) {
+	switch e := ev.(type) {
 	case evAdoptLoad:
 		m.next, m.previous, m.adopting = e.s.Next, e.s.Previous, true
 		for _, g := range e.gens {
@@ -472,13 +517,11 @@ func (m *machine) step(ev event) {
 		e.reply <- m.sample()
 	case qConn:
 		e.reply <- e.g.conn
-	case qStats:
-		e.reply <- e.g.stats
-	case qNumbers:
-		e.reply <- numbers{stats: e.g.stats, forcedConns: e.g.forcedConns, forcedReqs: e.g.forcedReqs}
+	case qGen:
+		e.reply <- m.genView(e.g)
 	case qConnected:
 		var gs []*gen
-		for _, g := range m.gens {
+		for _, g := range m.sorted() {
 			if g.conn != nil {
 				gs = append(gs, g)
 			}
@@ -495,19 +538,8 @@ func (m *machine) step(ev event) {
 // launch, and spawns the new generation. A failed check or spawn is a
 // failed rollover.
 func (m *machine) begin(req rolloverReq) began {
-	active := 0
-	if m.active != nil {
-		active = m.active.n
-	}
-	switch {
-	case m.stopping:
-		return began{err: ErrStopping}
-	case req.expect != 0 && req.expect != active:
-		return began{err: fmt.Errorf("%w: the active generation is %d, not %d (--expect-generation)", ErrStale, active, req.expect)}
-	case m.inProgress():
-		return began{err: fmt.Errorf("%w: wait for it to finish and try again", ErrInProgress)}
-	case req.rollback && m.previous == nil:
-		return began{err: errors.New("no previous generation to roll back to")}
+	if err := m.refusal(req); err != nil {
+		return began{err: err}
 	}
 	base := m.first
 	switch {
@@ -523,8 +555,7 @@ func (m *machine) begin(req rolloverReq) began {
 	l = l.withDefaults(base)
 	l.Argv = slices.Clone(l.Argv)
 	fail := func(err error) began {
-		m.rolling = nil
-		m.finish(err)
+		m.finish(outcomeFailed, err)
 		return began{err: err}
 	}
 	if len(l.Argv) == 0 {
@@ -546,41 +577,44 @@ func (m *machine) begin(req rolloverReq) began {
 		return fail(err)
 	}
 	m.gens[g.n] = g
-	m.rolling, m.reloading = g, m.started
-	m.ctl = make(chan string, 1)
+	m.roll = &rollState{g: g, prev: m.active, hear: make(chan verdict, 4), reloading: m.started, phase: phaseSpawned}
 	m.save()
-	b := began{g: g, prev: m.active, reloading: m.reloading, ctl: m.ctl}
-	if a := m.active; a != nil && slices.Equal(g.launch.Argv, a.launch.Argv) && g.exe.same(a.exe) {
-		b.note = fmt.Sprintf("gen %d runs the same %s as gen %d (unchanged since %s): this restarts the same program; if a deploy copied a new one, it did not land (a plain cp onto a running binary fails with \"Text file busy\": write a new file and mv it into place)",
-			g.n, g.launch.Argv[0], a.n, a.exe.mtime.Format(time.DateTime))
+	b := began{g: g, prev: m.active, hear: m.roll.hear, reloading: m.started}
+	if a := m.active; a != nil {
+		b.was = m.genView(a)
+		if slices.Equal(g.launch.Argv, a.launch.Argv) && g.exe.same(a.exe) {
+			b.note = fmt.Sprintf("gen %d runs the same %s as gen %d (unchanged since %s): this restarts the same program; if a deploy copied a new one, it did not land (a plain cp onto a running binary fails with \"Text file busy\": write a new file and mv it into place)",
+				g.n, g.launch.Argv[0], a.n, a.exe.mtime.Format(time.DateTime))
+		}
 	}
 	return b
 }
 
-// finish ends the rollover in progress with err.
-func (m *machine) finish(err error) {
-	m.rolling, m.ctl, m.baking = nil, nil, nil
-	if m.canary != 0 {
-		m.canary = 0
-		m.fx.metrics.CanaryWeight.Set(0)
+// refusal says why a rollover cannot begin now, if it cannot.
+func (m *machine) refusal(req rolloverReq) error {
+	active := 0
+	if m.active != nil {
+		active = m.active.n
 	}
-	// Each rollover counts once, under its one outcome, so that an alert
-	// reads one series and never subtracts one counter from another.
-	result := "ok"
 	switch {
-	case err == nil:
-		m.started = true
-	case m.rolledBack == "abort":
-		result = "aborted"
-	case m.rolledBack != "":
-		result = "rolled_back"
-	default:
-		result = "failed"
+	case m.stopping:
+		return ErrStopping
+	case req.expect != 0 && req.expect != active:
+		return fmt.Errorf("%w: the active generation is %d, not %d (--expect-generation)", ErrStale, active, req.expect)
+	case m.inProgress():
+		return fmt.Errorf("%w: wait for it to finish and try again", ErrInProgress)
+	case req.rollback && m.previous == nil:
+		return errors.New("no previous generation to roll back to")
 	}
-	m.rolledBack = ""
-	m.fx.metrics.Rollovers.WithLabelValues(result).Inc()
-	if m.reloading {
-		m.reloading = false
+	return nil
+}
+
+// finish ends the rollover in progress with its outcome.
+func (m *machine) finish(o outcome, err error) {
+	reloading := m.roll != nil && m.roll.reloading
+	m.roll, m.judged = nil, nil
+	m.count(o, err)
+	if reloading {
 		m.notifyReady(err)
 	}
 	if m.active == nil && m.started && !m.stopping {
@@ -590,6 +624,15 @@ func (m *machine) finish(err error) {
 		m.drainAll()
 	}
 	m.checkIdle()
+}
+
+// count counts a rollover once, under its outcome.
+func (m *machine) count(o outcome, err error) {
+	if o == outcomeOK && err == nil {
+		m.started = true
+	}
+	m.fx.metrics.CanaryWeight.Set(0)
+	m.fx.metrics.Rollovers.WithLabelValues(o.String()).Inc()
 }
 
 // notifyReady tells the service manager the service is ready again, with
@@ -657,37 +700,88 @@ func (m *machine) ready(e evReady) {
 		g.readyAt = m.fx.now()
 		m.fx.metrics.Ready.Observe(g.readyAt.Sub(g.start).Seconds())
 	}
+	if m.roll != nil && m.roll.g == g {
+		m.roll.phase = phaseReady
+	}
 	close(g.ready)
 }
 
 // stats records what g reported, judges its health, and keeps what its
 // drain deadline cut.
 func (m *machine) stats(g *gen, s wire.Stats) {
-	g.stats = s
+	g.stats, g.statsAt = s, m.fx.now()
 	g.forcedConns = max(g.forcedConns, s.ForcedConnections)
 	g.forcedReqs = max(g.forcedReqs, s.ForcedRequests)
 	m.judge(g)
 }
 
-// judge closes g.unhealthy once g breaks its health rule.
+// watch starts (rule set) or stops judging g for the rollover.
+func (m *machine) watch(g *gen, rule *wire.Health) {
+	g.health = rule
+	if rule != nil {
+		m.judged = g
+		m.judge(g)
+	} else if m.judged == g {
+		m.judged = nil
+	}
+}
+
+// judge tells the rollover once g breaks its health rule.
 func (m *machine) judge(g *gen) {
-	if g.health == nil || g.state == stateGone || isDone(g.unhealthy) || !g.health.Failing(g.stats) {
+	if g.health == nil || g.state == stateGone || g.unhealthy || !g.health.Failing(g.stats) {
 		return
 	}
 	s := g.stats
 	bad := s.R5xx + s.Panics
 	total := s.R1xx + s.R2xx + s.R3xx + s.R4xx + bad
-	g.unhealthyWhy = fmt.Sprintf("%d of %d responses were 5xx or panics (%.0f%%, limit %.0f%% of at least %d)", bad, total, 100*float64(bad)/float64(total), 100*g.health.MaxErrorRatio, g.health.MinRequests)
-	close(g.unhealthy)
+	g.unhealthy = true
+	m.tell(verdict{cause: causeHealth, detail: fmt.Sprintf("%d of %d responses were 5xx or panics (%.0f%%, limit %.0f%% of at least %d)", bad, total, 100*float64(bad)/float64(total), 100*g.health.MaxErrorRatio, g.health.MinRequests)})
+}
+
+// tell passes v to the rollover in progress; it never blocks (the
+// rollover acts on the first verdict of a wait).
+func (m *machine) tell(v verdict) {
+	if m.roll == nil {
+		return
+	}
+	select {
+	case m.roll.hear <- v:
+	default:
+	}
+}
+
+// control passes a promote or abort to a canary or bake that waits.
+func (m *machine) control(c cause) error {
+	switch {
+	case m.roll == nil || (m.roll.phase != phaseCanary && m.roll.phase != phaseBaking):
+		return errors.New("no canary or bake is waiting")
+	case m.roll.told:
+		return errors.New("the rollover is already acting on a promote or abort")
+	}
+	m.roll.told = true
+	m.tell(verdict{cause: c, detail: "by hand"})
+	return nil
+}
+
+// phase records where the rollover in progress stands.
+func (m *machine) phase(p phase, weight int) {
+	if m.roll == nil {
+		return
+	}
+	m.roll.phase, m.roll.told = p, false
+	if p == phaseCanary {
+		m.roll.weight = weight
+		m.fx.metrics.CanaryWeight.Set(float64(weight))
+	}
 }
 
 // rollback makes prev, the generation g replaced, active again and drains
 // g. prev takes the port back itself (resume), before this.
-func (m *machine) rollback(g, prev *gen, reason string) {
-	m.fx.metrics.Rollbacks.WithLabelValues(reason).Inc()
-	m.baking = nil
-	if m.rolling == g {
-		m.rolledBack = reason
+func (m *machine) rollback(g, prev *gen, c cause) {
+	m.fx.metrics.Rollbacks.WithLabelValues(c.reason()).Inc()
+	m.judged = nil
+	if m.roll != nil && m.roll.g == g {
+		m.roll.phase = phaseRolledBack
 	}
 	if prev.state != stateGone {
 		prev.state, prev.released = stateActive, false
@@ -711,9 +805,12 @@ func (m *machine) activate(g *gen, last bool) error {
 	m.active = g
 	g.state = stateActive
 	g.activeAt = m.fx.now()
+	if m.roll != nil && m.roll.g == g {
+		m.roll.phase = phaseSteered
+	}
 	m.save()
-	if last && m.rolling == g {
-		m.finish(nil)
+	if last && m.roll != nil && m.roll.g == g {
+		m.finish(outcomeOK, nil)
 	}
 	return nil
 }
@@ -726,47 +823,87 @@ func (m *machine) drain(g *gen) {
 	}
 	g.drainStart = m.fx.now()
 	g.state = stateDraining
+	if m.roll != nil && m.roll.prev == g && m.roll.phase != phaseRolledBack {
+		m.roll.phase = phaseDraining
+	}
 	m.fx.order(g, g.conn)
 	m.fx.after(m.fx.drainTimeout, evDrainTimeout{g: g})
 }
 
+// drainTimedOut cuts g at its drain deadline: what it still held is cut
+// now (the library's own count, reported in done, wins when it is higher;
+// the kernel's count of its connections comes as evCounted).
+func (m *machine) drainTimedOut(g *gen) {
+	if g.state == stateGone {
+		return
+	}
+	if m.stopping {
+		m.stopForced = true
+	}
+	g.forcedConns = max(g.forcedConns, g.stats.Connections)
+	g.forcedReqs = max(g.forcedReqs, g.stats.Inflight)
+	m.fx.metrics.ForcedDrains.Inc()
+	g.killed = true
+	m.fx.log.Warn("drain timed out; killing", "gen", g.n, "pid", g.pid, "drain_timeout", m.fx.drainTimeout)
+	m.fx.cut(g)
+}
+
 func (m *machine) drainAll() {
-	for _, g := range m.gens {
+	for _, g := range m.sorted() {
 		m.drain(g)
 	}
+}
+
+// stop drains every generation, unless a rollover must end first.
+func (m *machine) stop(reply chan int) {
+	m.stopping = true
+	if m.roll != nil {
+		m.tell(verdict{cause: causeStop, detail: "the coordinator is stopping"})
+	}
+	if !m.inProgress() {
+		m.drainAll()
+	}
+	if reply != nil {
+		reply <- len(m.gens)
+	}
+	m.checkIdle()
+}
+
+// force escalates a stop: SIGTERM to every generation first, SIGKILL after.
+func (m *machine) force() int {
+	m.stopping = true
+	m.forces++
+	for _, g := range m.sorted() {
+		m.stopForced, g.killed = true, true
+		if m.forces == 1 {
+			m.fx.log.Warn("forcing the stop: SIGTERM", "gen", g.n, "pid", g.pid)
+			m.fx.kill(g)
+		} else {
+			m.fx.log.Warn("forcing the stop: SIGKILL", "gen", g.n, "pid", g.pid)
+			m.fx.signal(g, syscall.SIGKILL)
+		}
+	}
+	return m.forces
 }
 
 func (m *machine) exited(g *gen, err error) {
 	if g.state == stateGone {
 		return
 	}
-	g.exitErr = err
+	now := m.fx.now()
+	g.exitErr, g.exitAt = err, now
 	g.state = stateGone
 	delete(m.gens, g.n)
 	closeOnce(g.left)
-	close(g.exited)
-	now := m.fx.now()
+	close(g.gone)
 	if g.forcedConns > 0 || g.forcedReqs > 0 {
 		m.fx.metrics.ForcedConnections.Add(float64(g.forcedConns))
 		m.fx.metrics.ForcedRequests.Add(float64(g.forcedReqs))
 		m.fx.log.Warn(fmt.Sprintf("gen %d: its drain deadline cut %d connections and %d requests", g.n, g.forcedConns, g.forcedReqs), "gen", g.n, "pid", g.pid, "forced_connections", g.forcedConns, "forced_requests", g.forcedReqs)
 	}
 	switch {
-	case m.baking == g:
-		// Judged by its rollover, which rolls back: not a crash to restart.
-		// The kernel already sends every new connection to the generation
-		// in the bake's standby; it is active again from now.
-		m.baking = nil
-		if m.active == g {
-			m.active = nil
-			for _, p := range m.gens {
-				if p.released {
-					p.state, p.released = stateActive, false
-					m.active = p
-				}
-			}
-		}
-		m.fx.log.Warn("generation exited during its bake", "gen", g.n, "pid", g.pid, "exit", exitText(err))
+	case m.judged == g:
+		m.exitedJudged(g, err)
 	case !g.drainStart.IsZero():
 		d := now.Sub(g.drainStart)
 		m.fx.metrics.Drain.Observe(d.Seconds())
@@ -776,21 +913,45 @@ func (m *machine) exited(g *gen, err error) {
 			m.fx.log.Info("generation drained", "gen", g.n, "pid", g.pid, "after", d.Round(time.Millisecond), "exit", exitText(err))
 		}
 	case m.active == g:
-		m.active = nil
-		m.activeExits++
-		m.fx.metrics.ActiveExits.Inc()
-		gl := g.launch
-		m.lastLaunch = &gl
-		m.fx.log.Error("ACTIVE GENERATION EXITED ON ITS OWN; restarting its command", "gen", g.n, "pid", g.pid, "exit", exitText(err), "uptime", now.Sub(g.start).Round(time.Millisecond))
-		if now.Sub(g.activeAt) > time.Minute {
-			m.crashes = 0
-		}
-		if !m.inProgress() && !m.stopping {
-			m.scheduleRestart()
-		}
+		m.exitedActive(g, err, now)
 	}
 	m.save()
 	m.checkIdle()
+}
+
+// exitedJudged: g exited in its bake or canary. Its rollover rolls back:
+// not a crash to restart. The kernel already sends every new connection
+// to the generation in the bake's standby; it is active again from now.
+func (m *machine) exitedJudged(g *gen, err error) {
+	m.judged = nil
+	m.tell(verdict{cause: causeExited, detail: exitText(err)})
+	if m.active == g {
+		m.active = nil
+		for _, p := range m.gens {
+			if p.released {
+				p.state, p.released = stateActive, false
+				m.active = p
+			}
+		}
+	}
+	m.fx.log.Warn("generation exited during its bake", "gen", g.n, "pid", g.pid, "exit", exitText(err))
+}
+
+// exitedActive: the active generation exited on its own; its command is
+// restarted after a backoff.
+func (m *machine) exitedActive(g *gen, err error, now time.Time) {
+	m.active = nil
+	m.activeExits++
+	m.fx.metrics.ActiveExits.Inc()
+	gl := g.launch
+	m.lastLaunch = &gl
+	m.fx.log.Error("ACTIVE GENERATION EXITED ON ITS OWN; restarting its command", "gen", g.n, "pid", g.pid, "exit", exitText(err), "uptime", now.Sub(g.start).Round(time.Millisecond))
+	if now.Sub(g.activeAt) > time.Minute {
+		m.crashes = 0
+	}
+	if !m.inProgress() && !m.stopping {
+		m.scheduleRestart()
+	}
 }
 
 // scheduleRestart starts the last active command line again after an
@@ -882,9 +1043,18 @@ func (m *machine) sorted() []*gen {
 
 func (m *machine) status() wire.Status {
 	st := wire.Status{PID: os.Getpid(), InProgress: m.inProgress(), ActiveExits: m.activeExits, RestartPending: m.restartPending, Generations: []wire.GenStatus{},
-		CanaryWeight: m.canary, LastReport: m.lastReport}
-	if m.baking != nil {
-		st.Baking = m.baking.n
+		LastReport: m.lastReport}
+	if r := m.roll; r != nil {
+		st.Rollout = &wire.RolloutStatus{Generation: r.g.n, Phase: r.phase.String(), Weight: r.weight}
+		if r.phase == phaseCanary {
+			st.CanaryWeight = r.weight
+		}
+		if r.phase == phaseBaking {
+			st.Rollout.BakeLeftMS = max(0, r.bakeUntil.Sub(m.fx.now()).Milliseconds())
+		}
+	}
+	if m.judged != nil {
+		st.Baking = m.judged.n
 	}
 	if m.active != nil {
 		st.Active = m.active.n
@@ -906,18 +1076,35 @@ func (m *machine) sample() metrics.Sample {
 	}
 	for _, g := range m.sorted() {
 		s.Generations = append(s.Generations, metrics.GenSample{
-			N: g.n, PID: g.pid, Command: strings.Join(g.launch.Argv, " "), State: g.state.String(),
-			Inflight: g.stats.Inflight, Connections: g.stats.Connections, Requests: g.stats.Requests,
-			Responses: [5]uint64{g.stats.R1xx, g.stats.R2xx, g.stats.R3xx, g.stats.R4xx, g.stats.R5xx}, Panics: g.stats.Panics,
+			N: g.n, PID: g.pid, Command: strings.Join(g.launch.Argv, " "), State: g.state.String(), Stats: g.stats,
 		})
 	}
 	return s
 }
 
 func (m *machine) view() view {
-	v := view{restartPending: m.restartPending, forced: m.forced}
+	v := view{restartPending: m.restartPending, stopForced: m.stopForced}
 	if a := m.active; a != nil {
 		v.active, v.activePID, v.steerable, v.steerErr = a.n, a.pid, a.steerable, a.steerErr
+	}
+	return v
+}
+
+func (m *machine) genView(g *gen) genView {
+	v := genView{state: g.state, stats: g.stats, steerable: g.steerable, steerErr: g.steerErr, addrs: g.addrs,
+		forcedConns: g.forcedConns, forcedReqs: g.forcedReqs, killed: g.killed}
+	now := m.fx.now()
+	if !g.statsAt.IsZero() {
+		v.statsAge = now.Sub(g.statsAt)
+	}
+	if !g.readyAt.IsZero() {
+		v.readyIn = g.readyAt.Sub(g.start)
+	}
+	if g.state == stateGone {
+		v.exit = exitText(g.exitErr)
+		if !g.drainStart.IsZero() {
+			v.drainedIn = g.exitAt.Sub(g.drainStart)
+		}
 	}
 	return v
 }

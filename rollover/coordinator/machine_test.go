@@ -26,7 +26,7 @@ type fakeWorld struct {
 	now      time.Time
 	pid      int
 	spawnErr error
-	did      []string // effects, in order: "spawn 1", "order 1", "kill 1", "after 30s evDrainTimeout 1", "restart", "save", "notify ..."
+	did      []string // effects, in order: "spawn 1", "order 1", "cut 1", "kill 1", "after 30s evDrainTimeout 1", "restart", "save", "notify ..."
 	timers   []event  // events posted by after, in order
 }
 
@@ -34,7 +34,7 @@ func newWorld(t *testing.T) *fakeWorld {
 	w := &fakeWorld{t: t, now: time.Unix(1_000_000, 0), pid: 100}
 	fx := effects{
 		log:     slog.New(slog.NewTextHandler(io.Discard, nil)),
-		metrics: metrics.NewCoordinator(func() (metrics.Sample, bool) { return metrics.Sample{}, false }),
+		metrics: metrics.NewCoordinator(func() (metrics.Sample, bool) { return metrics.Sample{}, false }, metricLabels()),
 		now:     func() time.Time { return w.now },
 		spawn: func(g *gen) error {
 			if w.spawnErr != nil {
@@ -45,7 +45,8 @@ func newWorld(t *testing.T) *fakeWorld {
 			w.did = append(w.did, fmt.Sprintf("spawn %d", g.n))
 			return nil
 		},
-		order: func(g *gen, conn *genConn) { w.did = append(w.did, fmt.Sprintf("order %d", g.n)) },
+		order: func(g *gen, conn *peerConn) { w.did = append(w.did, fmt.Sprintf("order %d", g.n)) },
+		cut:   func(g *gen) { w.did = append(w.did, fmt.Sprintf("cut %d", g.n)) },
 		kill:  func(g *gen) { w.did = append(w.did, fmt.Sprintf("kill %d", g.n)) },
 		signal: func(g *gen, sig syscall.Signal) {
 			w.did = append(w.did, fmt.Sprintf("signal %d %v", g.n, sig))
@@ -80,15 +81,25 @@ func (w *fakeWorld) activate(g *gen, last bool) error {
 // others. Each rollover counts once, under one result.
 func (w *fakeWorld) outcomes(t *testing.T, want map[string]float64) {
 	t.Helper()
-	for _, r := range metrics.Results {
+	for _, r := range metricLabels().Results {
 		if got := testutil.ToFloat64(w.m.fx.metrics.Rollovers.WithLabelValues(r)); got != want[r] {
 			t.Errorf("rollovers{result=%q} = %v, want %v", r, got, want[r])
 		}
 	}
 }
 
-func (w *fakeWorld) finish(g *gen, err error) {
-	w.m.step(evFinish{g: g, err: err, reply: make(chan struct{})})
+func (w *fakeWorld) finish(g *gen, o outcome, err error) {
+	w.m.step(evFinish{g: g, outcome: o, err: err, reply: make(chan struct{})})
+}
+
+// verdict takes what the machine told the rollover, if it told anything.
+func verdictOf(b began) (verdict, bool) {
+	select {
+	case v := <-b.hear:
+		return v, true
+	default:
+		return verdict{}, false
+	}
 }
 
 func (w *fakeWorld) status() wire.Status {
@@ -147,7 +158,7 @@ func TestMachine(t *testing.T) {
 			if st := w.status(); st.Active != 1 || st.InProgress || w.states() != "1:active" {
 				t.Fatalf("after activate: active %d in progress %v %q", st.Active, st.InProgress, w.states())
 			}
-			w.finish(b.g, nil) // the rollover goroutine's finish is then a no-op
+			w.finish(b.g, outcomeOK, nil) // the rollover goroutine's finish is then a no-op
 			if got := testutil.ToFloat64(w.m.fx.metrics.Rollovers.WithLabelValues("ok")); got != 1 {
 				t.Errorf("rollovers ok = %v, want 1 (counted once)", got)
 			}
@@ -180,7 +191,7 @@ func TestMachine(t *testing.T) {
 			if !isDone(g1.left) {
 				t.Fatal("gen 1 left the port but left is open")
 			}
-			w.finish(b.g, nil)
+			w.finish(b.g, outcomeOK, nil)
 			if st := w.status(); st.InProgress {
 				t.Fatal("still in progress after finish")
 			}
@@ -188,7 +199,7 @@ func TestMachine(t *testing.T) {
 				t.Errorf("no READY=1 to the service manager after the reload: %v", w.did)
 			}
 			w.m.step(evExited{g: g1})
-			if got := w.states(); got != "2:active" || !isDone(g1.exited) {
+			if got := w.states(); got != "2:active" || !isDone(g1.gone) {
 				t.Fatalf("after gen 1 exited: %q", got)
 			}
 			w.m.step(evDrainTimeout{g: g1}) // fires late: nothing to kill
@@ -244,7 +255,7 @@ func TestMachine(t *testing.T) {
 			if err := w.activate(b.g, false); err == nil || !strings.Contains(err.Error(), "exited right after it was ready (exit status 3)") {
 				t.Fatalf("activate a dead generation: %v", err)
 			}
-			w.finish(b.g, errors.New("failed"))
+			w.finish(b.g, outcomeFailed, errors.New("failed"))
 			if st := w.status(); st.Active != 1 || st.InProgress || st.ActiveExits != 0 || w.didAny("restart") {
 				t.Fatalf("after: %+v, did %v", st, w.did)
 			}
@@ -296,7 +307,7 @@ func TestMachine(t *testing.T) {
 				t.Fatal("restart scheduled while a rollover runs")
 			}
 			w.m.step(evExited{g: b.g, err: errBoom})
-			w.finish(b.g, errors.New("gen 2 exited before it was ready"))
+			w.finish(b.g, outcomeFailed, errors.New("gen 2 exited before it was ready"))
 			if !w.status().RestartPending {
 				t.Fatalf("no restart after the failed rollover left nothing active: %v", w.did)
 			}
@@ -305,7 +316,7 @@ func TestMachine(t *testing.T) {
 			g1 := w.start()
 			w.m.step(evDrain{g: g1})
 			w.m.step(w.timers[len(w.timers)-1])
-			if !w.didAny("kill 1") || testutil.ToFloat64(w.m.fx.metrics.ForcedDrains) != 1 {
+			if !w.didAny("cut 1") || testutil.ToFloat64(w.m.fx.metrics.ForcedDrains) != 1 {
 				t.Fatalf("forced drain: did %v, forced %v", w.did, testutil.ToFloat64(w.m.fx.metrics.ForcedDrains))
 			}
 		}},
@@ -317,7 +328,7 @@ func TestMachine(t *testing.T) {
 				t.Fatal("stop drained while a rollover was in progress")
 			}
 			w.m.step(evExited{g: b.g}) // the rollover ends it (ErrStopping)
-			w.finish(b.g, ErrStopping)
+			w.finish(b.g, outcomeFailed, ErrStopping)
 			if !w.didAny("order 1") {
 				t.Fatalf("gen 1 not drained after the rollover ended: %v", w.did)
 			}
@@ -339,11 +350,11 @@ func TestMachine(t *testing.T) {
 			if n := <-reply; n != 1 || !w.didAny("order 1") {
 				t.Fatalf("stop: %d generations to drain, did %v", n, w.did)
 			}
-			if w.m.view().forced {
+			if w.m.view().stopForced {
 				t.Fatal("forced before anything was forced")
 			}
 			w.m.step(evForce{reply: reply})
-			if n := <-reply; n != 1 || !w.didAny("kill 1") || !w.m.view().forced {
+			if n := <-reply; n != 1 || !w.didAny("kill 1") || !w.m.view().stopForced {
 				t.Fatalf("first force: %d, did %v", n, w.did)
 			}
 			w.m.step(evForce{reply: reply})
@@ -366,20 +377,20 @@ func TestMachine(t *testing.T) {
 				t.Fatalf("in the bake: %q, baking %d", got, st.Baking)
 			}
 			w.m.step(evStats{g: g2, stats: wire.Stats{R2xx: 15, R5xx: 1}})
-			if isDone(g2.unhealthy) {
+			if g2.unhealthy {
 				t.Fatal("unhealthy on 1 error in 16 responses")
 			}
 			w.m.step(evStats{g: g2, stats: wire.Stats{R2xx: 17, R5xx: 2, Panics: 1}})
-			if !isDone(g2.unhealthy) || !strings.Contains(g2.unhealthyWhy, "3 of 20 responses were 5xx or panics (15%") {
-				t.Fatalf("not unhealthy at 3 of 20: %q", g2.unhealthyWhy)
+			if v, ok := verdictOf(b); !g2.unhealthy || !ok || v.cause != causeHealth || !strings.Contains(v.detail, "3 of 20 responses were 5xx or panics (15%") {
+				t.Fatalf("not unhealthy at 3 of 20: %+v", v)
 			}
 			w.m.step(evExited{g: g2, err: errBoom})
 			if st := w.status(); st.ActiveExits != 0 || st.RestartPending || st.Active != 1 {
 				t.Fatalf("an exit during the bake: %+v, want gen 1 active again at once and no crash counted", st)
 			}
 			reply := make(chan struct{})
-			w.m.step(evRollback{g: g2, prev: g1, reason: "exited", reply: reply})
-			w.finish(g2, errors.New("rolled back"))
+			w.m.step(evRollback{g: g2, prev: g1, cause: causeExited, reply: reply})
+			w.finish(g2, outcomeRolledBack, errors.New("rolled back"))
 			if got, st := w.states(), w.status(); got != "1:active" || st.Active != 1 || st.Baking != 0 || st.InProgress {
 				t.Fatalf("after the rollback: %q, %+v", got, st)
 			}
@@ -398,11 +409,11 @@ func TestMachine(t *testing.T) {
 			w.m.step(evWatch{g: b.g, rule: &wire.Health{MinRequests: 1, MaxErrorRatio: 0.5}})
 			_ = w.activate(b.g, false)
 			w.m.step(evRelease{g: g1})
-			w.m.step(evRollback{g: b.g, prev: g1, reason: "health", reply: make(chan struct{})})
+			w.m.step(evRollback{g: b.g, prev: g1, cause: causeHealth, reply: make(chan struct{})})
 			if got := w.states(); got != "1:active 2:draining" || !w.didAny("order 2") {
 				t.Fatalf("after a health rollback: %q, did %v", got, w.did)
 			}
-			w.finish(b.g, errors.New("rolled back"))
+			w.finish(b.g, outcomeRolledBack, errors.New("rolled back"))
 			w.outcomes(t, map[string]float64{"ok": 1, "rolled_back": 1})
 			// A clean bake: judging stops, and the active one's exit is a
 			// crash again.
@@ -419,27 +430,113 @@ func TestMachine(t *testing.T) {
 		{"promote and abort reach only a rollover in progress", func(t *testing.T, w *fakeWorld) {
 			w.start()
 			reply := make(chan error, 1)
-			w.m.step(evControl{what: wire.TypePromote, reply: reply})
+			w.m.step(evControl{what: causePromote, reply: reply})
 			if err := <-reply; err == nil || !strings.Contains(err.Error(), "no canary or bake") {
 				t.Fatalf("promote with no rollover: %v", err)
 			}
 			b := w.begin(rolloverReq{canary: []int{10}})
-			w.m.step(evCanary{weight: 10})
+			w.m.step(evPhase{phase: phaseCanary, weight: 10})
 			if st := w.status(); st.CanaryWeight != 10 || testutil.ToFloat64(w.m.fx.metrics.CanaryWeight) != 10 {
 				t.Fatalf("canary weight: %+v", st)
 			}
-			w.m.step(evControl{what: wire.TypeAbort, reply: reply})
+			w.m.step(evControl{what: causeAbort, reply: reply})
 			if err := <-reply; err != nil {
 				t.Fatal(err)
 			}
-			if got := <-b.ctl; got != wire.TypeAbort {
-				t.Fatalf("the rollover got %q", got)
+			if v, ok := verdictOf(b); !ok || v.cause != causeAbort {
+				t.Fatalf("the rollover got %+v", v)
 			}
-			w.m.step(evRollback{g: b.g, prev: w.m.gens[1], reason: "abort", reply: make(chan struct{})})
-			w.finish(b.g, errors.New("aborted"))
+			w.m.step(evRollback{g: b.g, prev: w.m.gens[1], cause: causeAbort, reply: make(chan struct{})})
+			w.finish(b.g, outcomeAborted, errors.New("aborted"))
 			w.outcomes(t, map[string]float64{"ok": 1, "aborted": 1})
 			if st := w.status(); st.CanaryWeight != 0 || testutil.ToFloat64(w.m.fx.metrics.CanaryWeight) != 0 {
 				t.Fatalf("canary weight after the rollover: %+v", st)
+			}
+		}},
+		{"a hung generation is cut by the kernel's count, and its report says killed with stale stats", func(t *testing.T, w *fakeWorld) {
+			g1 := w.start()
+			w.m.step(evStats{g: g1, stats: wire.Stats{Connections: 2, Inflight: 1}})
+			w.now = w.now.Add(4 * time.Second) // SIGSTOPped: no report since
+			w.m.step(evDrain{g: g1})
+			w.m.step(evDrainTimeout{g: g1})
+			if !w.didAny("cut 1") {
+				t.Fatalf("not cut: %v", w.did)
+			}
+			w.m.step(evCounted{g: g1, conns: 5})
+			reply := make(chan genView, 1)
+			w.m.step(qGen{g: g1, reply: reply})
+			if v := <-reply; !v.killed || v.forcedConns != 5 || v.forcedReqs != 1 || v.statsAge != 4*time.Second {
+				t.Fatalf("view of the killed generation: %+v", v)
+			}
+			w.m.step(evExited{g: g1})
+			if c := testutil.ToFloat64(w.m.fx.metrics.ForcedConnections); c != 5 {
+				t.Errorf("forced connections %v, want the kernel's 5", c)
+			}
+		}},
+		{"a drain forced before the stop does not make the stop forced", func(t *testing.T, w *fakeWorld) {
+			g1 := w.start()
+			b := w.begin(rolloverReq{})
+			w.m.step(evReady{g: b.g, lib: true, steerable: true})
+			_ = w.activate(b.g, false)
+			w.m.step(evDrain{g: g1})
+			w.m.step(evDrainTimeout{g: g1})
+			w.m.step(evExited{g: g1})
+			w.finish(b.g, outcomeOK, nil)
+			w.m.step(evStop{})
+			if w.m.view().stopForced {
+				t.Fatal("a clean stop counts as forced because of an earlier forced drain")
+			}
+			w.m.step(evDrainTimeout{g: b.g})
+			if !w.m.view().stopForced {
+				t.Fatal("a drain the stop had to force does not count")
+			}
+		}},
+		{"the bake ends only if the new generation is still there", func(t *testing.T, w *fakeWorld) {
+			g1 := w.start()
+			b := w.begin(rolloverReq{})
+			w.m.step(evReady{g: b.g, lib: true, steerable: true})
+			w.m.step(evWatch{g: b.g, rule: &wire.Health{MinRequests: 20, MaxErrorRatio: 0.1}})
+			_ = w.activate(b.g, false)
+			w.m.step(evRelease{g: g1, until: w.now.Add(5 * time.Second)})
+			w.now = w.now.Add(2 * time.Second)
+			if st := w.status(); st.Rollout == nil || st.Rollout.Phase != "baking" || st.Rollout.BakeLeftMS != 3000 || st.Baking != 2 {
+				t.Fatalf("status in the bake: %+v", st.Rollout)
+			}
+			w.m.step(evExited{g: b.g, err: errBoom}) // just as the bake timer fired
+			baked := make(chan bool, 1)
+			w.m.step(evBaked{g: b.g, reply: baked})
+			if <-baked {
+				t.Fatal("a bake whose generation exited ended as baked")
+			}
+			if v, ok := verdictOf(b); !ok || v.cause != causeExited {
+				t.Fatalf("the rollout was not told of the exit: %+v", v)
+			}
+			if st := w.status(); st.Active != 1 {
+				t.Fatalf("gen 1 not active again at once: %+v", st)
+			}
+		}},
+		{"promote and abort only while a canary or bake waits", func(t *testing.T, w *fakeWorld) {
+			w.start()
+			b := w.begin(rolloverReq{canary: []int{10}})
+			reply := make(chan error, 1)
+			w.m.step(evControl{what: causePromote, reply: reply})
+			if err := <-reply; err == nil {
+				t.Fatal("promote accepted before the canary began")
+			}
+			w.m.step(evPhase{phase: phaseCanary, weight: 10})
+			if st := w.status(); st.Rollout == nil || st.Rollout.Phase != "canary" || st.Rollout.Weight != 10 || st.CanaryWeight != 10 {
+				t.Fatalf("status in the canary: %+v", st.Rollout)
+			}
+			w.m.step(evControl{what: causePromote, reply: reply})
+			if err := <-reply; err != nil {
+				t.Fatal(err)
+			}
+			w.m.step(evControl{what: causeAbort, reply: reply})
+			if err := <-reply; err == nil || !strings.Contains(err.Error(), "already acting") {
+				t.Fatalf("a second control: %v", err)
+			}
+			if v, ok := verdictOf(b); !ok || v.cause != causePromote {
+				t.Fatalf("the rollout got %+v", v)
 			}
 		}},
 		{"what a drain deadline cut is counted once, the library's count first", func(t *testing.T, w *fakeWorld) {
@@ -457,7 +554,7 @@ func TestMachine(t *testing.T) {
 			b := w.begin(rolloverReq{})
 			hello := func(m wire.Msg, pid int) welcome {
 				reply := make(chan welcome, 1)
-				w.m.step(evHello{hello: m, pid: pid, conn: &genConn{}, reply: reply})
+				w.m.step(evHello{hello: m, pid: pid, conn: &peerConn{}, reply: reply})
 				return <-reply
 			}
 			good := wire.Msg{Generation: 1, PID: b.g.pid, Secret: b.g.secret}
@@ -498,7 +595,7 @@ func TestMachine(t *testing.T) {
 				state string
 			}{{g4, "ready"}, {g5, "starting"}} { // g6 never comes back
 				reply := make(chan welcome, 1)
-				w.m.step(evHello{hello: wire.Msg{Generation: hc.g.n, PID: hc.g.pid, Secret: hc.g.secret, Adopt: true, State: hc.state, Steerable: true}, pid: hc.g.pid, conn: &genConn{}, reply: reply})
+				w.m.step(evHello{hello: wire.Msg{Generation: hc.g.n, PID: hc.g.pid, Secret: hc.g.secret, Adopt: true, State: hc.state, Steerable: true}, pid: hc.g.pid, conn: &peerConn{}, reply: reply})
 				if r := <-reply; r.reason != "" {
 					t.Fatalf("adoption hello of gen %d refused: %s", hc.g.n, r.reason)
 				}

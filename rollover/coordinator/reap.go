@@ -24,7 +24,7 @@ func (c *Coordinator) ReapOrphans(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		st, ok := ask(c, func(r chan wire.Status) event { return qStatus{reply: r} })
+		st, ok := request(c, func(r chan wire.Status) event { return qStatus{reply: r} })
 		if !ok {
 			return
 		}

@@ -12,6 +12,43 @@ import (
 	"time"
 )
 
+// ExitCode is an exit status of the rollover CLI: one table, shared by
+// the CLI and the coordinator, which sends it in a failed result.
+type ExitCode int
+
+// The exit codes.
+const (
+	ExitOK            ExitCode = 0 // done
+	ExitFailed        ExitCode = 1 // a rollover failed, was refused or rolled back
+	ExitUsage         ExitCode = 2 // a bad command line or request
+	ExitNoCoordinator ExitCode = 3 // nothing answers on the control socket
+	ExitLost          ExitCode = 4 // next --wait: the drain cut connections or requests
+)
+
+// Signal is a signal number, as the drain signal travels: parsed once,
+// where a person typed it. It reads a JSON number, or a string of digits
+// as older CLIs sent it.
+type Signal int
+
+// UnmarshalJSON reads 3 or "3".
+func (s *Signal) UnmarshalJSON(b []byte) error {
+	var n int
+	if err := json.Unmarshal(b, &n); err != nil {
+		var str string
+		if json.Unmarshal(b, &str) != nil {
+			return fmt.Errorf("drain_signal: %s is not a signal number", b)
+		}
+		if _, err := fmt.Sscanf(str, "%d", &n); err != nil || fmt.Sprint(n) != str {
+			return fmt.Errorf("drain_signal: %q is not a signal number", str)
+		}
+	}
+	if n < 0 || n > 64 {
+		return fmt.Errorf("drain_signal: %d is not a signal number", n)
+	}
+	*s = Signal(n)
+	return nil
+}
+
 // Version is the protocol version spoken by this package.
 const Version = 1
 
@@ -116,7 +153,7 @@ type Msg struct {
 	ExpectGeneration int    `json:"expect_generation,omitempty"`
 	Ready            string `json:"ready,omitempty"`
 	Addr             string `json:"addr,omitempty"`
-	DrainSignal      string `json:"drain_signal,omitempty"`
+	DrainSignal      Signal `json:"drain_signal,omitempty"`
 	// Bake is a duration ("5s"; empty: the coordinator's --bake). Canary
 	// lists the weights of a canary's steps in percent; StepMS is how long
 	// each lasts (0: wait for TypePromote or TypeAbort). HealthURL is
@@ -134,10 +171,10 @@ type Msg struct {
 
 	// Result, Ack, Welcome. Error is empty on success. Code is the CLI's exit
 	// code for a failed result.
-	OK     bool    `json:"ok,omitempty"`
-	Error  string  `json:"error,omitempty"`
-	Code   int     `json:"code,omitempty"`
-	Status *Status `json:"status,omitempty"`
+	OK     bool     `json:"ok,omitempty"`
+	Error  string   `json:"error,omitempty"`
+	Code   ExitCode `json:"code,omitempty"`
+	Status *Status  `json:"status,omitempty"`
 }
 
 // Stats are a generation's counters.
@@ -159,6 +196,9 @@ type Stats struct {
 	ForcedConnections int64 `json:"forced_connections,omitempty"`
 	ForcedRequests    int64 `json:"forced_requests,omitempty"`
 }
+
+// Classes are the responses by status class: 1xx … 5xx.
+func (s Stats) Classes() [5]uint64 { return [5]uint64{s.R1xx, s.R2xx, s.R3xx, s.R4xx, s.R5xx} }
 
 // Health is the bake's health rule (see Msg.Health).
 type Health struct {
@@ -223,6 +263,17 @@ type Report struct {
 	RolledBack bool              `json:"rolled_back,omitempty"`
 	Reason     string            `json:"reason,omitempty"`
 	Millis     int64             `json:"ms"` // the window
+	// Killed are the generations killed at their drain deadline: their
+	// counts are what they last reported (a hung one reports nothing), or
+	// what the kernel showed of their connections, whichever is higher.
+	Killed []Killed `json:"killed,omitempty"`
+}
+
+// Killed is a generation killed at its drain deadline.
+type Killed struct {
+	Generation int `json:"generation"`
+	// StatsAgeMS is how old its last report was when it was killed.
+	StatsAgeMS int64 `json:"stats_age_ms"`
 }
 
 // GenErrors counts one generation's failures in a rollover's window.
@@ -240,6 +291,9 @@ func (r *Report) String() string {
 		fmt.Fprintf(&b, " replacing gen %d", r.Previous)
 	}
 	fmt.Fprintf(&b, " over %dms: %d connections and %d requests cut at a drain deadline", r.Millis, r.ForcedConnections, r.ForcedRequests)
+	for _, k := range r.Killed {
+		fmt.Fprintf(&b, "; gen %d killed at its drain deadline (its last report was %dms old)", k.Generation, k.StatsAgeMS)
+	}
 	for _, e := range r.Errors {
 		fmt.Fprintf(&b, "; gen %d: %d 5xx, %d panics", e.Generation, e.R5xx, e.Panics)
 	}
@@ -316,10 +370,24 @@ type Status struct {
 	// CanaryWeight is the share, in percent, of new connections a waiting
 	// or stepping canary gets (0: no canary). Baking is the generation in
 	// its bake (0: none).
-	CanaryWeight int         `json:"canary_weight,omitempty"`
-	Baking       int         `json:"baking,omitempty"`
-	LastReport   *Report     `json:"last_report,omitempty"`
-	Generations  []GenStatus `json:"generations"`
+	CanaryWeight int `json:"canary_weight,omitempty"`
+	Baking       int `json:"baking,omitempty"`
+	// Rollout is the rollover in progress (nil: none).
+	Rollout     *RolloutStatus `json:"rollout,omitempty"`
+	LastReport  *Report        `json:"last_report,omitempty"`
+	Generations []GenStatus    `json:"generations"`
+}
+
+// RolloutStatus is where the rollover in progress stands.
+type RolloutStatus struct {
+	Generation int `json:"generation"` // the new generation
+	// Phase: spawned, ready, canary, steered, baking, draining,
+	// rolled-back.
+	Phase string `json:"phase"`
+	// Weight is a canary's share of new connections, in percent.
+	Weight int `json:"weight,omitempty"`
+	// BakeLeftMS is what is left of the bake.
+	BakeLeftMS int64 `json:"bake_left_ms,omitempty"`
 }
 
 // GenStatus is one live generation.
