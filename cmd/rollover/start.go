@@ -35,6 +35,7 @@ type startOpts struct {
 	metricsAddr, logFormat                            string
 	launch                                            launchOpts
 	safe                                              safeOpts
+	allowForeign                                      bool
 }
 
 func newStartCmd(g *globals) *cobra.Command {
@@ -89,6 +90,7 @@ Flags end at CMD (or at --): everything after it is CMD's own arguments.`,
 	o.safe.addStart(f)
 	f.DurationVar(&o.adoptWait, "adopt-wait", coordinator.DefaultAdoptWait, "at start, how long to wait for the generations of a coordinator that crashed")
 	f.DurationVar(&o.adoptTimeout, "adopt-timeout", DefaultAdoptTimeout, "how long generations keep serving after this coordinator dies, waiting to be adopted")
+	f.BoolVar(&o.allowForeign, "allow-foreign", false, "let processes that are no generation listen on the app's port (refused by default: they would take new connections and never be rolled over)")
 	_ = c.RegisterFlagCompletionFunc("log-format", fixedCompletions("text", "json"))
 	return c
 }
@@ -128,6 +130,7 @@ func runStart(ctx context.Context, g *globals, o *startOpts, cmd *cobra.Command,
 		Argv: argv, Socket: socket, ReadyTimeout: o.readyTimeout, DrainTimeout: o.drainTimeout,
 		DrainGrace: o.drainGrace, KillGrace: o.killGrace, Log: log, AdoptWait: o.adoptWait, AdoptTimeout: o.adoptTimeout,
 		Ready: launch.Ready, Addr: launch.Addr, DrainSignal: launch.DrainSignal, Notify: systemdNotifier(log),
+		AllowForeign: o.allowForeign,
 	}
 	if err := o.safe.startConfig(cmd.Flags(), &cfg); err != nil {
 		return err

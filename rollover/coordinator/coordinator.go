@@ -48,6 +48,8 @@ var (
 	ErrRollover   = errors.New("rollover failed")
 	ErrStopping   = errors.New("coordinator is stopping")
 	ErrSocket     = errors.New("control socket")
+	// ErrForeign: a process that is no generation listens on the port.
+	ErrForeign = errors.New("refused")
 	// ErrForced: Run stopped, but some generation had to be killed (a
 	// drain past its timeout, or Force): work in flight may have been cut.
 	ErrForced = errors.New("forced")
@@ -85,6 +87,11 @@ type Config struct {
 	HealthMinRequests   uint64
 	HealthMaxErrorRatio float64
 	HealthURL           string
+
+	// AllowForeign lets generations share their port with processes that
+	// are no generation (by default a start or rollover that finds one is
+	// refused: it would take new connections and never be rolled over).
+	AllowForeign bool
 
 	// Notify, when set, receives sd_notify messages ("READY=1\nSTATUS=…")
 	// for the service manager: ready, reloading around a rollover, stopping.

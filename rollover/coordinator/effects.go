@@ -2,12 +2,8 @@ package coordinator
 
 import (
 	"context"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
-
-	"github.com/prometheus/procfs"
 
 	"github.com/rollover-sh/rollover/rollover/wire"
 )
@@ -174,48 +170,4 @@ func (c *Coordinator) logEvent(e wire.Event) {
 		attrs = append(attrs, "inflight", e.Stats.Inflight, "connections", e.Stats.Connections)
 	}
 	c.log.Info(e.String(), attrs...)
-}
-
-// tcpEstablished is TCP_ESTABLISHED, as /proc/net/tcp shows it.
-const tcpEstablished = 0x01
-
-// establishedConns counts the established TCP connections that pid holds
-// open, from its fds and its own /proc/PID/net/tcp{,6}; ok is false when
-// /proc cannot tell.
-func establishedConns(pid int) (int64, bool) {
-	fs, err := procfs.NewFS("/proc/" + strconv.Itoa(pid))
-	if err != nil {
-		return 0, false
-	}
-	p, err := procfs.NewProc(pid)
-	if err != nil {
-		return 0, false
-	}
-	targets, err := p.FileDescriptorTargets()
-	if err != nil {
-		return 0, false
-	}
-	mine := map[uint64]bool{}
-	for _, t := range targets {
-		if inode, ok := strings.CutPrefix(t, "socket:["); ok {
-			if n, err := strconv.ParseUint(strings.TrimSuffix(inode, "]"), 10, 64); err == nil {
-				mine[n] = true
-			}
-		}
-	}
-	var n int64
-	read := false
-	for _, lines := range []func() (procfs.NetTCP, error){fs.NetTCP, fs.NetTCP6} {
-		ls, err := lines()
-		if err != nil {
-			continue
-		}
-		read = true
-		for _, l := range ls {
-			if l.St == tcpEstablished && mine[l.Inode] {
-				n++
-			}
-		}
-	}
-	return n, read
 }

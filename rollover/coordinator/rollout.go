@@ -248,11 +248,21 @@ func (r *rollout) roll(ctx context.Context) error {
 	if r.rel {
 		c.notify(fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=rolling over to generation %d", monotonicUsec(), g.n))
 	}
+	// The stray-process check reads all of /proc: for a rollover it runs
+	// beside the new generation's start, on the ports the active one serves.
+	scan := r.scanStrays(r.was.addrs)
 	ready, err := r.awaitReady(ctx)
 	if err != nil {
 		return err
 	}
 	r.emit(wire.Event{Phase: wire.PhaseReady, Generation: g.n, Millis: ready.readyIn.Milliseconds()})
+	if scan == nil {
+		scan = r.scanStrays(ready.addrs) // generation 1: its ports are known now
+	}
+	if err := r.refuseStrays(scan); err != nil {
+		c.post(evDrain{g: g})
+		return err
+	}
 	if prev == nil {
 		// Generation 1 (or a restart): pinned at ready, alone on the port.
 		return r.activate(true)
@@ -284,6 +294,57 @@ func (r *rollout) roll(ctx context.Context) error {
 		return r.bake(plan)
 	}
 	return nil
+}
+
+// scanStrays looks, beside the rollover, for processes that are no
+// generation and listen on the ports of addrs (nil when there is nothing to
+// look for, or the check is off).
+func (r *rollout) scanStrays(addrs []string) <-chan []stray {
+	c := r.c
+	if l := r.g.launch.Addr; l != "" && !slices.Contains(addrs, l) {
+		addrs = append(slices.Clone(addrs), l)
+	}
+	if c.cfg.AllowForeign || len(addrs) == 0 {
+		return nil
+	}
+	ours := []int{r.g.pid}
+	if st, ok := request(c, func(ch chan wire.Status) event { return qStatus{reply: ch} }); ok {
+		for _, g := range st.Generations {
+			ours = append(ours, g.PID)
+		}
+	}
+	out := make(chan []stray, 1)
+	c.tasks.Go(func(context.Context) {
+		found, err := strays(addrs, ours)
+		if err != nil {
+			c.log.Warn("could not look for other processes on the port", "err", err)
+		}
+		out <- found
+	})
+	return out
+}
+
+// refuseStrays refuses a generation whose port another process shares:
+// that process would take a share of new connections and never be rolled
+// over.
+func (r *rollout) refuseStrays(scan <-chan []stray) error {
+	if scan == nil {
+		return nil
+	}
+	found := <-scan
+	if len(found) == 0 {
+		return nil
+	}
+	var who []string
+	for _, s := range found {
+		who = append(who, s.String())
+	}
+	keeps := "nothing is served"
+	if r.prev != nil {
+		keeps = fmt.Sprintf("gen %d keeps serving", r.prev.n)
+	}
+	return fmt.Errorf("%w: the port is shared with %s, which is no generation of this coordinator: it takes a share of new connections and would never be rolled over; stop it (kill %d), or start the coordinator with --allow-foreign if it is meant to share the port; %s",
+		ErrForeign, strings.Join(who, ", "), found[0].pid, keeps)
 }
 
 // plan is how a rollover steers and judges the new generation.
