@@ -15,7 +15,8 @@
 //     user would type them. The figures of a Rollover (ready, drain) are the
 //     ones the CLI's event stream reports.
 //   - Addresses are fresh: the app and /metrics listen on loopback ports the
-//     kernel handed out a moment before (FreePort), and the control socket
+//     kernel handed out a moment before (FreePort), unless Config.Port names
+//     the app's (for namespaces of the caller's own), and the control socket
 //     lives in the caller's Config.Dir, which must be short (Unix socket paths
 //     are limited to 108 bytes).
 //   - Start returns only once a generation is active, or fails within

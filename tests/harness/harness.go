@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -38,6 +39,11 @@ type Config struct {
 	StartFlags []string  // more `rollover start` flags, e.g. --log-format json
 	AppArgs    []string  // more flags for the app, after -addr and -version
 	ListenAll  bool      // the app listens on ":PORT" (every address); clients still use Addr
+	// Port is the app's port (0: a free one). Wrap runs the coordinator
+	// through a command that execs it, e.g. ip netns exec NAME, so that the
+	// pid Start sees is the coordinator's.
+	Port int
+	Wrap []string
 }
 
 // Service is a running coordinator with its generations.
@@ -82,9 +88,13 @@ func Start(ctx context.Context, cfg Config) (*Service, error) {
 	case cfg.Bake < 0:
 		cfg.Bake = 0
 	}
-	port, err := FreePort()
-	if err != nil {
-		return nil, err
+	port := cfg.Port
+	if port == 0 {
+		p, err := FreePort()
+		if err != nil {
+			return nil, err
+		}
+		port = p
 	}
 	s := &Service{
 		cfg:    cfg,
@@ -118,7 +128,8 @@ func Start(ctx context.Context, cfg Config) (*Service, error) {
 }
 
 func (s *Service) launch() error {
-	s.cmd = exec.Command(s.cfg.Rollover, s.args...)
+	argv := append(append(slices.Clone(s.cfg.Wrap), s.cfg.Rollover), s.args...)
+	s.cmd = exec.Command(argv[0], argv[1:]...)
 	s.cmd.Stdout, s.cmd.Stderr = s.cfg.Log, s.cfg.Log
 	if err := s.cmd.Start(); err != nil {
 		return err

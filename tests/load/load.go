@@ -29,6 +29,9 @@ type Options struct {
 	MaxRequests int64         // stop after this many requests in total; 0: only Duration bounds
 	Timeout     time.Duration // per request, including reading the body; default 5s
 	Pause       time.Duration // sleep between a worker's requests; 0 saturates
+	// Dial opens the connections (nil: a net.Dialer with Timeout), e.g.
+	// from inside a network namespace.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // Kind classifies a failed request.
@@ -212,10 +215,13 @@ func (o Options) normalize() (Options, *http.Request, error) {
 }
 
 func newTransport(o Options) *http.Transport {
-	d := &net.Dialer{Timeout: o.Timeout, KeepAlive: 30 * time.Second}
+	dial := o.Dial
+	if dial == nil {
+		dial = (&net.Dialer{Timeout: o.Timeout, KeepAlive: 30 * time.Second}).DialContext
+	}
 	return &http.Transport{
 		Proxy:               nil, // only ever talk to o.URL
-		DialContext:         d.DialContext,
+		DialContext:         dial,
 		DisableKeepAlives:   !o.KeepAlive,
 		MaxIdleConnsPerHost: o.Clients,
 		DisableCompression:  true,
