@@ -51,7 +51,7 @@ const (
 //
 //  0. one host without a coordinator: the plan fails before any host rolls;
 //  1. a good build: every host rolls (changed=1 each), generation 2, and no
-//     request fails anywhere;
+//     request fails anywhere; host 1, the first batch, through a canary;
 //  2. the same play again: changed=0, nothing rolls;
 //  3. --check after the build's binary was replaced at the same path (the
 //     same argv): 3 hosts would change, nothing changes;
@@ -85,8 +85,14 @@ func TestAnsibleRollout(t *testing.T) {
 	})
 
 	t.Run("good build", func(t *testing.T) {
-		p := f.roll(t, map[string]any{"rollover_command": v2, "rollover_bake": "300ms"})
+		p := f.roll(t, map[string]any{"rollover_command": v2, "rollover_bake": "300ms", "rollover_canary": "50%", "rollover_canary_step": "200ms"})
 		p.wantCode(t, 0)
+		// The canary is the first batch's alone.
+		for i, h := range f.hosts {
+			if got := strings.Contains(h.log.String(), "canary: gen 2 takes 50% of new connections"); got != (i == 0) {
+				t.Errorf("%s: a 50%% canary in the coordinator's log: %v, want %v", h.name, got, i == 0)
+			}
+		}
 		for _, h := range f.hosts {
 			p.wantRecap(t, h.name, 1, 0)
 			st := h.status(t)
@@ -300,6 +306,7 @@ type ansibleHost struct {
 	svc   *harness.Service
 	env   string // its rollover@.service environment file
 	addr  string // the app, 127.0.0.1:PORT, inside the namespace
+	log   *syncBuffer
 }
 
 type ansibleFleet struct {
@@ -325,9 +332,9 @@ func startFleet(t *testing.T, n int) *ansibleFleet {
 	}
 	f := &ansibleFleet{dir: shortDir(t), addr: "127.0.0.1:" + strconv.Itoa(port)}
 	for i := 1; i <= n; i++ {
-		h := &ansibleHost{name: fmt.Sprintf("h%d", i), netns: fmt.Sprintf("ro%d-h%d", os.Getpid(), i), addr: f.addr}
+		h := &ansibleHost{name: fmt.Sprintf("h%d", i), netns: fmt.Sprintf("ro%d-h%d", os.Getpid(), i), addr: f.addr, log: &syncBuffer{}}
 		addNetns(t, ip, h.netns)
-		h.svc = startServiceLog(t, harness.Config{Port: port, Wrap: []string{ip, "netns", "exec", h.netns}}, &syncBuffer{}, false)
+		h.svc = startServiceLog(t, harness.Config{Port: port, Wrap: []string{ip, "netns", "exec", h.netns}}, h.log, false)
 		if st := h.status(t); st.PID != h.svc.PID() {
 			t.Fatalf("%s: the coordinator is pid %d, not the pid started (%d)", h.name, st.PID, h.svc.PID())
 		}
