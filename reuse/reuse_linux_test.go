@@ -298,3 +298,42 @@ func TestMigrateReq(t *testing.T) {
 	}
 	t.Logf("tcp_migrate_req = %v", on)
 }
+
+// SteerRemote attaches through a duplicate of a socket another process
+// holds; here this process stands in for it (pidfd_getfd of itself).
+func TestSteerRemote(t *testing.T) {
+	a := listen(t, "127.0.0.1:0") // index 0
+	addr := a.Addr().String()
+	b := listen(t, addr) // index 1
+	got := make(chan string)
+	go acceptLoop(a, "A", got)
+	go acceptLoop(b, "B", got)
+	raw, err := b.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fd int
+	if err := raw.Control(func(f uintptr) { fd = int(f) }); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []struct {
+		index int
+		name  string
+	}{{1, "B"}, {0, "A"}} {
+		if err := reuse.SteerRemote(os.Getpid(), fd, want.index); err != nil {
+			t.Fatal(err)
+		}
+		if counts := dialN(t, addr, 20, got); counts[want.name] != 20 {
+			t.Fatalf("ret %d through a duplicate: accepts %v, want all 20 on %s", want.index, counts, want.name)
+		}
+	}
+	if err := reuse.SteerWeightedRemote(os.Getpid(), fd, 100); err != nil {
+		t.Fatal(err)
+	}
+	if counts := dialN(t, addr, 20, got); counts["B"] != 20 {
+		t.Fatalf("weight 100 through a duplicate: %v", counts)
+	}
+	if err := reuse.SteerRemote(os.Getpid(), 1<<20, 0); !errors.Is(err, reuse.ErrNoDup) {
+		t.Errorf("a bad fd: %v, want ErrNoDup", err)
+	}
+}

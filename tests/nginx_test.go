@@ -75,13 +75,16 @@ func TestNginxRollover(t *testing.T) {
 				},
 				VersionHeader: "X-Nginx-Config", Body: "nginx {v}\n",
 				Rollovers: 20, Interval: 500 * time.Millisecond, Clients: 16, KeepAlive: keepAlive,
-				MigrateReq: 1,
+				// The coordinator steers nginx's one reuseport socket from
+				// outside: no tcp_migrate_req needed.
+				MigrateReq: 0,
 			}
 			rep := runForeignInNetns(t, sc)
-			// Generation 1 comes up the way it was launched.
+			// Generation 1 comes up the way it was launched, steered by
+			// the coordinator through a duplicate of its socket.
 			g1 := foreignGen(t, rep.Start, 1)
-			if g1.Ready != "listen" || g1.Steerable {
-				t.Errorf("gen 1: ready %q, steerable %v; want listen, not steerable", g1.Ready, g1.Steerable)
+			if g1.Ready != "listen" || !g1.Steerable || g1.Sockets != 1 {
+				t.Errorf("gen 1: ready %q, steerable %v (%s), %d sockets; want listen, steered by the coordinator, 1 socket", g1.Ready, g1.Steerable, g1.SteerError, g1.Sockets)
 			}
 			if !keepAlive {
 				rep.check(t, sc, 0)
@@ -186,8 +189,8 @@ type foreignReport struct {
 // nginx with keep-alive clients, see TestNginxRollover).
 func (rep foreignReport) check(t *testing.T, sc foreignScenario, maxLoadFailures int64) {
 	t.Helper()
-	if rep.MigrateReq != "1" || rep.Start.MigrateReq == nil || !*rep.Start.MigrateReq {
-		t.Errorf("tcp_migrate_req is %q in the namespace, status says %v; want 1", rep.MigrateReq, rep.Start.MigrateReq)
+	if want := strconv.Itoa(sc.MigrateReq); sc.MigrateReq >= 0 && (rep.MigrateReq != want || rep.Start.MigrateReq == nil || *rep.Start.MigrateReq != (sc.MigrateReq == 1)) {
+		t.Errorf("tcp_migrate_req is %q in the namespace, status says %v; want %s", rep.MigrateReq, rep.Start.MigrateReq, want)
 	}
 	if rep.Rollovers != sc.Rollovers || len(rep.RolloverErrs) > 0 {
 		t.Errorf("%d of %d rollovers succeeded: %v", rep.Rollovers, sc.Rollovers, rep.RolloverErrs)

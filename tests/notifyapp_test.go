@@ -38,13 +38,21 @@ func notifyApp(t *testing.T, dir string) (argv func(version string) []string, ad
 		t.Fatal(err)
 	}
 	return func(v string) []string {
-		return []string{python, script, "127.0.0.1", strconv.Itoa(port), v}
+		return []string{python, script, "127.0.0.1", strconv.Itoa(port), v, strconv.FormatFloat(notifyWarmUp.Seconds(), 'f', -1, 64)}
 	}, "127.0.0.1:" + strconv.Itoa(port)
 }
 
+// notifyWarmUp is how long each generation of the Python app listens
+// before it says READY=1: a connection routed to it then would wait that
+// long in its accept queue.
+const notifyWarmUp = 500 * time.Millisecond
+
 // TestNotifyAppRollover rolls a Python app that speaks systemd's notify
-// protocol over between two versions, under load, with tcp_migrate_req=1:
-// --ready=notify, drained by SIGTERM, and every client request must succeed.
+// protocol over between two versions, under a new connection per request,
+// with tcp_migrate_req=0: --ready=notify, drained by SIGTERM. The
+// coordinator steers its socket from outside (pidfd_getfd): no connection
+// reaches a generation before its READY=1 (none waits out a warm-up), none
+// is reset on the hand-over, and every client request succeeds.
 func TestNotifyAppRollover(t *testing.T) {
 	dir := shortDir(t)
 	foreignLeaveNothing(t, dir)
@@ -54,13 +62,13 @@ func TestNotifyAppRollover(t *testing.T) {
 		// --addr tells the coordinator when the old generation has left the port.
 		StartFlags: []string{"--ready=notify", "--addr", addr},
 		Argv:       [2][]string{argv("v1"), argv("v2")},
-		Rollovers:  10, Interval: 500 * time.Millisecond, Clients: 8, MigrateReq: 1,
+		Rollovers:  10, Interval: 500 * time.Millisecond, Clients: 8, MigrateReq: 0,
 		VersionHeader: "X-Notifyapp-Version", Body: "notifyapp {v} pid ",
 	}
 	rep := runForeignInNetns(t, sc)
 	g1 := foreignGen(t, rep.Start, 1)
-	if want := "serving v1 on " + addr; g1.Ready != "notify" || g1.Notify != want || g1.Steerable {
-		t.Errorf("gen 1: ready %q, notify_status %q, steerable %v; want notify, %q, not steerable", g1.Ready, g1.Notify, g1.Steerable, want)
+	if want := "serving v1 on " + addr; g1.Ready != "notify" || g1.Notify != want || !g1.Steerable || g1.Sockets != 1 {
+		t.Errorf("gen 1: ready %q, notify_status %q, steerable %v (%s), %d sockets; want notify, %q, steered by the coordinator, 1 socket", g1.Ready, g1.Notify, g1.Steerable, g1.SteerError, g1.Sockets, want)
 	}
 	if len(rep.End.Generations) > 0 {
 		g := rep.End.Generations[len(rep.End.Generations)-1]
@@ -69,6 +77,12 @@ func TestNotifyAppRollover(t *testing.T) {
 		}
 	}
 	rep.check(t, sc, 0)
+	// A connection that reached a warming generation would have waited
+	// out its warm-up.
+	if rep.Load.Max >= notifyWarmUp/2 {
+		t.Errorf("the slowest request took %v, against a warm-up of %v: a connection reached a generation before its READY=1", rep.Load.Max, notifyWarmUp)
+	}
+	t.Logf("load: %s; slowest %v (warm-up %v)", rep.Load, rep.Load.Max, notifyWarmUp)
 	// The app names its generation: clients were moved to each new one.
 	if n := len(rep.Load.ByGeneration); n < sc.Rollovers/2 {
 		t.Errorf("only %d generations answered the load (%v): clients were not moved to new code", n, rep.Load.ByGeneration)
@@ -132,4 +146,58 @@ func TestNotifyAppReadyListen(t *testing.T) {
 		t.Errorf("pids alive after stop: %v", left)
 	}
 	t.Logf("listen-mode rollover took %v; generation pids %v", took.Round(time.Millisecond), co.pids())
+}
+
+// The refusal path: a non-dumpable app under a coordinator without
+// CAP_SYS_PTRACE (root with an empty bounding set here, as an unprivileged
+// coordinator would be) cannot have its socket taken. The coordinator says
+// so once per generation, status shows steerable=false with the reason,
+// and the rollover still works, its hand-over left to tcp_migrate_req.
+func TestNotifyAppNotSteerable(t *testing.T) {
+	dir := shortDir(t)
+	foreignLeaveNothing(t, dir)
+	argv, addr := notifyApp(t, dir)
+	nondumpable := func(v string) []string { return append(argv(v), "nondumpable") }
+	rolloverBin := filepath.Join(bin, "rollover")
+	if os.Geteuid() == 0 {
+		setpriv := needTool(t, "setpriv")
+		wrapper := filepath.Join(dir, "rollover-nocaps")
+		script := "#!/bin/sh\nexec " + setpriv + " --bounding-set=-all --inh-caps=-all -- " + rolloverBin + " \"$@\"\n"
+		if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		rolloverBin = wrapper
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out := &syncBuffer{}
+	co, err := startForeignCoordinator(ctx, rolloverBin, dir, []string{"--ready=notify", "--addr", addr}, nondumpable("v1"), out)
+	if err != nil {
+		t.Fatalf("start: %v\n%s", err, out.String())
+	}
+	t.Cleanup(func() {
+		co.kill()
+		checkOutput(t, "coordinator", out.String())
+		if t.Failed() {
+			t.Logf("coordinator log:\n%s", tailLines(out.String(), 60))
+		}
+	})
+	g1 := foreignGen(t, co.started, 1)
+	if g1.Steerable || g1.Sockets != 0 || !strings.Contains(g1.SteerError, "pidfd_getfd") || !strings.Contains(g1.SteerError, "operation not permitted") {
+		t.Errorf("gen 1: steerable %v, %d sockets, reason %q; want not steerable, pidfd_getfd refused (operation not permitted)", g1.Steerable, g1.Sockets, g1.SteerError)
+	}
+	if _, err := co.next(ctx, nondumpable("v2")); err != nil {
+		t.Fatalf("next: %v", err)
+	}
+	sc := foreignScenario{VersionHeader: "X-Notifyapp-Version", Body: "notifyapp {v} pid "}
+	if err := sc.probe(ctx, "http://"+addr+"/", "v2"); err != nil {
+		t.Fatalf("after next: %v", err)
+	}
+	if err := co.stop(ctx); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	log := out.String()
+	if n := strings.Count(log, "the coordinator cannot steer this generation"); n != 2 {
+		t.Errorf("%d lines say the coordinator cannot steer, want one per generation (2):\n%s", n, log)
+	}
 }

@@ -113,8 +113,10 @@ func (c *Coordinator) adopt() bool {
 	// A generation that was starting or ready but not active was a rollover
 	// in progress when the predecessor died: that rollover failed. Point the
 	// port back at the active one and let the others go.
-	if a.active != nil && a.active.steerable {
-		c.pin(a.active)
+	if a.active != nil {
+		if v := c.view(a.active); v.steerable {
+			c.pinTo(a.active, v)
+		}
 	}
 	c.do(func(r chan struct{}) event { return evAdoptEnd{others: a.others, reply: r} })
 	if a.active != nil {

@@ -290,9 +290,7 @@ func TestConcurrentNext(t *testing.T) {
 	}
 	r.activeIs(2, started.PID)
 	r.waitGone(pid1, 5*time.Second)
-	if st := r.status(); len(st.Generations) != 1 {
-		t.Errorf("status lists %+v, want only gen 2", st.Generations)
-	}
+	r.waitFor(5*time.Second, "status to list only gen 2", func() bool { return len(r.status().Generations) == 1 })
 }
 
 func TestForcedDrain(t *testing.T) {

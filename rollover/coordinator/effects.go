@@ -18,7 +18,11 @@ const commandTimeout = 5 * time.Second
 
 // order sends g its drain order: the library's drain command, or, for an
 // app without the library, its drain signal. It returns at once.
-func (c *Coordinator) order(g *gen, conn *peerConn) {
+func (c *Coordinator) order(g *gen, conn *peerConn, remote []remoteSocket) {
+	if conn == nil && remote != nil {
+		c.tasks.Go(func(ctx context.Context) { c.orderRemote(ctx, g, remote) })
+		return
+	}
 	if conn == nil {
 		// The app leaves the port when its listener is gone (if we know its
 		// address) or, as far as we can tell, at once.
@@ -41,13 +45,6 @@ func (c *Coordinator) order(g *gen, conn *peerConn) {
 			_ = g.proc.Signal(syscall.SIGTERM)
 		}
 	})
-}
-
-// pin points g's reuseport groups at index 0 (the longest-serving member).
-func (c *Coordinator) pin(g *gen) {
-	if err := c.command(g, wire.Msg{Type: wire.TypePin}); err != nil {
-		c.log.Warn("re-pin failed", "gen", g.n, "err", err)
-	}
 }
 
 // kill ends g without blocking: SIGTERM to its process group, SIGKILL

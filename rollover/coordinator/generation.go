@@ -62,6 +62,7 @@ type gen struct {
 	killed       bool         // by its drain deadline or a forced stop
 	forcedConns  int64        // cut at its drain deadline
 	forcedReqs   int64
+	remote       []remoteSocket // its listening sockets, when the coordinator steers them
 
 	// Closed once, by the owner; a closed channel says only that the
 	// moment passed, and the rest is asked for (qGen).

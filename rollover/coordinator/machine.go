@@ -134,6 +134,13 @@ type (
 	evClosedListener struct{ g *gen }
 	// evDrainTimeout: g's drain deadline passed.
 	evDrainTimeout struct{ g *gen }
+	// evSockets: the coordinator found g's listening sockets and can steer
+	// them (socks), or cannot (why).
+	evSockets struct {
+		g     *gen
+		socks []remoteSocket
+		why   string
+	}
 	// evCounted: the connections g still held, as the kernel counts them,
 	// just before it was killed.
 	evCounted struct {
@@ -247,6 +254,7 @@ func (evDrain) isEvent()          {}
 func (evClosedListener) isEvent() {}
 func (evDrainTimeout) isEvent()   {}
 func (evCounted) isEvent()        {}
+func (evSockets) isEvent()        {}
 func (evExited) isEvent()         {}
 func (evFinish) isEvent()         {}
 func (evWatch) isEvent()          {}
@@ -333,6 +341,7 @@ type genView struct {
 	drainedIn               time.Duration // drain order to exit (0: never ordered)
 	forcedConns, forcedReqs int64         // cut at its drain deadline
 	killed                  bool
+	remote                  []remoteSocket // its sockets, when the coordinator steers them
 }
 
 // effects are what transitions do to the world. The coordinator fills them
@@ -346,8 +355,9 @@ type effects struct {
 	// end arrives as evExited.
 	spawn func(g *gen) error
 	// order sends g its drain order (the library's drain command, or the
-	// drain signal) without blocking; conn is its control connection.
-	order func(g *gen, conn *peerConn)
+	// drain signal) without blocking; conn is its control connection,
+	// remote the sockets the coordinator steers for it.
+	order func(g *gen, conn *peerConn, remote []remoteSocket)
 	// cut counts the connections g holds (evCounted), then ends it:
 	// SIGTERM to its process group, SIGKILL after the kill grace. It never
 	// blocks.
@@ -441,6 +451,13 @@ func (m *machine) step(ev event) {
 		m.drainTimedOut(e.g)
 	case evCounted:
 		e.g.forcedConns = max(e.g.forcedConns, e.conns)
+	case evSockets:
+		e.g.remote = e.socks
+		if e.socks != nil {
+			e.g.steerable, e.g.steerErr = true, ""
+		} else {
+			e.g.steerErr = e.why
+		}
 	case evExited:
 		m.exited(e.g, e.err)
 	default:
@@ -826,7 +843,7 @@ func (m *machine) drain(g *gen) {
 	if m.roll != nil && m.roll.prev == g && m.roll.phase != phaseRolledBack {
 		m.roll.phase = phaseDraining
 	}
-	m.fx.order(g, g.conn)
+	m.fx.order(g, g.conn, g.remote)
 	m.fx.after(m.fx.drainTimeout, evDrainTimeout{g: g})
 }
 
@@ -1062,7 +1079,7 @@ func (m *machine) status() wire.Status {
 	for _, g := range m.sorted() {
 		st.Generations = append(st.Generations, wire.GenStatus{
 			Generation: g.n, PID: g.pid, State: g.state.String(), Argv: g.launch.Argv,
-			Steerable: g.steerable, StartedAt: g.start, Stats: g.stats,
+			Steerable: g.steerable, SteerError: g.steerErr, Sockets: len(g.remote), StartedAt: g.start, Stats: g.stats,
 			Ready: g.launch.Ready, Notify: g.notifyStatus,
 		})
 	}
@@ -1092,7 +1109,7 @@ func (m *machine) view() view {
 
 func (m *machine) genView(g *gen) genView {
 	v := genView{state: g.state, stats: g.stats, steerable: g.steerable, steerErr: g.steerErr, addrs: g.addrs,
-		forcedConns: g.forcedConns, forcedReqs: g.forcedReqs, killed: g.killed}
+		forcedConns: g.forcedConns, forcedReqs: g.forcedReqs, killed: g.killed, remote: g.remote}
 	now := m.fx.now()
 	if !g.statsAt.IsZero() {
 		v.statsAge = now.Sub(g.statsAt)

@@ -152,9 +152,10 @@ type rollout struct {
 
 	start   time.Time
 	kernel  map[string]uint64
-	steered bool // the new generation takes every new connection by steering
-	left    bool // the old generation left the port
-	drained *gen // the generation that drains because of this rollover
+	ready   genView // the new generation, as it was when ready
+	steered bool    // the new generation takes every new connection by steering
+	left    bool    // the old generation left the port
+	drained *gen    // the generation that drains because of this rollover
 	why     string
 	outcome outcome
 
@@ -224,8 +225,8 @@ func (r *rollout) handOver() {
 	r.drainOld()
 	long := c.cfg.DrainTimeout + c.cfg.KillGrace + time.Second
 	soon := long
-	if r.steered {
-		soon = c.cfg.DrainGrace + time.Second
+	if r.steered && r.ready.remote == nil {
+		soon = c.cfg.DrainGrace + time.Second // the library leaves right after the grace
 	}
 	if !r.awaitLeft(soon) {
 		r.emit(wire.Event{Phase: wire.PhaseInfo, Generation: r.prev.n, Text: fmt.Sprintf("gen %d has not left the port after %v; it drains on (rollover status shows it)", r.prev.n, soon)})
@@ -233,7 +234,7 @@ func (r *rollout) handOver() {
 		r.awaitLeft(long - soon)
 	}
 	if r.steered {
-		c.pin(r.g) // at index 0 of the group now
+		c.pinTo(r.g, r.ready) // at index 0 of the group now
 	}
 }
 
@@ -256,6 +257,14 @@ func (r *rollout) roll(ctx context.Context) error {
 		return err
 	}
 	r.emit(wire.Event{Phase: wire.PhaseReady, Generation: g.n, Millis: ready.readyIn.Milliseconds()})
+	if g.launch.Ready != ReadyLibrary {
+		// An app without the library: the coordinator steers it, if it can.
+		ready = c.discover(g, prev == nil)
+		if ready.remote == nil {
+			c.log.Warn("the coordinator cannot steer this generation; its hand-over relies on net.ipv4.tcp_migrate_req", "gen", g.n, "reason", ready.steerErr)
+		}
+	}
+	r.ready = ready
 	if scan == nil {
 		scan = r.scanStrays(ready.addrs) // generation 1: its ports are known now
 	}
@@ -373,9 +382,11 @@ func (r *rollout) plan(ready genView) (plan, error) {
 		}
 	}
 	if !p.steer {
-		c.log.Warn("generation cannot be steered; the hand-over relies on net.ipv4.tcp_migrate_req", "gen", g.n, "reason", ready.steerErr)
+		if ready.remote == nil && g.launch.Ready == ReadyLibrary {
+			c.log.Warn("generation cannot be steered; the hand-over relies on net.ipv4.tcp_migrate_req", "gen", g.n, "reason", ready.steerErr)
+		}
 		if len(r.req.canary) > 0 {
-			return plan{}, fmt.Errorf("%w: --canary needs a generation that links the rollover library, and gen %d cannot be steered (%s); gen %d keeps serving", ErrUsage, g.n, ready.steerErr, prev.n)
+			return plan{}, fmt.Errorf("%w: --canary needs a generation that can be steered, and gen %d cannot (%s); gen %d keeps serving", ErrUsage, g.n, ready.steerErr, prev.n)
 		}
 	}
 	p.judge = p.bake > 0 || len(r.req.canary) > 0
@@ -387,8 +398,8 @@ func (r *rollout) plan(ready genView) (plan, error) {
 func (r *rollout) canary(p plan) error {
 	c, g, prev := r.c, r.g, r.prev
 	for _, w := range p.steps {
-		if err := c.command(g, wire.Msg{Type: wire.TypeSteer, Weight: w, Health: p.rule}); err != nil {
-			c.pin(prev)
+		if err := c.steerTo(g, r.ready, w, p.rule); err != nil {
+			c.pinTo(prev, r.was)
 			c.post(evDrain{g: g})
 			return fmt.Errorf("gen %d failed the canary steering at %d%%: %v", g.n, w, err)
 		}
@@ -415,10 +426,10 @@ func (r *rollout) canary(p plan) error {
 func (r *rollout) steer(p plan) error {
 	c, g, prev := r.c, r.g, r.prev
 	if p.steer {
-		if err := c.command(g, wire.Msg{Type: wire.TypeSteer, Health: p.rule}); err != nil {
+		if err := c.steerTo(g, r.ready, 0, p.rule); err != nil {
 			// The group may already point at N+1: point it back at N, then
 			// let N+1 hand over what it queued rather than reset it.
-			c.pin(prev)
+			c.pinTo(prev, r.was)
 			c.post(evDrain{g: g})
 			return fmt.Errorf("gen %d failed the steering verification: %v", g.n, err)
 		}
@@ -429,7 +440,7 @@ func (r *rollout) steer(p plan) error {
 	}
 	if err := r.activate(false); err != nil {
 		if p.steer {
-			c.pin(prev)
+			c.pinTo(prev, r.was)
 		}
 		return err
 	}
@@ -456,6 +467,9 @@ func (r *rollout) bake(p plan) error {
 	released := make(chan struct{})
 	c.tasks.Go(func(context.Context) {
 		defer close(released)
+		if r.was.remote != nil {
+			return // steered from outside: it keeps its listener, steered away
+		}
 		if err := c.command(prev, wire.Msg{Type: wire.TypeRelease}); err != nil && r.was.steerable {
 			c.log.Warn("release of the old generation failed", "gen", prev.n, "err", err)
 		}
@@ -516,7 +530,9 @@ func (r *rollout) exitVerdict() verdict {
 // it never stopped being active (a canary) and only re-pins.
 func (r *rollout) revert(v verdict, when string, released bool) error {
 	c, g, prev := r.c, r.g, r.prev
-	if cmd, ok := takeBack(r.was.steerable, released); ok {
+	if r.was.remote != nil {
+		c.pinTo(prev, r.was) // steered from outside: back to index 0
+	} else if cmd, ok := takeBack(r.was.steerable, released); ok {
 		if err := c.command(prev, wire.Msg{Type: cmd}); err != nil {
 			c.log.Warn("the old generation did not take the port back", "gen", prev.n, "err", err)
 		}

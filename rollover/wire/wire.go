@@ -392,11 +392,16 @@ type RolloutStatus struct {
 
 // GenStatus is one live generation.
 type GenStatus struct {
-	Generation int       `json:"generation"`
-	PID        int       `json:"pid"`
-	State      string    `json:"state"`
-	Argv       []string  `json:"argv"`
-	Steerable  bool      `json:"steerable"`
+	Generation int      `json:"generation"`
+	PID        int      `json:"pid"`
+	State      string   `json:"state"`
+	Argv       []string `json:"argv"`
+	Steerable  bool     `json:"steerable"`
+	// SteerError says why it cannot be steered; Sockets counts the
+	// listening sockets the coordinator steers for an app without the
+	// library (0: the library steers, or nobody).
+	SteerError string    `json:"steer_error,omitempty"`
+	Sockets    int       `json:"sockets,omitempty"`
 	StartedAt  time.Time `json:"started_at"`
 	Stats      Stats     `json:"stats"`
 	// Ready is how the generation reports ready: library, notify or listen.

@@ -73,6 +73,7 @@ type Result struct {
 	ByGeneration map[string]int64 // OK answers per X-Rollover-Generation value ("" when absent)
 	Elapsed      time.Duration
 	P50, P99     time.Duration // latency of OK requests (about 1% precision)
+	Max          time.Duration // the slowest OK request (same precision)
 }
 
 // RPS is finished requests per second.
@@ -374,7 +375,7 @@ func (r *Runner) merge(elapsed time.Duration) Result {
 		t.mu.Unlock()
 	}
 	res.Requests = res.OK + res.Failures
-	res.P50, res.P99 = h.quantile(0.50), h.quantile(0.99)
+	res.P50, res.P99, res.Max = h.quantile(0.50), h.quantile(0.99), h.quantile(1)
 	r.samples.mu.Lock()
 	res.Samples = append([]string(nil), r.samples.list...)
 	r.samples.mu.Unlock()

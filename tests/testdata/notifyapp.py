@@ -4,13 +4,14 @@ READY=1 on $NOTIFY_SOCKET (systemd's notify protocol) and drains on SIGTERM.
 Every GET or POST gets 200, the body "notifyapp VERSION pid PID", the header
 X-Notifyapp-Version and, under a coordinator, X-Rollover-Generation.
 
-usage: notifyapp.py HOST PORT VERSION
+usage: notifyapp.py HOST PORT VERSION [WARMUP seconds before READY=1 [nondumpable]]
 """
 import os
 import signal
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -37,6 +38,14 @@ class Server(ThreadingHTTPServer):
 
 def main():
     host, port, version = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    warmup = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+    if len(sys.argv) > 5 and sys.argv[5] == "nondumpable":
+        # As a hardened service might: no core dumps, no ptrace, and no
+        # pidfd_getfd of its sockets by an unprivileged coordinator.
+        import ctypes
+        PR_SET_DUMPABLE = 4
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            sys.exit("prctl(PR_SET_DUMPABLE, 0) failed")
     body = ("notifyapp %s pid %d\n" % (version, os.getpid())).encode()
     generation = os.environ.get("ROLLOVER_GENERATION", "")
 
@@ -74,6 +83,9 @@ def main():
         term.append(signum)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # WARMUP: seconds of warm-up after listen() and before READY=1, as a
+    # real app loads its caches: it listens, but accepts nothing yet.
+    time.sleep(warmup)
     notify("READY=1\nSTATUS=serving %s on %s:%d" % (version, host, port))
     # Accept until SIGTERM, noticing it within 50ms.
     srv.timeout = 0.05

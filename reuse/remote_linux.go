@@ -1,0 +1,64 @@
+//go:build linux
+
+package reuse
+
+import (
+	"errors"
+	"fmt"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrNoDup: the listening socket of another process could not be taken
+// (pidfd_getfd refused), so its group cannot be steered from outside. The
+// wrapped errno says why: EPERM (a non-dumpable process or one with file
+// capabilities, unless the caller is root; a seccomp profile), ENOSYS
+// (before Linux 5.6).
+var ErrNoDup = errors.New("cannot take the socket")
+
+// SteerRemote attaches "ret index" to the reuseport group of the listening
+// socket that process pid holds as fd: through a duplicate taken with
+// pidfd_getfd(2), closed at once (a duplicate held open would keep the
+// socket in the group after the process closes it).
+func SteerRemote(pid, fd, index int) error {
+	if index < 0 {
+		return fmt.Errorf("reuse: steer to index %d: not an index", index)
+	}
+	return attachRemote(pid, fd, []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: uint32(index)}})
+}
+
+// SteerWeightedRemote attaches the canary program of SteerWeighted (index
+// 1 with probability weight/100, else index 0) through pid's fd.
+func SteerWeightedRemote(pid, fd, weight int) error {
+	switch {
+	case weight <= 0:
+		return SteerRemote(pid, fd, 0)
+	case weight >= 100:
+		return SteerRemote(pid, fd, 1)
+	}
+	return attachRemote(pid, fd, []unix.SockFilter{
+		{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: skfAdRandomK},
+		{Code: unix.BPF_ALU | unix.BPF_MOD | unix.BPF_K, K: 100},
+		{Code: unix.BPF_JMP | unix.BPF_JGE | unix.BPF_K, K: uint32(weight), Jt: 0, Jf: 1},
+		{Code: unix.BPF_RET | unix.BPF_K, K: 0},
+		{Code: unix.BPF_RET | unix.BPF_K, K: 1},
+	})
+}
+
+func attachRemote(pid, fd int, prog []unix.SockFilter) error {
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return fmt.Errorf("%w: pidfd_open %d: %w", ErrNoDup, pid, err)
+	}
+	defer unix.Close(pidfd)
+	dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+	if err != nil {
+		return fmt.Errorf("%w: pidfd_getfd %d of pid %d: %w", ErrNoDup, fd, pid, err)
+	}
+	defer unix.Close(dup)
+	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
+	if err := unix.SetsockoptSockFprog(dup, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_CBPF, &fprog); err != nil {
+		return fmt.Errorf("reuse: attach reuseport bpf through fd %d of pid %d: %w", fd, pid, err)
+	}
+	return nil
+}
