@@ -45,7 +45,31 @@ func SteerWeightedRemote(pid, fd, weight int) error {
 	})
 }
 
+// DetachRemote removes the program of the reuseport group of pid's fd, so
+// the kernel hashes again (a group the coordinator cannot steer must not
+// keep a program that points at one member).
+func DetachRemote(pid, fd int) error {
+	return withRemote(pid, fd, func(dup int) error {
+		err := unix.SetsockoptInt(dup, unix.SOL_SOCKET, unix.SO_DETACH_REUSEPORT_BPF, 0)
+		if err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("reuse: detach reuseport bpf through fd %d of pid %d: %w", fd, pid, err)
+		}
+		return nil
+	})
+}
+
 func attachRemote(pid, fd int, prog []unix.SockFilter) error {
+	return withRemote(pid, fd, func(dup int) error {
+		fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
+		if err := unix.SetsockoptSockFprog(dup, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_CBPF, &fprog); err != nil {
+			return fmt.Errorf("reuse: attach reuseport bpf through fd %d of pid %d: %w", fd, pid, err)
+		}
+		return nil
+	})
+}
+
+// withRemote runs f on a duplicate of pid's fd, closed right after.
+func withRemote(pid, fd int, f func(dup int) error) error {
 	pidfd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
 		return fmt.Errorf("%w: pidfd_open %d: %w", ErrNoDup, pid, err)
@@ -56,9 +80,5 @@ func attachRemote(pid, fd int, prog []unix.SockFilter) error {
 		return fmt.Errorf("%w: pidfd_getfd %d of pid %d: %w", ErrNoDup, fd, pid, err)
 	}
 	defer unix.Close(dup)
-	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
-	if err := unix.SetsockoptSockFprog(dup, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_CBPF, &fprog); err != nil {
-		return fmt.Errorf("reuse: attach reuseport bpf through fd %d of pid %d: %w", fd, pid, err)
-	}
-	return nil
+	return f(dup)
 }

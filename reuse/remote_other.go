@@ -12,3 +12,6 @@ func SteerRemote(pid, fd, index int) error { return unsupported("pidfd_getfd") }
 
 // SteerWeightedRemote returns an error wrapping ErrUnsupported.
 func SteerWeightedRemote(pid, fd, weight int) error { return unsupported("pidfd_getfd") }
+
+// DetachRemote returns an error wrapping ErrUnsupported.
+func DetachRemote(pid, fd int) error { return unsupported("pidfd_getfd") }

@@ -55,11 +55,17 @@ func listenersOf(pid, port int) ([]remoteSocket, error) {
 	for _, p := range family(root, pid) {
 		dir := fmt.Sprintf("/proc/%d/fd", p.PID)
 		ents, err := os.ReadDir(dir)
+		if errors.Is(err, os.ErrPermission) {
+			return nil, fmt.Errorf("%w: cannot read %s: permission denied", reuse.ErrNoDup, dir)
+		}
 		if err != nil {
 			continue
 		}
 		for _, e := range ents {
 			link, err := os.Readlink(dir + "/" + e.Name())
+			if errors.Is(err, os.ErrPermission) {
+				return nil, fmt.Errorf("%w: cannot read %s: permission denied", reuse.ErrNoDup, dir)
+			}
 			if err != nil {
 				continue
 			}
@@ -141,13 +147,21 @@ func (c *Coordinator) discover(g *gen, alone bool) genView {
 	var err error
 	// Ready may come a moment before the listen (notify): look briefly.
 	for deadline := time.Now().Add(time.Second); ; {
-		if socks, err = listenersOf(g.pid, port); err == nil && len(socks) > 0 || time.Now().After(deadline) {
+		if socks, err = listenersOf(g.pid, port); err != nil || len(socks) > 0 || time.Now().After(deadline) {
 			break
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
 	if err == nil {
 		err = remotePlan(socks)
+		if err != nil && len(socks) > 0 {
+			// Several sockets per address: the group must not keep a
+			// program that sends everything to one member; the kernel
+			// hashes over all of them again.
+			if derr := reuse.DetachRemote(socks[0].pid, socks[0].fd); derr != nil {
+				c.log.Warn("could not take the program off the group", "gen", g.n, "err", derr)
+			}
+		}
 	}
 	if err == nil && alone {
 		err = pinRemote(socks)
