@@ -30,11 +30,13 @@ const (
 	// keeps serving while it waits to be adopted by a new one (default
 	// DefaultAdoptTimeout); after that it drains and exits.
 	EnvAdoptTimeout = "ROLLOVER_ADOPT_TIMEOUT"
-	// EnvHandover=naive turns the zero-drop hand-over off: no steering, the
-	// listener is closed at once and the server shut down at once. It exists
-	// only to show what the hand-over prevents (make bench, tests).
-	EnvHandover = "ROLLOVER_HANDOVER"
 )
+
+// envHandover=naive turns the zero-drop hand-over off: no steering, the
+// listener is closed at once and the server shut down at once. It is no
+// API: it exists only to show what the hand-over prevents (cmd/demoapp
+// -naive for make bench, and tests), which set the variable by its string.
+const envHandover = "ROLLOVER_HANDOVER"
 
 // Defaults for a drain that no coordinator parameterised (standalone mode).
 var (
@@ -64,7 +66,7 @@ type config struct {
 	socket     string // the coordinator's control socket; empty runs standalone
 	generation int
 	secret     string
-	naive      bool // EnvHandover=naive
+	naive      bool // envHandover=naive
 	// adoptTimeout: see EnvAdoptTimeout; 0 drains as soon as the
 	// coordinator is lost.
 	adoptTimeout time.Duration
@@ -73,15 +75,27 @@ type config struct {
 	drainTimeout time.Duration
 }
 
-// envConfig reads the variables the coordinator sets for a generation.
+// envConfig reads the variables the coordinator sets for a generation. A
+// variable that is set but wrong is an error that names it: the generation
+// must not run on a setting it did not understand.
 func envConfig() (config, error) {
 	c := config{
 		socket:       os.Getenv(EnvSocket),
 		secret:       os.Getenv(EnvSecret),
-		naive:        os.Getenv(EnvHandover) == "naive",
 		adoptTimeout: DefaultAdoptTimeout,
 	}
-	if d, err := time.ParseDuration(os.Getenv(EnvAdoptTimeout)); err == nil && d >= 0 {
+	switch v := os.Getenv(envHandover); v {
+	case "":
+	case "naive":
+		c.naive = true
+	default:
+		return config{}, fmt.Errorf("rollover: %s=%q: want naive or nothing", envHandover, v)
+	}
+	if v := os.Getenv(EnvAdoptTimeout); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 {
+			return config{}, fmt.Errorf("rollover: %s=%q is not a duration of 0 or more (such as 30s)", EnvAdoptTimeout, v)
+		}
 		c.adoptTimeout = d
 	}
 	if c.socket == "" {
@@ -99,6 +113,21 @@ func envConfig() (config, error) {
 // environment on first use. The coordinator sees a generation as a process,
 // so a process that it started links it through this one agent.
 var std = sync.OnceValues(envAgent)
+
+// stderr is where the library says what the app should know; a test seam.
+var stderr io.Writer = os.Stderr
+
+// drainingFailed says once that Draining cannot fire.
+var drainingFailed sync.Once
+
+// neverDraining is Draining's channel when the agent failed: it never
+// closes, and the first call says why on stderr.
+func neverDraining(err error) <-chan struct{} {
+	drainingFailed.Do(func() {
+		fmt.Fprintf(stderr, "rollover: Draining will never close: %v\n", err)
+	})
+	return make(chan struct{})
+}
 
 func envAgent() (*agent, error) {
 	cfg, err := envConfig()
@@ -153,6 +182,14 @@ type agent struct {
 
 	doneOnce sync.Once
 	finished chan struct{} // closed once the final counters are reported
+
+	// report asks statsLoop to report the counters now (a health
+	// crossing), not at the next tick.
+	report chan struct{}
+	// wg holds every goroutine the agent starts; done waits for them. Each
+	// is started by the agent's own goroutines or before done, never
+	// after it.
+	wg sync.WaitGroup
 }
 
 // newAgent makes an agent; with a socket, it connects to the coordinator
@@ -168,6 +205,7 @@ func newAgent(cfg config) (*agent, error) {
 		draining: make(chan struct{}),
 		cut:      make(chan struct{}),
 		finished: make(chan struct{}),
+		report:   make(chan struct{}, 1),
 		own:      prometheus.NewRegistry(),
 	}
 	latency := metrics.NewLatency()
@@ -185,8 +223,8 @@ func newAgent(cfg config) (*agent, error) {
 		return nil, err
 	}
 	a.setConn(conn)
-	go a.readLoop(conn, r)
-	go a.statsLoop()
+	a.wg.Go(func() { a.readLoop(conn, r) })
+	a.wg.Go(a.statsLoop)
 	return a, nil
 }
 
@@ -237,10 +275,16 @@ func (a *agent) hello(extra wire.Msg) (net.Conn, *wire.Reader, error) {
 	return conn, r, nil
 }
 
-func (a *agent) setConn(c net.Conn) {
+// setConn makes c the connection to the coordinator. Once the agent is
+// done it refuses, and reports false: done has closed the last one.
+func (a *agent) setConn(c net.Conn) bool {
 	a.wmu.Lock()
+	defer a.wmu.Unlock()
+	if a.isFinished() {
+		return false
+	}
 	a.conn = c
-	a.wmu.Unlock()
+	return true
 }
 
 func (a *agent) send(m wire.Msg) error {
@@ -274,8 +318,9 @@ func (a *agent) statsLoop() {
 		case <-a.finished:
 			return
 		case <-t.C:
-			_ = a.send(wire.Msg{Type: wire.TypeStats, Stats: a.stats()})
+		case <-a.report:
 		}
+		_ = a.send(wire.Msg{Type: wire.TypeStats, Stats: a.stats()})
 	}
 }
 
@@ -290,15 +335,17 @@ func (a *agent) readLoop(conn net.Conn, r *wire.Reader) {
 			}
 			a.wmu.Unlock()
 			if !a.isFinished() {
-				go a.orphaned(err)
+				a.wg.Go(func() { a.orphaned(err) })
 			}
 			return
 		}
 		switch m.Type {
 		case wire.TypeSteer:
-			go a.ack(m.ID, a.steer(m.Weight, m.Health))
+			err := a.steer(m.Weight, m.Health)
+			a.wg.Go(func() { a.ack(m.ID, err) })
 		case wire.TypePin:
-			go a.ack(m.ID, a.pin())
+			err := a.pin()
+			a.wg.Go(func() { a.ack(m.ID, err) })
 		case wire.TypeRelease:
 			// In order, before the next command: a resume must find the
 			// release done.
@@ -306,7 +353,7 @@ func (a *agent) readLoop(conn net.Conn, r *wire.Reader) {
 		case wire.TypeResume:
 			a.ack(m.ID, a.resume())
 		case wire.TypeMetrics:
-			go a.answerMetrics(m.ID)
+			a.wg.Go(func() { a.answerMetrics(m.ID) })
 		case wire.TypeDrain:
 			a.ack(m.ID, nil)
 			a.drain(drainOrder{
@@ -341,6 +388,8 @@ func (a *agent) orphaned(cause error) {
 func (a *agent) awaitAdoption(window time.Duration) bool {
 	expired := time.NewTimer(window)
 	defer expired.Stop()
+	retry := time.NewTicker(adoptRetry)
+	defer retry.Stop()
 	for {
 		if a.rejoin() {
 			fmt.Fprintf(os.Stderr, "rollover: adopted by a new coordinator\n")
@@ -351,7 +400,7 @@ func (a *agent) awaitAdoption(window time.Duration) bool {
 			return true
 		case <-expired.C:
 			return false
-		case <-time.After(adoptRetry):
+		case <-retry.C:
 		}
 	}
 }
@@ -376,8 +425,11 @@ func (a *agent) rejoin() bool {
 	if err != nil {
 		return false
 	}
-	a.setConn(conn)
-	go a.readLoop(conn, r)
+	if !a.setConn(conn) {
+		conn.Close() // done meanwhile: nothing is left to adopt
+		return true
+	}
+	a.wg.Go(func() { a.readLoop(conn, r) })
 	return true
 }
 
@@ -416,11 +468,21 @@ func (a *agent) answerMetrics(id uint64) {
 	_ = a.send(m)
 }
 
-// done reports the final counters once and ends the agent's own goroutines;
-// the process exits right after.
+// done reports the final counters once, closes the connection to the
+// coordinator and ends the agent's own goroutines, and returns once they
+// have all exited; the process exits right after.
 func (a *agent) done() {
 	a.doneOnce.Do(func() {
+		a.wmu.Lock()
 		close(a.finished)
+		a.wmu.Unlock()
 		_ = a.send(wire.Msg{Type: wire.TypeDone, Stats: a.stats()})
+		a.wmu.Lock()
+		if a.conn != nil {
+			a.conn.Close() // ends readLoop
+			a.conn = nil
+		}
+		a.wmu.Unlock()
 	})
+	a.wg.Wait()
 }

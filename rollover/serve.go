@@ -53,11 +53,16 @@ func Ready() error {
 // HTTP/1.x responses say Connection: close and its HTTP/2 connections get
 // GOAWAY, and it returns once its connections are done. Whatever is still
 // open at the drain deadline is closed and reported as forced.
+//
+// If the library could not start (a ROLLOVER_* variable it cannot read, a
+// coordinator that is unreachable or refused this generation), nothing
+// will ever be drained, so the channel never closes: Listen, Serve, ServeTLS
+// and Ready return that error, and the first call of Draining says it on
+// stderr. An app that waits on Draining checks the error of its Listen.
 func Draining() <-chan struct{} {
 	a, err := std()
 	if err != nil {
-		// Never closed: an agent that failed to start never drains.
-		return make(chan struct{})
+		return neverDraining(err)
 	}
 	return a.draining
 }
@@ -94,6 +99,13 @@ func ListenAndServe(addr string, handler http.Handler) error {
 // HTTP/2 (TLS h2, h2c through srv.Protocols, and h2c through an x/net
 // h2c.NewHandler given as srv.Handler) is served by the library, unless
 // the app set srv.TLSNextProto itself.
+//
+// Serve changes srv: it replaces srv.Handler with the library's handler
+// around it (around http.DefaultServeMux when srv.Handler is nil), which
+// counts the requests and says Connection: close during a drain, and it
+// sets srv.TLSNextProto when that is nil. Set srv.Handler before Serve,
+// and do not serve srv again elsewhere: a second Serve of the same srv
+// would count its requests twice.
 func Serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	a, err := std()
 	if err != nil {
@@ -145,6 +157,7 @@ func (a *agent) serve(ctx context.Context, srv *http.Server, ln net.Listener, fi
 		files = &[2]string{}
 	}
 
+	// Serve owns the goroutine that runs srv and returns only after it.
 	served := make(chan error, 1)
 	go func() {
 		if files != nil {
@@ -155,6 +168,7 @@ func (a *agent) serve(ctx context.Context, srv *http.Server, ln net.Listener, fi
 	}()
 	if err := a.ready(); err != nil {
 		_ = srv.Close()
+		<-served
 		return fmt.Errorf("rollover: ready: %w", err)
 	}
 
@@ -174,6 +188,7 @@ func (a *agent) serve(ctx context.Context, srv *http.Server, ln net.Listener, fi
 		if !isClosed(a.ordered) {
 			return err
 		}
+		served <- err // for the wait below
 	}
 	<-a.draining
 	a.awaitConnections()
@@ -181,10 +196,12 @@ func (a *agent) serve(ctx context.Context, srv *http.Server, ln net.Listener, fi
 	defer cancel()
 	// The hand-over closed the sockets; Shutdown closes the listeners for
 	// the app, which ends srv.Serve's Accept.
-	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, net.ErrClosed) {
+	err := srv.Shutdown(sctx)
+	_ = srv.Close()
+	<-served
+	if err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, net.ErrClosed) {
 		return err
 	}
-	_ = srv.Close()
 	a.done()
 	return nil
 }

@@ -10,10 +10,8 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -21,74 +19,37 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
+
 	"github.com/rollover-sh/rollover/rollover/wire"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
-// envChild names the one test a child test process runs. Most tests make
-// agents of their own in this process; a test of something process-wide
-// (signals) runs alone in a fresh process, and the parent checks that it
-// passed.
-const envChild = "ROLLOVER_TEST_CHILD"
+// childEnv is how a test of something process-wide (signals) runs alone in
+// a child test process: without the coordinator's variables of the parent.
+var childEnv = testproc.Child{Unset: []string{EnvSocket, EnvGeneration, EnvSecret}}
 
-// inChild reports whether this process is the child that runs t. In the
-// parent it runs the child, fails t if the child fails, and returns false.
-func inChild(t *testing.T) bool {
+// TestMain checks that no test leaves a goroutine behind: every goroutine
+// and timer of an agent has an owner that waits for it.
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// within returns what ch delivers, and fails t if nothing comes within 5s.
+func within[T any](t *testing.T, ch <-chan T, what string) T {
 	t.Helper()
-	if os.Getenv(envChild) == t.Name() {
-		return true
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(5 * time.Second):
+		t.Fatalf("no %s within 5s", what)
+		panic("unreachable")
 	}
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, exe, "-test.run=^"+regexp.QuoteMeta(t.Name())+"$", "-test.count=1", "-test.v", "-test.timeout=50s")
-	for _, kv := range os.Environ() {
-		k, _, _ := strings.Cut(kv, "=")
-		if k != EnvSocket && k != EnvGeneration && k != EnvSecret && k != envChild {
-			cmd.Env = append(cmd.Env, kv)
-		}
-	}
-	cmd.Env = append(cmd.Env, envChild+"="+t.Name())
-	cmd.WaitDelay = 5 * time.Second
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	pid := cmd.Process.Pid
-	t.Cleanup(func() {
-		if !gone(pid) {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-			t.Errorf("child test process %d was left running", pid)
-		}
-	})
-	err = cmd.Wait()
-	switch {
-	case err != nil:
-		t.Fatalf("child test process: %v\n%s", err, out.Bytes())
-	case !strings.Contains(out.String(), "--- PASS: "+t.Name()+" "):
-		t.Fatalf("child test process did not run %s:\n%s", t.Name(), out.Bytes())
-	case strings.Contains(out.String(), "DATA RACE"), strings.Contains(out.String(), "panic:"):
-		t.Fatalf("child test process:\n%s", out.Bytes())
-	}
-	if testing.Verbose() {
-		t.Logf("child test process:\n%s", out.Bytes())
-	}
-	return false
 }
 
-func gone(pid int) bool { return errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) }
-
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+// expectServed waits for serve's result, which must be nil.
+func expectServed(t *testing.T, served <-chan error) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(5 * time.Millisecond)
+	if err := within(t, served, "return of serve"); err != nil {
+		t.Errorf("serve: %v", err)
 	}
 }
 
@@ -111,7 +72,7 @@ func testHandler() http.Handler {
 // clearEnv unsets, for the test, the variables a coordinator would set.
 func clearEnv(t *testing.T) {
 	t.Helper()
-	for _, k := range []string{EnvSocket, EnvGeneration, EnvSecret, EnvAdoptTimeout, EnvHandover} {
+	for _, k := range []string{EnvSocket, EnvGeneration, EnvSecret, EnvAdoptTimeout, envHandover} {
 		t.Setenv(k, "")
 	}
 }
@@ -129,21 +90,50 @@ func newTestAgent(t *testing.T, drainTimeout time.Duration) *agent {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Every goroutine of the agent ends with it: done waits for them.
+	t.Cleanup(func() {
+		finished := make(chan struct{})
+		go func() { a.done(); close(finished) }()
+		within(t, finished, "end of the agent's goroutines")
+	})
 	return a
+}
+
+// listenLocal returns a listener from a's listen on a fresh 127.0.0.1 port.
+func listenLocal(t *testing.T, a *agent) net.Listener {
+	t.Helper()
+	ln, err := a.listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	return ln
+}
+
+// serveOn serves srv (testHandler when nil) through a's serve on ln. serve's
+// result arrives on the channel.
+func serveOn(ctx context.Context, a *agent, srv *http.Server, ln net.Listener) <-chan error {
+	if srv == nil {
+		srv = &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}
+	}
+	ch := make(chan error, 1)
+	go func() { ch <- a.serve(ctx, srv, ln, nil) }()
+	return ch
+}
+
+// standaloneAgent makes an agent as a process without a coordinator does,
+// with the drain timeout the test wants.
+func standaloneAgent(t *testing.T, drainTimeout time.Duration) *agent {
+	t.Helper()
+	clearEnv(t)
+	return newTestAgent(t, drainTimeout)
 }
 
 // serve serves testHandler through a's serve on a fresh 127.0.0.1 listener
 // from a's listen. serve's result arrives on the channel.
 func serve(t *testing.T, a *agent, ctx context.Context) (addr string, served <-chan error) {
 	t.Helper()
-	ln, err := a.listen(ctx, "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("Listen: %v", err)
-	}
-	ch := make(chan error, 1)
-	srv := &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}
-	go func() { ch <- a.serve(ctx, srv, ln, nil) }()
-	return ln.Addr().String(), ch
+	ln := listenLocal(t, a)
+	return ln.Addr().String(), serveOn(ctx, a, nil, ln)
 }
 
 func counters(a *agent) wire.Stats { return a.counter.Snapshot() }
@@ -194,6 +184,31 @@ func (k *keepAlive) closedByServer() bool {
 	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)
 }
 
+// hijackOn asks a's /hijack on a connection of its own, which must switch
+// protocols, and waits until a counts it as a connection with no request in
+// flight.
+func hijackOn(t *testing.T, a *agent, addr string) *keepAlive {
+	t.Helper()
+	ka := dialKeepAlive(t, addr)
+	ka.send(t, "/hijack")
+	if resp, _ := ka.read(t); resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("hijack: %s", resp.Status)
+	}
+	testproc.WaitFor(t, 5*time.Second, "the hijacked connection counted, its request finished", func() bool {
+		s := counters(a)
+		return s.Connections == 1 && s.Inflight == 0
+	})
+	return ka
+}
+
+// getOK requests / on a connection of its own, which must answer "ok".
+func getOK(t *testing.T, addr, when string) {
+	t.Helper()
+	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
+		t.Fatalf("GET /%s: %q %v", when, body, err)
+	}
+}
+
 // getNew requests path on a connection of its own.
 func getNew(addr, path string) (string, error) {
 	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 20 * time.Second}
@@ -210,8 +225,7 @@ func getNew(addr, path string) (string, error) {
 }
 
 func TestServeStandalone(t *testing.T) {
-	clearEnv(t)
-	a := newTestAgent(t, 10*time.Second)
+	a := standaloneAgent(t, 10*time.Second)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	addr, served := serve(t, a, ctx)
@@ -233,18 +247,14 @@ func TestServeStandalone(t *testing.T) {
 		}
 		slow <- err
 	}()
-	waitFor(t, 5*time.Second, "one request in flight on two connections", func() bool {
+	testproc.WaitFor(t, 5*time.Second, "one request in flight on two connections", func() bool {
 		s := counters(a)
 		return s.Inflight == 1 && s.Connections == 2 && s.Requests == 2
 	})
 
 	cancel()
-	select {
-	case <-a.draining:
-	case <-time.After(5 * time.Second):
-		t.Fatal("canceling ctx did not start the drain")
-	}
-	waitFor(t, 5*time.Second, "the listener to close", func() bool {
+	within(t, a.draining, "drain after canceling ctx")
+	testproc.WaitFor(t, 5*time.Second, "the listener to close", func() bool {
 		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err == nil {
 			c.Close()
@@ -274,14 +284,7 @@ func TestServeStandalone(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the slow request did not complete")
 	}
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("Serve returned %v, want nil", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatalf("Serve did not return within 5s of its last connection (counters %+v)", counters(a))
-	}
+	expectServed(t, served)
 	if s := counters(a); s.Inflight != 0 || s.Connections != 0 || s.Requests != 3 {
 		t.Errorf("counters after the drain %+v, want 0 in flight, 0 connections, 3 requests", s)
 	}
@@ -298,7 +301,7 @@ func TestServeDrainClosesInflightKeepAlive(t *testing.T) {
 
 	ka := dialKeepAlive(t, addr)
 	ka.send(t, "/slow?d=500ms")
-	waitFor(t, 5*time.Second, "the request in flight", func() bool { return counters(a).Inflight == 1 })
+	testproc.WaitFor(t, 5*time.Second, "the request in flight", func() bool { return counters(a).Inflight == 1 })
 	cancel()
 	<-a.draining
 	resp, body := ka.read(t)
@@ -326,7 +329,7 @@ func TestServeDrainClosesInflightKeepAlive(t *testing.T) {
 // Signals are process-wide, so this test runs in a child process of its own,
 // through the package-level functions and the default agent.
 func TestServeStandaloneSIGTERM(t *testing.T) {
-	if !inChild(t) {
+	if !testproc.InChild(t, childEnv) {
 		return
 	}
 	DefaultDrainTimeout = 10 * time.Second
@@ -344,24 +347,15 @@ func TestServeStandaloneSIGTERM(t *testing.T) {
 	go func() {
 		served <- Serve(context.Background(), &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}, ln)
 	}()
-	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
-		t.Fatalf("GET /: %q %v", body, err)
-	}
+	getOK(t, addr, "")
 	// Serve subscribes to SIGTERM after it reports ready, which is not
 	// observable: signal until the drain starts.
-	waitFor(t, 5*time.Second, "SIGTERM to start the drain", func() bool {
+	testproc.WaitFor(t, 5*time.Second, "SIGTERM to start the drain", func() bool {
 		_ = syscall.Kill(os.Getpid(), syscall.SIGTERM)
 		time.Sleep(20 * time.Millisecond)
 		return isClosed(Draining())
 	})
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("Serve returned %v after SIGTERM, want nil", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return after SIGTERM")
-	}
+	expectServed(t, served)
 	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 		c.Close()
 		t.Error("the port still accepts connections after the drain")
@@ -369,12 +363,8 @@ func TestServeStandaloneSIGTERM(t *testing.T) {
 }
 
 func TestServeCountsHijackedConnections(t *testing.T) {
-	clearEnv(t)
-	a := newTestAgent(t, 0)
-	ln, err := a.listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := standaloneAgent(t, 0)
+	ln := listenLocal(t, a)
 	var hijacked sync.WaitGroup
 	mux := http.NewServeMux()
 	mux.HandleFunc("/hijack", func(w http.ResponseWriter, _ *http.Request) {
@@ -391,32 +381,14 @@ func TestServeCountsHijackedConnections(t *testing.T) {
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	served := make(chan error, 1)
-	go func() {
-		served <- a.serve(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln, nil)
-	}()
+	served := serveOn(ctx, a, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln)
 
-	ka := dialKeepAlive(t, ln.Addr().String())
-	ka.send(t, "/hijack")
-	if resp, _ := ka.read(t); resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatalf("hijack: %s", resp.Status)
-	}
-	waitFor(t, 5*time.Second, "the hijacked connection counted, its request finished", func() bool {
-		s := counters(a)
-		return s.Connections == 1 && s.Inflight == 0
-	})
+	ka := hijackOn(t, a, ln.Addr().String())
 	ka.conn.Close()
 	hijacked.Wait()
-	waitFor(t, 5*time.Second, "the hijacked connection to be uncounted", func() bool { return counters(a).Connections == 0 })
+	testproc.WaitFor(t, 5*time.Second, "the hijacked connection to be uncounted", func() bool { return counters(a).Connections == 0 })
 	cancel()
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return")
-	}
+	expectServed(t, served)
 }
 
 // --- with a coordinator ---
@@ -463,7 +435,7 @@ func listenCoordinator(t *testing.T, gen int, secret string, welcome wire.Msg) <
 	t.Setenv(EnvSocket, sock)
 	t.Setenv(EnvGeneration, fmt.Sprint(gen))
 	t.Setenv(EnvSecret, secret)
-	t.Setenv(EnvHandover, "")
+	t.Setenv(envHandover, "")
 	// Every connection the generation makes (a reconnect to be adopted
 	// included) is delivered as its own fake.
 	ch := make(chan *fakeCoordinator, 4)
@@ -480,6 +452,27 @@ func listenCoordinator(t *testing.T, gen int, secret string, welcome wire.Msg) <
 		}
 	}()
 	return ch
+}
+
+// supervised is an agent serving as generation gen of a fake coordinator.
+type supervised struct {
+	a      *agent
+	addr   string
+	served <-chan error
+	f      *fakeCoordinator        // the connection that said hello first
+	coord  <-chan *fakeCoordinator // every later one
+}
+
+// serveSupervised serves srv (testHandler when nil) through a new agent
+// with drainTimeout that is generation gen of a fake coordinator, and
+// returns once the generation said hello.
+func serveSupervised(t *testing.T, gen int, secret string, drainTimeout time.Duration, srv *http.Server) *supervised {
+	t.Helper()
+	coord := listenCoordinator(t, gen, secret, wire.Msg{OK: true})
+	a := newTestAgent(t, drainTimeout)
+	ln := listenLocal(t, a)
+	served := serveOn(context.Background(), a, srv, ln)
+	return &supervised{a: a, addr: ln.Addr().String(), served: served, f: within(t, coord, "hello"), coord: coord}
 }
 
 // accept answers the hello on conn with welcome and delivers the fake.
@@ -512,53 +505,55 @@ func accept(t *testing.T, conn net.Conn, welcome wire.Msg, ch chan<- *fakeCoordi
 	ch <- f
 }
 
+// next returns the next message the generation sends, and fails the test
+// if none comes before deadline, or the generation hangs up.
+func (f *fakeCoordinator) next(what string, deadline <-chan time.Time) wire.Msg {
+	f.t.Helper()
+	select {
+	case m, ok := <-f.msgs:
+		if !ok {
+			f.t.Fatalf("waiting for %s: the generation hung up: %v", what, <-f.err)
+		}
+		return m
+	case <-deadline:
+		f.t.Fatalf("no %s in time", what)
+		panic("unreachable")
+	}
+}
+
 // expect returns the next message that is not stats, which must be of type
 // typ.
 func (f *fakeCoordinator) expect(typ string) wire.Msg {
 	f.t.Helper()
-	timeout := time.After(10 * time.Second)
+	deadline := time.After(10 * time.Second)
 	for {
-		select {
-		case m, ok := <-f.msgs:
-			if !ok {
-				f.t.Fatalf("waiting for %s: the generation hung up: %v", typ, <-f.err)
+		m := f.next(typ, deadline)
+		if m.Type == wire.TypeStats {
+			if m.Stats != nil {
+				f.mu.Lock()
+				f.stats = *m.Stats
+				f.mu.Unlock()
 			}
-			if m.Type == wire.TypeStats {
-				if m.Stats != nil {
-					f.mu.Lock()
-					f.stats = *m.Stats
-					f.mu.Unlock()
-				}
-				continue
-			}
-			if m.Type != typ {
-				f.t.Fatalf("got %+v, want %s", m, typ)
-			}
-			return m
-		case <-timeout:
-			f.t.Fatalf("no %s within 10s", typ)
+			continue
 		}
+		if m.Type != typ {
+			f.t.Fatalf("got %+v, want %s", m, typ)
+		}
+		return m
 	}
 }
 
 // waitStats waits for a stats report that satisfies cond.
 func (f *fakeCoordinator) waitStats(what string, cond func(wire.Stats) bool) {
 	f.t.Helper()
-	timeout := time.After(5 * time.Second)
+	deadline := time.After(5 * time.Second)
 	for {
-		select {
-		case m, ok := <-f.msgs:
-			if !ok {
-				f.t.Fatalf("waiting for stats: the generation hung up: %v", <-f.err)
-			}
-			if m.Type != wire.TypeStats || m.Stats == nil {
-				f.t.Fatalf("waiting for stats, got %+v", m)
-			}
-			if cond(*m.Stats) {
-				return
-			}
-		case <-timeout:
-			f.t.Fatalf("no stats report with %s within 5s", what)
+		m := f.next("stats with "+what, deadline)
+		if m.Type != wire.TypeStats || m.Stats == nil {
+			f.t.Fatalf("waiting for stats, got %+v", m)
+		}
+		if cond(*m.Stats) {
+			return
 		}
 	}
 }
@@ -580,10 +575,8 @@ func (f *fakeCoordinator) command(m wire.Msg) {
 }
 
 func TestAgentWithCoordinator(t *testing.T) {
-	coord := listenCoordinator(t, 7, "s3cret", wire.Msg{OK: true})
-	a := newTestAgent(t, 0)
-	addr, served := serve(t, a, context.Background())
-	f := <-coord
+	g := serveSupervised(t, 7, "s3cret", 0, nil)
+	a, addr, served, f := g.a, g.addr, g.served, g.f
 	if f.hello.Type != wire.TypeHello || f.hello.Generation != 7 || f.hello.PID != os.Getpid() || f.hello.Secret != "s3cret" {
 		t.Fatalf("hello %+v, want generation 7, pid %d and the secret", f.hello, os.Getpid())
 	}
@@ -597,9 +590,7 @@ func TestAgentWithCoordinator(t *testing.T) {
 
 	f.command(wire.Msg{Type: wire.TypeSteer, ID: 1})
 	f.command(wire.Msg{Type: wire.TypePin, ID: 2})
-	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
-		t.Fatalf("GET /: %q %v", body, err)
-	}
+	getOK(t, addr, "")
 	f.waitStats("1 request", func(s wire.Stats) bool { return s.Requests >= 1 })
 
 	slow := make(chan error, 1)
@@ -611,7 +602,7 @@ func TestAgentWithCoordinator(t *testing.T) {
 
 	f.command(wire.Msg{Type: wire.TypeDrain, ID: 3, TimeoutMS: 5000})
 	// The agent acknowledges the drain, then starts it.
-	waitFor(t, 5*time.Second, "Draining() to close", func() bool { return isClosed(a.draining) })
+	testproc.WaitFor(t, 5*time.Second, "Draining() to close", func() bool { return isClosed(a.draining) })
 	f.expect(wire.TypeClosed)
 	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 		c.Close()
@@ -624,23 +615,28 @@ func TestAgentWithCoordinator(t *testing.T) {
 	if done.Stats == nil || done.Stats.Inflight != 0 || done.Stats.Connections != 0 || done.Stats.Requests != 2 {
 		t.Errorf("done %+v, want final stats of 0 in flight, 0 connections, 2 requests", done.Stats)
 	}
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return after done")
-	}
+	expectServed(t, served)
+}
+
+// freshStd gives the test a default agent of its own, made from the
+// environment on first use, and the library's stderr in a buffer.
+func freshStd(t *testing.T) *bytes.Buffer {
+	saved, savedStderr := std, stderr
+	var log bytes.Buffer
+	std, stderr = sync.OnceValues(envAgent), &log
+	drainingFailed = sync.Once{}
+	t.Cleanup(func() {
+		std, stderr = saved, savedStderr
+		drainingFailed = sync.Once{}
+	})
+	return &log
 }
 
 // The package-level functions report a refused hello, through a default
 // agent of the test's own.
 func TestAgentRefused(t *testing.T) {
 	listenCoordinator(t, 3, "x", wire.Msg{Error: "wrong secret for generation 3"})
-	saved := std
-	std = sync.OnceValues(envAgent)
-	t.Cleanup(func() { std = saved })
+	log := freshStd(t)
 	_, err := Listen(context.Background(), "tcp", "127.0.0.1:0")
 	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "wrong secret") {
 		t.Fatalf("Listen: %v, want ErrRefused with the coordinator's reason", err)
@@ -651,34 +647,25 @@ func TestAgentRefused(t *testing.T) {
 	if isClosed(Draining()) {
 		t.Error("Draining() is closed for a refused generation")
 	}
+	if got := log.String(); !strings.Contains(got, "wrong secret") {
+		t.Errorf("stderr %q: want Draining to say the coordinator refused", got)
+	}
 }
 
 // A generation whose coordinator is gone, and that no new coordinator
 // adopts within the adoption timeout, leaves rather than serve unsupervised.
 func TestAgentLostCoordinatorDrains(t *testing.T) {
 	t.Setenv(EnvAdoptTimeout, "300ms")
-	coord := listenCoordinator(t, 2, "s", wire.Msg{OK: true})
-	a := newTestAgent(t, 5*time.Second)
-	addr, served := serve(t, a, context.Background())
-	f := <-coord
-	f.expect(wire.TypeReady)
-	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
-		t.Fatalf("GET /: %q %v", body, err)
-	}
+	g := serveSupervised(t, 2, "s", 5*time.Second, nil)
+	g.f.expect(wire.TypeReady)
+	getOK(t, g.addr, "")
 	// The coordinator dies and nothing answers on its socket any more.
 	if err := os.Remove(os.Getenv(EnvSocket)); err != nil {
 		t.Fatal(err)
 	}
-	f.conn.Close()
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return after the coordinator went away")
-	}
-	if !isClosed(a.draining) {
+	g.f.conn.Close()
+	expectServed(t, g.served)
+	if !isClosed(g.a.draining) {
 		t.Error("Draining() is open")
 	}
 }
@@ -688,37 +675,21 @@ func TestAgentLostCoordinatorDrains(t *testing.T) {
 // coordinator can then drain it as usual.
 func TestAgentAdopted(t *testing.T) {
 	t.Setenv(EnvAdoptTimeout, "20s")
-	coord := listenCoordinator(t, 4, "s4", wire.Msg{OK: true})
-	a := newTestAgent(t, 5*time.Second)
-	addr, served := serve(t, a, context.Background())
-	f := <-coord
-	f.expect(wire.TypeReady)
-	f.conn.Close() // the coordinator dies
-	var f2 *fakeCoordinator
-	select {
-	case f2 = <-coord:
-	case <-time.After(5 * time.Second):
-		t.Fatal("no reconnect to be adopted")
-	}
+	g := serveSupervised(t, 4, "s4", 5*time.Second, nil)
+	a, addr, served := g.a, g.addr, g.served
+	g.f.expect(wire.TypeReady)
+	g.f.conn.Close() // the coordinator dies
+	f2 := within(t, g.coord, "reconnect to be adopted")
 	if h := f2.hello; !h.Adopt || h.State != "ready" || h.Generation != 4 || h.Secret != "s4" || !h.Steerable || len(h.Addrs) == 0 {
 		t.Fatalf("adoption hello %+v: want adopt, state ready, generation 4, its secret, steerable, its addresses", h)
 	}
-	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
-		t.Fatalf("GET / while being adopted: %q %v", body, err)
-	}
+	getOK(t, addr, " while being adopted")
 	if isClosed(a.draining) {
 		t.Fatal("draining although adopted")
 	}
 	f2.command(wire.Msg{Type: wire.TypeDrain, ID: 1, TimeoutMS: 3000})
 	f2.expect(wire.TypeClosed)
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return after the new coordinator's drain")
-	}
+	expectServed(t, served)
 }
 
 // lateListener returns from Accept late once it is closed, as a busy
@@ -739,28 +710,51 @@ func (l lateListener) NetListener() net.Listener { return l.Listener }
 // A clean drain returns nil even if the server has not yet noticed that the
 // hand-over closed its listener (Shutdown then closes it a second time).
 func TestServeCleanDrainReturnsNil(t *testing.T) {
-	clearEnv(t)
-	a := newTestAgent(t, 0)
-	ln, err := a.listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := standaloneAgent(t, 0)
+	ln := listenLocal(t, a)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	served := make(chan error, 1)
-	srv := &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}
-	go func() { served <- a.serve(ctx, srv, lateListener{ln}, nil) }()
-	if body, err := getNew(ln.Addr().String(), "/"); err != nil || body != "ok" {
-		t.Fatalf("GET /: %q %v", body, err)
-	}
-	waitFor(t, 5*time.Second, "the connection to close", func() bool { return counters(a).Connections == 0 })
+	served := serveOn(ctx, a, nil, lateListener{ln})
+	getOK(t, ln.Addr().String(), "")
+	testproc.WaitFor(t, 5*time.Second, "the connection to close", func() bool { return counters(a).Connections == 0 })
 	cancel()
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("Serve returned %v after a clean drain, want nil", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return")
+	expectServed(t, served)
+}
+
+// A generation that cannot read its environment never drains, and says so:
+// Listen, Serve and Ready return the error, which names the variable, and
+// Draining says on stderr that it will never close.
+func TestBadEnvironmentIsVisible(t *testing.T) {
+	for _, tc := range []struct{ key, value string }{
+		{EnvGeneration, "two"},
+		{EnvAdoptTimeout, "soon"},
+		{EnvAdoptTimeout, "-1s"},
+		{envHandover, "fast"},
+	} {
+		t.Run(tc.key+"="+tc.value, func(t *testing.T) {
+			clearEnv(t)
+			t.Setenv(EnvSocket, "/nonexistent/rollover.sock")
+			t.Setenv(EnvGeneration, "2")
+			t.Setenv(tc.key, tc.value)
+			log := freshStd(t)
+
+			want := tc.key + "=" + fmt.Sprintf("%q", tc.value)
+			if _, err := Listen(context.Background(), "tcp", "127.0.0.1:0"); err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("Listen: %v, want an error naming %s", err, want)
+			}
+			if err := Serve(context.Background(), &http.Server{ReadHeaderTimeout: time.Second}, nil); err == nil {
+				t.Error("Serve: nil error")
+			}
+			if err := Ready(); err == nil {
+				t.Error("Ready: nil error")
+			}
+			if isClosed(Draining()) {
+				t.Error("Draining() is closed")
+			}
+			_ = Draining()
+			if got := log.String(); strings.Count(got, "\n") != 1 || !strings.Contains(got, "never close") || !strings.Contains(got, want) {
+				t.Errorf("stderr %q: want one line saying Draining never closes, naming %s", got, want)
+			}
+		})
 	}
 }

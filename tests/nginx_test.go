@@ -36,6 +36,7 @@ import (
 	"github.com/rollover-sh/rollover/rollover/wire"
 	"github.com/rollover-sh/rollover/tests/harness"
 	"github.com/rollover-sh/rollover/tests/load"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // TestNginxRollover rolls real nginx over between two configurations, under
@@ -57,11 +58,7 @@ func TestNginxRollover(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			dir := shortDir(t)
 			foreignLeaveNothing(t, dir)
-			port, err := harness.FreePort()
-			if err != nil {
-				t.Fatal(err)
-			}
-			addr := "127.0.0.1:" + strconv.Itoa(port)
+			addr := testproc.FreeAddr(t)
 			var confs [2]string
 			for i, v := range []string{"v1", "v2"} {
 				confs[i] = renderNginxConf(t, nginx, dir, v, addr)
@@ -225,10 +222,6 @@ func (rep foreignReport) check(t *testing.T, sc foreignScenario, maxLoadFailures
 func runForeignInNetns(t *testing.T, sc foreignScenario) foreignReport {
 	t.Helper()
 	prefix := unshareArgs(t)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	raw, err := json.Marshal(sc)
 	if err != nil {
 		t.Fatal(err)
@@ -236,17 +229,7 @@ func runForeignInNetns(t *testing.T, sc foreignScenario) foreignReport {
 	budget := time.Duration(sc.Rollovers)*(sc.Interval+2*time.Second) + 90*time.Second
 	ctx, cancel := context.WithTimeout(context.Background(), budget)
 	defer cancel()
-	args := append(prefix[1:], exe, "-test.run=^TestForeignAppHelper$", "-test.count=1", "-test.v",
-		"-test.timeout="+budget.String())
-	cmd := exec.CommandContext(ctx, prefix[0], args...)
-	// ROLLOVER_TEST_BIN: the binaries built for this run, so that a TestMain
-	// that honours it need not build them again in the helper.
-	cmd.Env = append(os.Environ(), envForeignScenario+"="+string(raw), "ROLLOVER_TEST_BIN="+bin)
-	// The helper drains and cleans up on SIGTERM.
-	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
-	cmd.WaitDelay = 30 * time.Second
-	out := &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = out, out
+	cmd, out := helperCommand(t, ctx, prefix, "TestForeignAppHelper", budget, envForeignScenario+"="+string(raw))
 	start := time.Now()
 	runErr := cmd.Run()
 	log, _ := os.ReadFile(sc.logPath())
@@ -282,14 +265,8 @@ func runForeignInNetns(t *testing.T, sc foreignScenario) foreignReport {
 // TestNotifyAppRollover run it in a network namespace they create, with the
 // scenario in $ROLLOVER_TEST_FOREIGN_SCENARIO.
 func TestForeignAppHelper(t *testing.T) {
-	raw := os.Getenv(envForeignScenario)
-	if raw == "" {
-		t.Skip("helper: runs only inside the network namespace that TestNginxRollover and TestNotifyAppRollover create")
-	}
 	var sc foreignScenario
-	if err := json.Unmarshal([]byte(raw), &sc); err != nil {
-		t.Fatal(err)
-	}
+	helperScenario(t, envForeignScenario, "TestNginxRollover and TestNotifyAppRollover", &sc)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	rep := sc.run(ctx, t.Logf)

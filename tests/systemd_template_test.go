@@ -14,6 +14,7 @@ import (
 
 	"github.com/rollover-sh/rollover/rollover/coordinator"
 	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // templatePath is the shipped template unit, one coordinator per instance.
@@ -45,23 +46,8 @@ func TestSystemdTemplateVerifies(t *testing.T) {
 	if err := os.WriteFile(broken, []byte(strings.Replace(unit, "[Service]\n", "[Service]\nKillMode=not-a-kill-mode\n", 1)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	brokenInstance := filepath.Join(dir, "rollover-broken@web.service")
-	out, err := exec.Command(analyze, "verify", brokenInstance).CombinedOutput()
-	if about, _ := splitVerifyOutput(out, "rollover-broken@"); len(about) == 0 {
-		envProblem(t, "systemd-analyze verify did not complain about a broken template (%v); it cannot check units here:\n%s", err, out)
-	}
-	instance := filepath.Join(dir, "rollover@web.service")
-	out, err = exec.Command(analyze, "verify", instance).CombinedOutput()
-	about, host := splitVerifyOutput(out, "rollover@")
-	for _, l := range host {
-		t.Logf("systemd-analyze (not about the unit): %s", l)
-	}
-	for _, l := range about {
-		t.Errorf("systemd-analyze verify: %s", l)
-	}
-	if err != nil && len(about) == 0 {
-		envProblem(t, "systemd-analyze verify failed for reasons outside the unit: %v\n%s", err, out)
-	}
+	systemdVerify(t, analyze, filepath.Join(dir, "rollover-broken@web.service"), "rollover-broken@",
+		filepath.Join(dir, "rollover@web.service"), "rollover@")
 
 	svc := unitSection(t, unit, "Service")
 	for key, want := range map[string]string{
@@ -139,14 +125,8 @@ func TestSystemdTemplateTwoInstances(t *testing.T) {
 	defer cancel()
 	var insts []*instance
 	for _, name := range []string{"api", "web"} {
-		app, err := harness.FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
-		metrics, err := harness.FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
+		app := freePort(t)
+		metrics := freePort(t)
 		in := &instance{name: name, out: &syncBuffer{}, exited: make(chan struct{}), vars: map[string]string{
 			"ROLLOVER_METRICS_ADDR": "127.0.0.1:" + strconv.Itoa(metrics),
 			"ROLLOVER_COMMAND":      filepath.Join(bin, "demoapp") + " -addr 127.0.0.1:" + strconv.Itoa(app) + " -version " + name,
@@ -186,7 +166,7 @@ func TestSystemdTemplateTwoInstances(t *testing.T) {
 		insts = append(insts, in)
 	}
 	for _, in := range insts {
-		waitFor(t, 20*time.Second, "rollover@"+in.name+" active", func() bool {
+		testproc.WaitFor(t, 20*time.Second, "rollover@"+in.name+" active", func() bool {
 			st, err := ctlStatus(ctx, filepath.Join(runtimeDir, "rollover", in.name+".sock"))
 			return err == nil && st.Active == 1
 		})
