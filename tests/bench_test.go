@@ -108,16 +108,11 @@ func medianF(xs []float64) float64 {
 	return s[len(s)/2]
 }
 
-// BenchmarkRolloverIdle measures a rollover of an idle service from the new
-// generation becoming active to the old one gone. The figure to reach: a p50
-// of at most the drain grace plus 100ms, which tests/bench.sh (make bench)
-// checks; over-budget counts the single rollovers beyond it.
-func BenchmarkRolloverIdle(b *testing.B) {
-	const grace, slack = 100 * time.Millisecond, 100 * time.Millisecond
-	dir := shortDir(b)
-	svc, err := harness.Start(context.Background(), harness.Config{
-		Rollover: filepath.Join(bin, "rollover"), App: filepath.Join(bin, "demoapp"), Dir: dir, DrainGrace: grace,
-	})
+// startBenchService starts a coordinator with demoapp v1 (cfg with this
+// run's binaries and a private directory) and stops it at the end.
+func startBenchService(b *testing.B, cfg harness.Config) *harness.Service {
+	cfg.Rollover, cfg.App, cfg.Dir = filepath.Join(bin, "rollover"), filepath.Join(bin, "demoapp"), shortDir(b)
+	svc, err := harness.Start(context.Background(), cfg)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -129,6 +124,16 @@ func BenchmarkRolloverIdle(b *testing.B) {
 		}
 		svc.Kill()
 	})
+	return svc
+}
+
+// BenchmarkRolloverIdle measures a rollover of an idle service from the new
+// generation becoming active to the old one gone. The figure to reach: a p50
+// of at most the drain grace plus 100ms, which tests/bench.sh (make bench)
+// checks; over-budget counts the single rollovers beyond it.
+func BenchmarkRolloverIdle(b *testing.B) {
+	const grace, slack = 100 * time.Millisecond, 100 * time.Millisecond
+	svc := startBenchService(b, harness.Config{DrainGrace: grace})
 	var drains []float64
 	over := 0
 	b.ResetTimer()
@@ -160,21 +165,7 @@ func BenchmarkRolloverIdle(b *testing.B) {
 // medians to the floor's, which tests/bench.sh (make bench) checks: SIGHUP
 // at most 1.3, next at most 1.6.
 func BenchmarkTimeToNewCode(b *testing.B) {
-	dir := shortDir(b)
-	svc, err := harness.Start(context.Background(), harness.Config{
-		Rollover: filepath.Join(bin, "rollover"), App: filepath.Join(bin, "demoapp"), Dir: dir,
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if err := svc.Stop(ctx); err != nil {
-			b.Error(err)
-		}
-		svc.Kill()
-	})
+	svc := startBenchService(b, harness.Config{})
 	var floor, hup, next []float64
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
