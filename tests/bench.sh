@@ -11,16 +11,25 @@
 #   - an idle rollover, active to the old generation gone, p50
 #     (BenchmarkRolloverIdle's "drain-ms/p50"): at most its drain grace
 #     ("grace-ms") plus BENCH_IDLE_SLACK_MS (100);
+#   - time to new code, from the request to the first answer of the new
+#     generation, the median over NEW_CODE_ROLLOVERS (25) rollovers each
+#     (BenchmarkTimeToNewCode), against fork + exec of the same demoapp
+#     standalone, measured in the same run: SIGHUP to the coordinator at
+#     most BENCH_MAX_SIGHUP_RATIO (1.3) times that, `rollover next` at most
+#     BENCH_MAX_NEXT_RATIO (1.6) times;
 #   - every run that must not fail (the benchmarks, the steered stress and
 #     wrk/ab runs) exits 0. The naive hand-over runs are there to fail.
-# Set BENCH_MIN_RATIO or BENCH_IDLE_SLACK_MS to see a miss; ROLLOVERS (100)
-# sets the length of the stress runs.
+# Set BENCH_MIN_RATIO, BENCH_IDLE_SLACK_MS or a BENCH_MAX_*_RATIO to see a
+# miss; ROLLOVERS (100) sets the length of the stress runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 S=./bin/rollover-stress
 ROLLOVERS=${ROLLOVERS:-100}
 MIN_RATIO=${BENCH_MIN_RATIO:-0.97}
 IDLE_SLACK_MS=${BENCH_IDLE_SLACK_MS:-100}
+NEW_CODE_ROLLOVERS=${NEW_CODE_ROLLOVERS:-25}
+MAX_SIGHUP_RATIO=${BENCH_MAX_SIGHUP_RATIO:-1.3}
+MAX_NEXT_RATIO=${BENCH_MAX_NEXT_RATIO:-1.6}
 
 misses=()
 miss() {
@@ -61,9 +70,14 @@ benchout=$(mktemp)
 trap 'rm -f "$benchout"' EXIT
 
 section "1. requests/s, library vs plain net/http (same handler, alternating 1s rounds), and idle rollover time"
-go test -run '^$' -bench . -benchtime 15x ./tests/ 2>&1 | tee "$benchout" | grep --line-buffered -E '^Benchmark|^ok|FAIL|^ +[a-z_]+\.go:[0-9]+:'
-rc=${PIPESTATUS[0]}
-if [ "$rc" -ne 0 ]; then miss "the benchmarks exited $rc"; fi
+# bench PATTERN N: the benchmarks matching PATTERN, N iterations each,
+# their output kept in $benchout.
+bench() {
+	go test -run '^$' -bench "$1" -benchtime "$2x" ./tests/ 2>&1 | tee -a "$benchout" | grep --line-buffered -E '^Benchmark|^ok|FAIL|^ +[a-z_]+\.go:[0-9]+:'
+	local rc=${PIPESTATUS[0]}
+	if [ "$rc" -ne 0 ]; then miss "the benchmarks $1 exited $rc"; fi
+}
+bench '^Benchmark(Overhead|RolloverIdle)$' 15
 for ka in true false; do
 	b="BenchmarkOverhead/keepalive=$ka"
 	r=$(metric "$b" ratio)
@@ -88,6 +102,24 @@ else
 		miss "$b p50 ${p50}ms > grace ${grace}ms + ${IDLE_SLACK_MS}ms"
 	fi
 fi
+
+section "1b. time to new code: request to the first answer of the new generation, $NEW_CODE_ROLLOVERS rollovers each"
+bench '^BenchmarkTimeToNewCode$' "$NEW_CODE_ROLLOVERS"
+b=BenchmarkTimeToNewCode
+printf '%-34s %8s %8s %8s\n' "ms" p50 p10 p90
+for w in "fork:fork + exec, standalone (floor)" "sighup:SIGHUP to the coordinator" "next:rollover next (from its fork)"; do
+	printf '%-34s %8s %8s %8s\n' "${w#*:}" "$(metric $b "${w%%:*}-ms/p50")" "$(metric $b "${w%%:*}-ms/p10")" "$(metric $b "${w%%:*}-ms/p90")"
+done
+for w in "sighup:$MAX_SIGHUP_RATIO" "next:$MAX_NEXT_RATIO"; do
+	r=$(metric $b "${w%%:*}/fork")
+	if [ -z "$r" ]; then
+		miss "$b reported no ${w%%:*}/fork"
+	elif holds "$r" '<=' "${w#*:}"; then
+		echo "target met: $b ${w%%:*} p50 / fork p50 = $r <= ${w#*:}"
+	else
+		miss "$b ${w%%:*} p50 / fork p50 = $r > ${w#*:}"
+	fi
+done
 
 section "2. stress: $ROLLOVERS rollovers every 0.5s, 32 clients, new connection per request (steered hand-over)"
 stress -rollovers "$ROLLOVERS" -interval 500ms -slow 4

@@ -24,8 +24,9 @@ const (
 	// ReadyNotify: the app speaks systemd's notify protocol; the coordinator
 	// gives each generation its own NOTIFY_SOCKET and waits for READY=1.
 	ReadyNotify = "notify"
-	// ReadyListen: the generation is ready when its process tree owns a
-	// listening socket on Launch.Addr, as /proc shows it.
+	// ReadyListen: the generation is ready when its process tree (its
+	// process and their descendants) owns a listening socket on
+	// Launch.Addr, as /proc shows it.
 	ReadyListen = "listen"
 )
 
@@ -173,35 +174,38 @@ func parseAddr(addr string) (net.IP, int, error) {
 	return ip, p, nil
 }
 
-// listening reports whether a process in the group pgid owns a listening TCP
-// socket on addr, from /proc/net/tcp{,6} and the processes' fds.
-func listening(pgid int, addr string) bool {
-	ip, port, err := parseAddr(addr)
+// listening reports whether pid or one of its descendants owns a TCP socket
+// that listens on ip:port: the listeners from the kernel (sock_diag, or, where
+// that is missing, pid's own /proc/PID/net/tcp{,6}), their owners from the
+// tree's fds. It reads only the generation's own processes, never all of
+// /proc.
+func listening(pid int, ip net.IP, port int) bool {
+	inodes, err := listenInodes(ip, port)
 	if err != nil {
-		return false
+		fs, err := procfs.NewFS("/proc/" + strconv.Itoa(pid))
+		if err != nil {
+			return false // gone
+		}
+		inodes = listeningInodes(fs, ip, port)
 	}
-	fs, err := procfs.NewDefaultFS()
-	if err != nil {
-		return false
-	}
-	inodes := listeningInodes(fs, ip, port)
 	if len(inodes) == 0 {
 		return false
 	}
-	procs, err := fs.AllProcs()
-	if err != nil {
-		return false
-	}
-	for _, p := range procs {
-		if st, err := p.Stat(); err != nil || st.PGRP != pgid {
+	for _, p := range tree(pid) {
+		proc, err := procfs.NewProc(p)
+		if err != nil {
 			continue
 		}
-		targets, err := p.FileDescriptorTargets()
+		targets, err := proc.FileDescriptorTargets()
 		if err != nil {
 			continue
 		}
 		for _, t := range targets {
-			if inode, ok := strings.CutPrefix(t, "socket:["); ok && inodes[strings.TrimSuffix(inode, "]")] {
+			inode, ok := strings.CutPrefix(t, "socket:[")
+			if !ok {
+				continue
+			}
+			if n, err := strconv.ParseUint(strings.TrimSuffix(inode, "]"), 10, 64); err == nil && inodes[n] {
 				return true
 			}
 		}
@@ -209,13 +213,42 @@ func listening(pgid int, addr string) bool {
 	return false
 }
 
+// maxTree bounds the processes tree looks at.
+const maxTree = 1024
+
+// tree returns pid and its descendants, parents first, from each thread's
+// /proc/PID/task/TID/children (nginx's workers, say, are children of its
+// master).
+func tree(pid int) []int {
+	out := []int{pid}
+	for i := 0; i < len(out) && len(out) < maxTree; i++ {
+		dir := "/proc/" + strconv.Itoa(out[i]) + "/task"
+		tasks, err := os.ReadDir(dir)
+		if err != nil {
+			continue // gone
+		}
+		for _, t := range tasks {
+			b, err := os.ReadFile(dir + "/" + t.Name() + "/children")
+			if err != nil {
+				continue
+			}
+			for _, f := range strings.Fields(string(b)) {
+				if c, err := strconv.Atoi(f); err == nil && len(out) < maxTree {
+					out = append(out, c)
+				}
+			}
+		}
+	}
+	return out
+}
+
 // tcpListen is TCP_LISTEN, the state of a listening socket in /proc/net/tcp.
 const tcpListen = 0x0A
 
 // listeningInodes returns the inodes of TCP sockets in LISTEN state on port
 // whose local address matches ip (any when ip is nil or unspecified).
-func listeningInodes(fs procfs.FS, ip net.IP, port int) map[string]bool {
-	out := map[string]bool{}
+func listeningInodes(fs procfs.FS, ip net.IP, port int) map[uint64]bool {
+	out := map[uint64]bool{}
 	for _, read := range []func() (procfs.NetTCP, error){fs.NetTCP, fs.NetTCP6} {
 		lines, err := read()
 		if err != nil {
@@ -228,22 +261,26 @@ func listeningInodes(fs procfs.FS, ip net.IP, port int) map[string]bool {
 			if ip != nil && !ip.IsUnspecified() && !l.LocalAddr.Equal(ip) && !l.LocalAddr.IsUnspecified() {
 				continue
 			}
-			out[strconv.FormatUint(l.Inode, 10)] = true
+			out[l.Inode] = true
 		}
 	}
 	return out
 }
 
-// waitListening looks every 25ms until the group owns a listener on addr
-// (want true) or owns none (want false), or until stop is closed or d
-// passes. /proc has no event to wait for.
-func waitListening(pgid int, addr string, want bool, d time.Duration, stop <-chan struct{}) bool {
+// waitListening looks every 25ms until pid's process tree owns a listener
+// on addr (want true) or owns none (want false), or until stop is closed or
+// d passes. /proc has no event to wait for.
+func waitListening(pid int, addr string, want bool, d time.Duration, stop <-chan struct{}) bool {
+	ip, port, err := parseAddr(addr) // once: a host name is resolved here
+	if err != nil {
+		return false
+	}
 	deadline := time.NewTimer(d)
 	defer deadline.Stop()
 	tick := time.NewTicker(25 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		if listening(pgid, addr) == want {
+		if listening(pid, ip, port) == want {
 			return true
 		}
 		select {
