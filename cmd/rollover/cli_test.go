@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -158,5 +159,19 @@ func TestPhase(t *testing.T) {
 		if got := phase(&tc.st); got != tc.want {
 			t.Errorf("phase(%+v) = %q, want %q", tc.st, got, tc.want)
 		}
+	}
+}
+
+// The README's picture of next --wait's live drain line is what the
+// printer draws for the same numbers.
+func TestReadmeDrainLine(t *testing.T) {
+	raw, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	d := &drainProgress{gen: 3, inflight: 2, conns: 5, maxConns: 20, since: now.Add(-1200 * time.Millisecond)}
+	if want := "\n" + d.line(now) + "\n"; !strings.Contains(string(raw), want) {
+		t.Errorf("the README does not show the live drain line as drawn: %q", strings.TrimSpace(want))
 	}
 }
