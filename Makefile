@@ -9,7 +9,7 @@ BINDIR  ?= $(PREFIX)/bin
 DATADIR ?= $(PREFIX)/share
 INSTALL ?= install
 
-.PHONY: all build test unit fuzz bench demo lint clean install uninstall
+.PHONY: all build test unit fuzz bench demo lint readme clean install uninstall
 
 all: build
 
@@ -60,6 +60,10 @@ unit:
 fuzz:
 	$(GO) test -run='^$$' -fuzz=FuzzDecode -fuzztime=5s ./rollover/wire/
 	$(GO) test -run='^$$' -fuzz=FuzzReader -fuzztime=5s ./rollover/wire/
+
+# Rewrite the README's sample outputs from real runs (make test checks them).
+readme:
+	$(GO) test -count=1 -run TestReadmeOutputs ./tests/ -update
 
 lint:
 	@out="$$(gofmt -l .)"; if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

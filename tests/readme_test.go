@@ -189,8 +189,8 @@ func TestReadmeCLIMatchesHelp(t *testing.T) {
 
 // The README's sample outputs come from real runs (TestReadmeOutputs): a
 // block right after a line `<!-- output: NAME -->` is what the run named
-// NAME printed, normalised (readmeNorm). `go test ./tests/ -run
-// TestReadmeOutputs -update` rewrites those blocks from a new run.
+// NAME printed, normalised (readmeNorm). `make readme` (go test -run
+// TestReadmeOutputs ./tests/ -update) rewrites those blocks from a new run.
 var updateReadme = flag.Bool("update", false, "rewrite the README's sample outputs from this run (TestReadmeOutputs)")
 
 var outputMarker = regexp.MustCompile("(?m)^<!-- output: ([a-z0-9-]+) -->\n```[^\n]*\n")
@@ -255,7 +255,7 @@ func TestReadmeOutputs(t *testing.T) {
 		case !ok:
 			t.Errorf("README has no block marked <!-- output: %s -->; it would be:\n%s", name, want)
 		case readme[b[0]:b[1]] != want:
-			t.Errorf("README's output %s differs from a real run (go test ./tests/ -run TestReadmeOutputs -update rewrites it)\nREADME:\n%s\nrun:\n%s", name, readme[b[0]:b[1]], want)
+			t.Errorf("README's output %s differs from a real run (make readme rewrites it)\nREADME:\n%s\nrun:\n%s", name, readme[b[0]:b[1]], want)
 		}
 	}
 	for name := range blocks {
