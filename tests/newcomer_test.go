@@ -184,7 +184,6 @@ func TestMetricsAddrErrors(t *testing.T) {
 // SO_REUSEPORT) ends with one clear line, and its log says nothing about
 // draining or a stop.
 func TestFailedStartSaysItOnce(t *testing.T) {
-	t.Skip("needs coordinator change: (*Coordinator).shutdown logs \"draining 0 generations (max …; Ctrl-C again to force)\" and \"stopped: every generation drained\" when Run's generation 1 fails (rollover/coordinator/coordinator.go, shutdown)")
 	held, err := net.Listen("tcp", "127.0.0.1:0") // SO_REUSEADDR, not SO_REUSEPORT
 	if err != nil {
 		t.Fatal(err)
