@@ -9,14 +9,23 @@ BINDIR  ?= $(PREFIX)/bin
 DATADIR ?= $(PREFIX)/share
 INSTALL ?= install
 
-.PHONY: all build test unit fuzz bench demo lint clean install uninstall
+.PHONY: all build test unit fuzz bench demo lint readme clean install uninstall
 
 all: build
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./cmd/...
 
-# rollover and its shell completions (bash-completion, zsh, fish look there).
+# What deploy/ ships, rendered for BINDIR and installed under
+# $(DATADIR)/rollover/, not where systemd, supervisord or sysctl.d would pick
+# it up: the units and the program are examples for an app "api" (its user,
+# binary and port), so installing them must not enable anything. Copy the
+# one you want into /etc (each file's header says how).
+DEPLOYDIR ?= $(DATADIR)/rollover
+DEPLOY    := systemd/rollover-api.service systemd/rollover@.service supervisor/rollover-api.conf sysctl/90-rollover.conf
+
+# rollover, its shell completions (bash-completion, zsh, fish look there) and
+# the deploy files above.
 install:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/rollover ./cmd/rollover
 	mkdir -p bin/completion
@@ -29,10 +38,17 @@ install:
 	$(INSTALL) -m 0644 bin/completion/rollover.bash $(DESTDIR)$(DATADIR)/bash-completion/completions/rollover
 	$(INSTALL) -m 0644 bin/completion/_rollover $(DESTDIR)$(DATADIR)/zsh/site-functions/_rollover
 	$(INSTALL) -m 0644 bin/completion/rollover.fish $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/rollover.fish
+	set -e; for f in $(DEPLOY); do \
+		$(INSTALL) -d $(DESTDIR)$(DEPLOYDIR)/$$(dirname $$f); \
+		sed 's|/usr/local/bin/rollover\b|$(BINDIR)/rollover|g' deploy/$$f > $(DESTDIR)$(DEPLOYDIR)/$$f; \
+		chmod 0644 $(DESTDIR)$(DEPLOYDIR)/$$f; \
+	done
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/rollover $(DESTDIR)$(DATADIR)/bash-completion/completions/rollover \
 		$(DESTDIR)$(DATADIR)/zsh/site-functions/_rollover $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/rollover.fish
+	rm -f $(addprefix $(DESTDIR)$(DEPLOYDIR)/,$(DEPLOY))
+	-rmdir $(DESTDIR)$(DEPLOYDIR)/systemd $(DESTDIR)$(DEPLOYDIR)/supervisor $(DESTDIR)$(DEPLOYDIR)/sysctl $(DESTDIR)$(DEPLOYDIR) 2>/dev/null
 
 # Everything: lint, every test with the race detector, and a short fuzz of the
 # protocol decoder.
@@ -44,6 +60,10 @@ unit:
 fuzz:
 	$(GO) test -run='^$$' -fuzz=FuzzDecode -fuzztime=5s ./rollover/wire/
 	$(GO) test -run='^$$' -fuzz=FuzzReader -fuzztime=5s ./rollover/wire/
+
+# Rewrite the README's sample outputs from real runs (make test checks them).
+readme:
+	$(GO) test -count=1 -run TestReadmeOutputs ./tests/ -update
 
 lint:
 	@out="$$(gofmt -l .)"; if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

@@ -14,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
 
 	"github.com/rollover-sh/rollover/rollover/coordinator"
 	"github.com/rollover-sh/rollover/rollover/wire"
@@ -70,12 +71,26 @@ type globals struct {
 }
 
 // socketPath resolves --socket, ROLLOVER_SOCKET and --name, in that order.
-func (g *globals) socketPath() string {
+// A path too long to bind or dial is a usage error, the same for every
+// command: the kernel would only say "invalid argument".
+func (g *globals) socketPath() (string, error) {
+	path, from := g.resolveSocket()
+	if len(path) > maxSocketPath {
+		return "", usageErr("control socket %s (from %s) is %d bytes, over the %d-byte limit of a Unix socket path; pass a shorter --socket", path, from, len(path), maxSocketPath)
+	}
+	return path, nil
+}
+
+// maxSocketPath is the longest Unix socket path: sun_path less its NUL.
+var maxSocketPath = len(unix.RawSockaddrUnix{}.Path) - 1
+
+// resolveSocket is the socket path and where it came from.
+func (g *globals) resolveSocket() (path, from string) {
 	if g.socket != "" {
-		return g.socket
+		return g.socket, "--socket"
 	}
 	if s := os.Getenv("ROLLOVER_SOCKET"); s != "" {
-		return s
+		return s, "$ROLLOVER_SOCKET"
 	}
 	system := filepath.Join("/run/rollover", g.name+".sock")
 	if x := os.Getenv("XDG_RUNTIME_DIR"); x != "" {
@@ -85,12 +100,12 @@ func (g *globals) socketPath() string {
 		// exists.
 		if _, err := os.Stat(user); err != nil {
 			if _, err := os.Stat(system); err == nil {
-				return system
+				return system, "--name"
 			}
 		}
-		return user
+		return user, "$XDG_RUNTIME_DIR and --name"
 	}
-	return system
+	return system, "--name"
 }
 
 // Help text shared by the commands.

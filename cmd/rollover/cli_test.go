@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -29,6 +30,8 @@ func TestRunExitCodes(t *testing.T) {
 		{[]string{"start", "--adopt-wait", "0s", "--", "true"}, 2, "--adopt-wait must be a positive duration"},
 		{[]string{"start", "-drain-timeout", "1s", "--", "true"}, 2, "long flags take two dashes: --drain-timeout"},
 		{[]string{"next", "--socket", "/nonexistent/x.sock"}, 3, "no coordinator at /nonexistent/x.sock"},
+		{[]string{"status", "--socket", "/" + strings.Repeat("x", 107)}, 2, "is 108 bytes, over the 107-byte limit of a Unix socket path; pass a shorter --socket"},
+		{[]string{"start", "--metrics-addr", ":99999", "--", "true"}, 2, `--metrics-addr :99999: "99999" is not a port`},
 	}
 	for _, tc := range cases {
 		var out, errOut bytes.Buffer
@@ -134,5 +137,41 @@ func TestWatcherHistory(t *testing.T) {
 	}
 	if len(w.recent) != 2 || w.recent[0].result != "failed" || w.recent[1].result != "ok" || w.recent[1].from != 1 || w.recent[1].drain != 2*time.Second {
 		t.Errorf("history %+v %+v", *w.recent[0], *w.recent[1])
+	}
+}
+
+// The phase line follows the status: nothing when idle, then a starting or
+// ready generation, a canary, a bake, and the old generation leaving.
+func TestPhase(t *testing.T) {
+	gen := func(n int, state string) wire.GenStatus { return wire.GenStatus{Generation: n, State: state} }
+	for _, tc := range []struct {
+		st   wire.Status
+		want string
+	}{
+		{wire.Status{Active: 1, Generations: []wire.GenStatus{gen(1, "active")}}, ""},
+		{wire.Status{Active: 1, InProgress: true, Generations: []wire.GenStatus{gen(1, "active"), gen(2, "starting")}}, "starting gen 2, waiting until it is ready"},
+		{wire.Status{Active: 1, InProgress: true, Baking: 2, Generations: []wire.GenStatus{gen(1, "active"), gen(2, "ready")}}, "gen 2 ready, steering new connections to it"},
+		{wire.Status{Active: 1, InProgress: true, Baking: 2, CanaryWeight: 10, Generations: []wire.GenStatus{gen(1, "active"), gen(2, "ready")}}, "canary: gen 2 takes 10% of new connections, gen 1 the rest"},
+		{wire.Status{Active: 2, InProgress: true, Baking: 2, CanaryWeight: 100, Generations: []wire.GenStatus{gen(1, "draining"), gen(2, "active")}}, "baking gen 2: gen 1 takes the port back if it fails"},
+		{wire.Status{Active: 3, InProgress: true, Baking: 3, Generations: []wire.GenStatus{gen(1, "draining"), gen(2, "draining"), gen(3, "active")}}, "baking gen 3: gen 2 takes the port back if it fails"},
+		{wire.Status{Active: 2, InProgress: true, Generations: []wire.GenStatus{gen(1, "draining"), gen(2, "active")}}, "handing over: gen 1 leaves the port to gen 2"},
+	} {
+		if got := phase(&tc.st); got != tc.want {
+			t.Errorf("phase(%+v) = %q, want %q", tc.st, got, tc.want)
+		}
+	}
+}
+
+// The README's picture of next --wait's live drain line is what the
+// printer draws for the same numbers.
+func TestReadmeDrainLine(t *testing.T) {
+	raw, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	d := &drainProgress{gen: 3, inflight: 2, conns: 5, maxConns: 20, since: now.Add(-1200 * time.Millisecond)}
+	if want := "\n" + d.line(now) + "\n"; !strings.Contains(string(raw), want) {
+		t.Errorf("the README does not show the live drain line as drawn: %q", strings.TrimSpace(want))
 	}
 }

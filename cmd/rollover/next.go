@@ -129,7 +129,8 @@ the active generation unless given.`,
 		c.Short = "Roll over to the previous generation's command line"
 		c.Long = `Roll over to the command line of the generation before the active one, the
 way ` + "`rollover next`" + ` does: the previous command starts as a new generation,
-becomes active once ready, and the active one drains.`
+becomes active once ready, and the active one drains. Right after "started
+gen N", a line names the command line it restores.`
 		c.Example = `  rollover rollback --wait`
 		c.Annotations["exit"] = fmt.Sprintf(exit, ", no previous generation")
 		c.Args = noArgs
@@ -177,7 +178,11 @@ func runNext(g *globals, o *nextOpts, typ string, cmd *cobra.Command, argv []str
 		}
 		argv[0] = abs
 	}
-	c, err := dial(g.socketPath())
+	socket, err := g.socketPath()
+	if err != nil {
+		return err
+	}
+	c, err := dial(socket)
 	if err != nil {
 		return err
 	}
@@ -185,16 +190,42 @@ func runNext(g *globals, o *nextOpts, typ string, cmd *cobra.Command, argv []str
 	stdout := cmd.OutOrStdout()
 	if o.asJSON {
 		enc := json.NewEncoder(stdout)
-		_, err = c.do(req, func(e wire.Event) { _ = enc.Encode(e) })
+		_, err = c.do(req, restores(typ, socket, func(e wire.Event) { _ = enc.Encode(e) }))
 		return err
 	}
 	p := newPhasePrinter(stdout, o.wait && isTerminal(stdout))
-	_, err = c.do(req, p.event)
+	_, err = c.do(req, restores(typ, socket, p.event))
 	p.finish()
 	if err == nil {
 		fmt.Fprintln(stdout, "done")
 	}
 	return err
+}
+
+// restores wraps onEvent for a rollback: right after "started gen N" it
+// adds an info event naming the command line gen N runs, the previous
+// generation's, which only the coordinator knew. Its status still lists
+// gen N then; if gen N is already gone, the failure says so instead.
+func restores(typ, socket string, onEvent func(wire.Event)) func(wire.Event) {
+	if typ != wire.TypeRollback {
+		return onEvent
+	}
+	return func(e wire.Event) {
+		onEvent(e)
+		if e.Phase != wire.PhaseStarted {
+			return
+		}
+		st, err := status(socket)
+		if err != nil {
+			return
+		}
+		for _, g := range st.Generations {
+			if g.Generation == e.Generation {
+				onEvent(wire.Event{Phase: wire.PhaseInfo, Generation: g.Generation,
+					Text: fmt.Sprintf("gen %d restores the previous command line: %s", g.Generation, strings.Join(g.Argv, " "))})
+			}
+		}
+	}
 }
 
 // phasePrinter prints a rollover's events one line each. In live mode (a

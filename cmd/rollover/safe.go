@@ -132,7 +132,11 @@ prints the rest.`,
 		Args:              noArgs,
 		ValidArgsFunction: cobra.NoFileCompletions,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := dial(g.socketPath())
+			socket, err := g.socketPath()
+			if err != nil {
+				return err
+			}
+			c, err := dial(socket)
 			if err != nil {
 				return err
 			}

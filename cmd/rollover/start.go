@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -104,8 +105,12 @@ func (o *startOpts) validate(c *cobra.Command) error {
 		return err
 	}
 	if o.metricsAddr != "" {
-		if _, _, err := net.SplitHostPort(o.metricsAddr); err != nil {
+		_, port, err := net.SplitHostPort(o.metricsAddr)
+		if err != nil {
 			return usageErr("--metrics-addr must be HOST:PORT (or \"\" to turn it off), not %q", o.metricsAddr)
+		}
+		if _, err := net.LookupPort("tcp", port); err != nil {
+			return usageErr("--metrics-addr %s: %q is not a port (0 to 65535; 0 picks a free one)", o.metricsAddr, port)
 		}
 	}
 	switch o.logFormat {
@@ -125,7 +130,10 @@ func runStart(ctx context.Context, g *globals, o *startOpts, cmd *cobra.Command,
 		return err
 	}
 	log := slog.New(logHandler(cmd.ErrOrStderr(), o.logFormat))
-	socket := g.socketPath()
+	socket, err := g.socketPath()
+	if err != nil {
+		return err
+	}
 	cfg := coordinator.Config{
 		Argv: argv, Socket: socket, ReadyTimeout: o.readyTimeout, DrainTimeout: o.drainTimeout,
 		DrainGrace: o.drainGrace, KillGrace: o.killGrace, Log: log, AdoptWait: o.adoptWait, AdoptTimeout: o.adoptTimeout,
@@ -148,7 +156,7 @@ func runStart(ctx context.Context, g *globals, o *startOpts, cmd *cobra.Command,
 			return err
 		}
 		defer srv.Close()
-		log.Info("metrics", "addr", "http://"+o.metricsAddr+"/metrics")
+		log.Info("metrics", "addr", "http://"+srv.Addr+"/metrics")
 	}
 
 	stopSignals := make(chan os.Signal, 3)
@@ -221,12 +229,16 @@ func serveMetrics(addr string, c *coordinator.Coordinator) (*http.Server, error)
 		}, func() float64 { return 1 }),
 	)
 	ln, err := net.Listen("tcp", addr)
-	if err != nil {
+	if errors.Is(err, syscall.EADDRINUSE) {
 		return nil, fmt.Errorf("metrics: listen on %s: %w (another coordinator there? give each its own --metrics-addr, or --metrics-addr \"\" to turn it off)", addr, unwrapSyscall(err))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("metrics: listen on %s: %w", addr, unwrapSyscall(err))
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(c.Gatherer(reg), promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	// Addr is where it listens: with port 0, the one the kernel picked.
+	srv := &http.Server{Addr: ln.Addr().String(), Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
 	return srv, nil
 }

@@ -29,7 +29,10 @@ func newStatusCmd(g *globals) *cobra.Command {
 		Short: "Show generations, states, pids, in-flight counts and tcp_migrate_req",
 		Long: `Show the coordinator and its live generations: state (starting, ready, active,
 draining), pid, in-flight requests, open connections, requests served, whether
-the generation can be steered, uptime and command line.
+the generation can be steered, uptime and command line. While a rollover is
+under way, a phase line says where it stands: the generation starting, a
+canary and its share of new connections, or a bake and which generation
+takes the port back if it fails.
 
 With --watch, keep showing it every --interval until Ctrl-C: in a terminal the
 screen is redrawn in place, with a bar for each draining generation's
@@ -52,12 +55,16 @@ interval and one per rollover phase seen.`,
 			if cmd.Flags().Changed("interval") && !o.watch {
 				return usageErr("--interval goes with --watch")
 			}
+			socket, err := g.socketPath()
+			if err != nil {
+				return err
+			}
 			if o.watch {
 				ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 				defer stop()
-				return watch(ctx, g.socketPath(), o, cmd.OutOrStdout())
+				return watch(ctx, socket, o, cmd.OutOrStdout())
 			}
-			st, err := status(g.socketPath())
+			st, err := status(socket)
 			if err != nil {
 				return err
 			}
@@ -90,6 +97,9 @@ func migrateReq(st *wire.Status) string {
 func printStatus(w io.Writer, st *wire.Status, now time.Time) error {
 	fmt.Fprintf(w, "coordinator pid %d, socket %s, active gen %d, rollover in progress: %v, tcp_migrate_req=%s\n",
 		st.PID, st.Socket, st.Active, st.InProgress, migrateReq(st))
+	if p := phase(st); p != "" {
+		fmt.Fprintf(w, "phase: %s\n", p)
+	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tIN-FLIGHT\tCONNS\tREQUESTS\tSTEERED\tUPTIME\tCOMMAND")
 	for _, g := range st.Generations {
@@ -102,6 +112,41 @@ func printStatus(w io.Writer, st *wire.Status, now time.Time) error {
 			now.Sub(g.StartedAt).Round(time.Second), strings.Join(g.Argv, " "))
 	}
 	return tw.Flush()
+}
+
+// phase says where the rollover under way stands, from what the status
+// holds: a canary's weight, a bake, a generation starting or ready, or the
+// old one leaving the port. "" when none is under way.
+func phase(st *wire.Status) string {
+	if !st.InProgress && st.Baking == 0 && st.CanaryWeight == 0 {
+		return ""
+	}
+	old := 0 // the generation the rollover replaces
+	for _, g := range st.Generations {
+		if g.State == "draining" && (st.Baking == 0 || g.Generation < st.Baking) {
+			old = max(old, g.Generation)
+		}
+	}
+	switch {
+	case st.CanaryWeight > 0 && st.CanaryWeight < 100 && st.Baking > 0:
+		return fmt.Sprintf("canary: gen %d takes %d%% of new connections, gen %d the rest", st.Baking, st.CanaryWeight, st.Active)
+	case st.Baking > 0 && st.Baking == st.Active && old > 0:
+		return fmt.Sprintf("baking gen %d: gen %d takes the port back if it fails", st.Baking, old)
+	case st.Baking > 0 && st.Baking == st.Active:
+		return fmt.Sprintf("baking gen %d", st.Baking)
+	}
+	for _, g := range st.Generations {
+		switch g.State {
+		case "starting":
+			return fmt.Sprintf("starting gen %d, waiting until it is ready", g.Generation)
+		case "ready":
+			return fmt.Sprintf("gen %d ready, steering new connections to it", g.Generation)
+		}
+	}
+	if old > 0 {
+		return fmt.Sprintf("handing over: gen %d leaves the port to gen %d", old, st.Active)
+	}
+	return "rolling over"
 }
 
 // isTerminal reports whether w is a terminal.
@@ -143,7 +188,11 @@ coordinator exits. stop returns once it has.`,
 		Args:              noArgs,
 		ValidArgsFunction: cobra.NoFileCompletions,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := dial(g.socketPath())
+			socket, err := g.socketPath()
+			if err != nil {
+				return err
+			}
+			c, err := dial(socket)
 			if err != nil {
 				return err
 			}

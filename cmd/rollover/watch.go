@@ -22,6 +22,9 @@ func watch(ctx context.Context, socket string, o *statusOpts, out io.Writer) err
 	enc := json.NewEncoder(out)
 	t := time.NewTimer(o.interval)
 	defer t.Stop()
+	// Polls come faster while a rollover is under way; lines (and JSON
+	// objects) still come once per interval, plus one per phase seen.
+	var printed time.Time
 	for first := true; ; first = false {
 		st, err := status(socket)
 		if err != nil {
@@ -32,8 +35,11 @@ func watch(ctx context.Context, socket string, o *statusOpts, out io.Writer) err
 		}
 		now := time.Now()
 		events := w.observe(st, now)
+		due := first || len(events) > 0 || now.Sub(printed) >= o.interval
 		switch {
+		case !due && !tty:
 		case o.asJSON:
+			printed = now
 			if err := enc.Encode(st); err != nil {
 				return err
 			}
@@ -61,8 +67,11 @@ func watch(ctx context.Context, socket string, o *statusOpts, out io.Writer) err
 			for _, e := range events {
 				fmt.Fprintf(out, "%s %s\n", stamp, e)
 			}
-			if _, err := fmt.Fprintf(out, "%s %s\n", stamp, w.summary(st, now)); err != nil {
-				return err
+			if now.Sub(printed) >= o.interval {
+				printed = now
+				if _, err := fmt.Fprintf(out, "%s %s\n", stamp, w.summary(st, now)); err != nil {
+					return err
+				}
 			}
 		}
 		// While a rollover is under way, look more often, so its ready
@@ -282,16 +291,12 @@ func (w *watcher) summary(st *wire.Status, now time.Time) string {
 	return strings.Join(parts, " | ")
 }
 
-// bakeCanary says which generation bakes and a canary's weight, if any.
+// bakeCanary is the phase after a comma, "" when no rollover is under way.
 func bakeCanary(st *wire.Status) string {
-	var s string
-	if st.Baking > 0 {
-		s += fmt.Sprintf(", baking gen %d", st.Baking)
+	if p := phase(st); p != "" {
+		return ", " + p
 	}
-	if st.CanaryWeight > 0 {
-		s += fmt.Sprintf(", canary %d%%", st.CanaryWeight)
-	}
-	return s
+	return ""
 }
 
 func yesNo(b bool) string {
