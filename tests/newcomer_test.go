@@ -18,6 +18,7 @@ import (
 
 	"github.com/rollover-sh/rollover/rollover/wire"
 	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // Plain `status` shows the phase: a bake (held open with --bake 1h, ended
@@ -64,7 +65,7 @@ func TestStatusShowsPhase(t *testing.T) {
 	if code := canary.wait(t, 20*time.Second); code != 1 {
 		t.Errorf("aborted canary: next exit %d, want 1", code)
 	}
-	waitFor(t, 20*time.Second, "the rollover to end", func() bool {
+	testproc.WaitFor(t, 20*time.Second, "the rollover to end", func() bool {
 		st, err := svc.Status(ctx)
 		return err == nil && !st.InProgress
 	})
