@@ -36,15 +36,14 @@ type remoteSocket struct {
 // listenersOf returns the listening TCP sockets held by pid's process tree,
 // on port (0: any), one entry per socket.
 func listenersOf(pid, port int) ([]remoteSocket, error) {
-	lines, ok := tcpSockets("/proc/"+strconv.Itoa(pid), tcpListen)
-	if !ok {
-		return nil, fmt.Errorf("no /proc/%d/net/tcp", pid)
+	// Generations share the coordinator's network namespace.
+	lines, err := listenSockets(port)
+	if err != nil {
+		return nil, err
 	}
 	listening := map[uint64]string{}
 	for _, l := range lines {
-		if port == 0 || int(l.localPort) == port {
-			listening[l.inode] = net.JoinHostPort(l.localAddr.String(), strconv.FormatUint(l.localPort, 10))
-		}
+		listening[l.inode] = net.JoinHostPort(l.localAddr.String(), strconv.FormatUint(l.localPort, 10))
 	}
 	root, err := procfs.NewDefaultFS()
 	if err != nil {
@@ -223,7 +222,17 @@ func (c *Coordinator) orderRemote(ctx context.Context, g *gen, socks []remoteSoc
 // queued is how many connections wait in the accept queues of socks, or
 // -1 when none of them listens any more.
 func queued(pid int, socks []remoteSocket) int {
-	lines, _ := tcpSockets("/proc/"+strconv.Itoa(pid), tcpListen)
+	if _, err := os.Stat("/proc/" + strconv.Itoa(pid)); err != nil || len(socks) == 0 {
+		return -1 // gone
+	}
+	port := 0
+	if _, p, err := net.SplitHostPort(socks[0].addr); err == nil {
+		port, _ = strconv.Atoi(p)
+	}
+	lines, err := listenSockets(port)
+	if err != nil {
+		return -1
+	}
 	n, found := 0, false
 	for _, l := range lines {
 		for _, s := range socks {

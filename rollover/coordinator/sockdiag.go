@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net"
+	"slices"
 	"syscall"
 	"time"
 
@@ -19,12 +20,39 @@ import (
 func listenInodes(ip net.IP, port int) (map[uint64]bool, error) {
 	out := map[uint64]bool{}
 	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
-		if err := diagListeners(family, uint16(port), func(local net.IP, inode uint64) {
-			if ip == nil || ip.IsUnspecified() || local.IsUnspecified() || local.Equal(ip) {
-				out[inode] = true
+		if err := diagListeners(family, uint16(port), func(s tcpSocket) {
+			if ip == nil || ip.IsUnspecified() || s.localAddr.IsUnspecified() || s.localAddr.Equal(ip) {
+				out[s.inode] = true
 			}
 		}); err != nil {
 			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// listenSockets returns the TCP sockets that listen on port (0: any) in
+// this network namespace, from sock_diag, or from /proc/net/tcp{,6} where
+// sock_diag is missing.
+func listenSockets(port int) ([]tcpSocket, error) {
+	var out []tcpSocket
+	var errs []error
+	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		if err := diagListeners(family, uint16(port), func(s tcpSocket) { out = append(out, s) }); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) < 2 {
+		return out, nil // IPv6 may be off
+	}
+	socks, ok := tcpSockets("/proc", tcpListen)
+	if !ok {
+		return nil, fmt.Errorf("listening sockets: %v; no /proc/net/tcp", errs[0])
+	}
+	out = out[:0]
+	for _, s := range socks {
+		if port == 0 || int(s.localPort) == port {
+			out = append(out, s)
 		}
 	}
 	return out, nil
@@ -37,12 +65,13 @@ const (
 	sizeofDiagMsg = 72
 	diagMsgSport  = 4  // idiag_sport, big-endian
 	diagMsgSrc    = 8  // idiag_src[4], big-endian words
+	diagMsgRqueue = 56 // idiag_rqueue: a listener's accept queue
 	diagMsgInode  = 68 // idiag_inode
 )
 
-// diagListeners calls each with the local address and inode of every TCP
-// socket of family that listens on port.
-func diagListeners(family uint8, port uint16, each func(local net.IP, inode uint64)) error {
+// diagListeners calls each with every TCP socket of family that listens on
+// port (0: any): its local address and port, accept queue and inode.
+func diagListeners(family uint8, port uint16, each func(s tcpSocket)) error {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
 	if err != nil {
 		return fmt.Errorf("sock_diag: %w", err)
@@ -86,14 +115,15 @@ func diagListeners(family uint8, port uint16, each func(local net.IP, inode uint
 				return fmt.Errorf("sock_diag: error reply")
 			}
 			d := m.Data
-			if len(d) < sizeofDiagMsg || binary.BigEndian.Uint16(d[diagMsgSport:]) != port {
+			if len(d) < sizeofDiagMsg || (port != 0 && binary.BigEndian.Uint16(d[diagMsgSport:]) != port) {
 				continue
 			}
-			local := net.IP(d[diagMsgSrc : diagMsgSrc+16])
+			local := net.IP(slices.Clone(d[diagMsgSrc : diagMsgSrc+16]))
 			if family == unix.AF_INET {
-				local = net.IP(d[diagMsgSrc : diagMsgSrc+4])
+				local = net.IP(slices.Clone(d[diagMsgSrc : diagMsgSrc+4]))
 			}
-			each(local, uint64(binary.NativeEndian.Uint32(d[diagMsgInode:])))
+			each(tcpSocket{state: tcpListen, localAddr: local, localPort: uint64(binary.BigEndian.Uint16(d[diagMsgSport:])),
+				rxQueue: uint64(binary.NativeEndian.Uint32(d[diagMsgRqueue:])), inode: uint64(binary.NativeEndian.Uint32(d[diagMsgInode:]))})
 		}
 	}
 	return fmt.Errorf("sock_diag: no end of the dump")

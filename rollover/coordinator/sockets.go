@@ -163,14 +163,17 @@ func strays(addrs []string, ours []int) ([]stray, error) {
 	if err != nil {
 		return nil, err
 	}
-	listening, _ := tcpSockets("/proc", tcpListen)
 	sockets := map[uint64]string{} // inode → local address
-	for _, l := range listening {
-		ips, ok := want[int(l.localPort)]
-		if !ok || !slices.ContainsFunc(ips, func(ip net.IP) bool { return overlaps(ip, l.localAddr) }) {
-			continue
+	for port, ips := range want {
+		listening, err := listenSockets(port)
+		if err != nil {
+			return nil, err
 		}
-		sockets[l.inode] = net.JoinHostPort(l.localAddr.String(), strconv.FormatUint(l.localPort, 10))
+		for _, l := range listening {
+			if slices.ContainsFunc(ips, func(ip net.IP) bool { return overlaps(ip, l.localAddr) }) {
+				sockets[l.inode] = net.JoinHostPort(l.localAddr.String(), strconv.FormatUint(l.localPort, 10))
+			}
+		}
 	}
 	if len(sockets) == 0 {
 		return nil, nil
