@@ -146,6 +146,39 @@ func newWatcher(interval time.Duration, now time.Time) *watcher {
 
 // observe takes one status and returns what changed since the last, as
 // lines for a log.
+// observeGone forgets the generations no longer live and says how each
+// one ended: a failed rollover, or a drain that is over.
+func (w *watcher) observeGone(live map[int]bool, now time.Time) []string {
+	var events []string
+	var gone []int
+	for n := range w.gens {
+		if !live[n] {
+			gone = append(gone, n)
+		}
+	}
+	slices.Sort(gone)
+	for _, n := range gone {
+		sg := w.gens[n]
+		delete(w.gens, n)
+		if r := sg.rollover; r != nil && r.result == "in progress" {
+			r.result = "failed"
+			events = append(events, fmt.Sprintf("gen %d failed: gone before it was active", n))
+		}
+		for _, r := range w.recent {
+			if r.from == n && !r.drained {
+				start := r.activeAt
+				if !sg.drainSince.IsZero() && sg.drainSince.Before(start) {
+					start = sg.drainSince
+				}
+				r.drainStart, r.drained = start, true
+				r.drain = max(now.Sub(start), time.Millisecond)
+				events = append(events, fmt.Sprintf("gen %d drained after ≤%s", n, fmtDur(r.drain)))
+			}
+		}
+	}
+	return events
+}
+
 func (w *watcher) observe(st *wire.Status, now time.Time) []string {
 	var events, drains []string
 	live := map[int]bool{}
@@ -187,32 +220,7 @@ func (w *watcher) observe(st *wire.Status, now time.Time) []string {
 		}
 	}
 	events = append(events, drains...)
-	var gone []int
-	for n := range w.gens {
-		if !live[n] {
-			gone = append(gone, n)
-		}
-	}
-	slices.Sort(gone)
-	for _, n := range gone {
-		sg := w.gens[n]
-		delete(w.gens, n)
-		if r := sg.rollover; r != nil && r.result == "in progress" {
-			r.result = "failed"
-			events = append(events, fmt.Sprintf("gen %d failed: gone before it was active", n))
-		}
-		for _, r := range w.recent {
-			if r.from == n && !r.drained {
-				start := r.activeAt
-				if !sg.drainSince.IsZero() && sg.drainSince.Before(start) {
-					start = sg.drainSince
-				}
-				r.drainStart, r.drained = start, true
-				r.drain = max(now.Sub(start), time.Millisecond)
-				events = append(events, fmt.Sprintf("gen %d drained after ≤%s", n, fmtDur(r.drain)))
-			}
-		}
-	}
+	events = append(events, w.observeGone(live, now)...)
 	if r := st.LastReport; r != nil && r.RolledBack {
 		for _, seen := range w.recent {
 			if seen.gen == r.Generation && seen.result != "rolled back" {

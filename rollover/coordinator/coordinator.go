@@ -404,7 +404,11 @@ func (c *Coordinator) reportSteering(v view) {
 }
 
 // Reload rolls over to the active command line again (SIGHUP, SIGUSR2).
-func (c *Coordinator) Reload() {
+func (c *Coordinator) Reload() { c.rollAgain("reload") }
+
+// rollAgain rolls over to the active (or last active) command line, as a
+// task, and logs why it failed (what: reload, restart).
+func (c *Coordinator) rollAgain(what string) {
 	c.tasks.Go(func(context.Context) {
 		r, err := c.begin(rolloverReq{}, nil)
 		if err == nil {
@@ -412,7 +416,7 @@ func (c *Coordinator) Reload() {
 			err = r.err
 		}
 		if err != nil {
-			c.log.Error("reload failed", "err", err)
+			c.log.Error(what+" failed", "err", err)
 		}
 	})
 }

@@ -103,18 +103,7 @@ func (c *Coordinator) processEnded(g *gen, err error) {
 }
 
 // restart rolls over to the last active command line.
-func (c *Coordinator) restart() {
-	c.tasks.Go(func(context.Context) {
-		r, err := c.begin(rolloverReq{}, nil)
-		if err == nil {
-			<-r.settled
-			err = r.err
-		}
-		if err != nil {
-			c.log.Error("restart failed", "err", err)
-		}
-	})
-}
+func (c *Coordinator) restart() { c.rollAgain("restart") }
 
 // watchReady makes g ready the way its launch says; the library's ready
 // message arrives on the control socket instead.
