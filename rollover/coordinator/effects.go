@@ -70,9 +70,9 @@ func (c *Coordinator) kill(g *gen) {
 
 // cut counts the TCP connections g still holds, as the kernel sees them,
 // then kills it: a hung generation reports no stats of its own.
-func (c *Coordinator) cut(g *gen) {
+func (c *Coordinator) cut(g *gen, port int) {
 	c.tasks.Go(func(context.Context) {
-		if n, ok := establishedConns(g.pid); ok {
+		if n, ok := establishedConns(g.pid, port); ok {
 			c.post(evCounted{g: g, conns: n})
 		}
 		c.kill(g)

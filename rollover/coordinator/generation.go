@@ -8,10 +8,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -88,6 +90,19 @@ func newGen(n int, l Launch) *gen {
 		g.steerErr = "the app does not link the rollover library (--ready=" + l.Ready + ")"
 	}
 	return g
+}
+
+// port is the port g serves (0: unknown): from its listeners' addresses,
+// or its --addr. Owner only.
+func (g *gen) port() int {
+	for _, a := range append(slices.Clone(g.addrs), g.launch.Addr) {
+		if _, p, err := net.SplitHostPort(a); err == nil {
+			if n, err := strconv.Atoi(p); err == nil && n > 0 {
+				return n
+			}
+		}
+	}
+	return 0
 }
 
 func closeOnce(ch chan struct{}) {

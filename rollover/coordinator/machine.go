@@ -358,10 +358,10 @@ type effects struct {
 	// drain signal) without blocking; conn is its control connection,
 	// remote the sockets the coordinator steers for it.
 	order func(g *gen, conn *peerConn, remote []remoteSocket)
-	// cut counts the connections g holds (evCounted), then ends it:
-	// SIGTERM to its process group, SIGKILL after the kill grace. It never
-	// blocks.
-	cut func(g *gen)
+	// cut counts the connections g holds on port (evCounted; 0: any port),
+	// then ends it: SIGTERM to its process group, SIGKILL after the kill
+	// grace. It never blocks.
+	cut func(g *gen, port int)
 	// kill ends g like cut, without counting.
 	kill func(g *gen)
 	// signal sends sig to g's process group.
@@ -862,7 +862,7 @@ func (m *machine) drainTimedOut(g *gen) {
 	m.fx.metrics.ForcedDrains.Inc()
 	g.killed = true
 	m.fx.log.Warn("drain timed out; killing", "gen", g.n, "pid", g.pid, "drain_timeout", m.fx.drainTimeout)
-	m.fx.cut(g)
+	m.fx.cut(g, g.port())
 }
 
 func (m *machine) drainAll() {

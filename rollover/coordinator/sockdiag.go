@@ -72,6 +72,12 @@ const (
 // diagListeners calls each with every TCP socket of family that listens on
 // port (0: any): its local address and port, accept queue and inode.
 func diagListeners(family uint8, port uint16, each func(s tcpSocket)) error {
+	return diagSockets(family, tcpListen, port, each)
+}
+
+// diagSockets calls each with every TCP socket of family in state whose
+// local port is port (0: any).
+func diagSockets(family uint8, state uint64, port uint16, each func(s tcpSocket)) error {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
 	if err != nil {
 		return fmt.Errorf("sock_diag: %w", err)
@@ -87,8 +93,8 @@ func diagListeners(family uint8, port uint16, each func(s tcpSocket)) error {
 	binary.NativeEndian.PutUint16(req[6:], unix.NLM_F_REQUEST|unix.NLM_F_DUMP)
 	r := req[unix.NLMSG_HDRLEN:]
 	r[0], r[1] = family, unix.IPPROTO_TCP
-	binary.NativeEndian.PutUint32(r[4:], 1<<tcpListen) // idiag_states
-	binary.BigEndian.PutUint16(r[8:], port)            // id.idiag_sport: the kernel skips other ports
+	binary.NativeEndian.PutUint32(r[4:], 1<<state) // idiag_states
+	binary.BigEndian.PutUint16(r[8:], port)        // id.idiag_sport: the kernel skips other ports
 	if err := unix.Sendto(fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return fmt.Errorf("sock_diag: %w", err)
 	}
@@ -122,7 +128,7 @@ func diagListeners(family uint8, port uint16, each func(s tcpSocket)) error {
 			if family == unix.AF_INET {
 				local = net.IP(slices.Clone(d[diagMsgSrc : diagMsgSrc+4]))
 			}
-			each(tcpSocket{state: tcpListen, localAddr: local, localPort: uint64(binary.BigEndian.Uint16(d[diagMsgSport:])),
+			each(tcpSocket{state: state, localAddr: local, localPort: uint64(binary.BigEndian.Uint16(d[diagMsgSport:])),
 				rxQueue: uint64(binary.NativeEndian.Uint32(d[diagMsgRqueue:])), inode: uint64(binary.NativeEndian.Uint32(d[diagMsgInode:]))})
 		}
 	}

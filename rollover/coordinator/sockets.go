@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/prometheus/procfs"
+	"golang.org/x/sys/unix"
 )
 
 // This file reads sockets and their owners through procfs: which processes
@@ -105,10 +106,12 @@ func parseTCPLine(f [][]byte) (tcpSocket, error) {
 // tcpEstablished is TCP_ESTABLISHED, as /proc/net/tcp shows it.
 const tcpEstablished = 0x01
 
-// establishedConns counts the established TCP connections that pid holds
-// open, from its fds and its own /proc/PID/net/tcp{,6}; ok is false when
-// /proc cannot tell.
-func establishedConns(pid int) (int64, bool) {
+// establishedConns counts the established TCP connections on port that
+// pid holds open (its fds, and the kernel's sockets from sock_diag, or
+// /proc/PID/net/tcp{,6} where sock_diag is missing); ok is false when the
+// kernel cannot tell. It is quick however many connections the host has:
+// it runs just before a hung generation is killed.
+func establishedConns(pid, port int) (int64, bool) {
 	p, err := procfs.NewProc(pid)
 	if err != nil {
 		return 0, false
@@ -117,11 +120,26 @@ func establishedConns(pid int) (int64, bool) {
 	if err != nil {
 		return 0, false
 	}
-	socks, ok := tcpSockets("/proc/"+strconv.Itoa(pid), tcpEstablished)
 	var n int64
-	for _, l := range socks {
-		if mine[l.inode] {
+	count := func(s tcpSocket) {
+		if mine[s.inode] {
 			n++
+		}
+	}
+	failed := 0
+	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		if err := diagSockets(family, tcpEstablished, uint16(port), count); err != nil {
+			failed++
+		}
+	}
+	if failed < 2 {
+		return n, true
+	}
+	n = 0
+	socks, ok := tcpSockets("/proc/"+strconv.Itoa(pid), tcpEstablished)
+	for _, s := range socks {
+		if port == 0 || int(s.localPort) == port {
+			count(s)
 		}
 	}
 	return n, ok
