@@ -456,7 +456,8 @@ func (s *readmeSession) cleanup() {
 	}
 	pids := s.norm.generationPIDs()
 	for _, p := range pids {
-		if strings.Contains(foreignCmdline(p), s.dir) {
+		// Ours, not a process that took a pid since: it runs in s.dir.
+		if cwd, err := os.Readlink("/proc/" + strconv.Itoa(p) + "/cwd"); err == nil && cwd == s.dir {
 			_ = syscall.Kill(p, syscall.SIGKILL)
 		}
 	}
