@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"net"
 	"os"
 	"strconv"
@@ -29,9 +30,12 @@ func Control(network, address string, c syscall.RawConn) error {
 
 // Steer attaches the classic-BPF program "ret index" to the reuseport group
 // of ln, replacing any program the group had. Call it only on a listening
-// socket.
-func Steer(ln net.Listener, index uint32) error {
-	prog := []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: index}}
+// socket. An index below 0 or past a program's 32-bit operand is an error.
+func Steer(ln net.Listener, index int) error {
+	if index < 0 || index > math.MaxUint32 {
+		return fmt.Errorf("reuse: steer: index %d is out of range (0 to %d)", index, uint32(math.MaxUint32))
+	}
+	prog := []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: uint32(index)}}
 	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
 	err := withFD(ln, func(fd int) error {
 		return unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_CBPF, &fprog)
@@ -53,15 +57,18 @@ const (
 
 // SteerWeighted attaches a canary program to the reuseport group of ln: each
 // new connection goes to index 1 with probability weight/100 and to index 0
-// otherwise. weight 0 is "ret 0" and 100 (or more) "ret 1", as Steer. It is
-// classic BPF, so it needs no privilege:
+// otherwise. weight 0 is "ret 0" and 100 "ret 1", as Steer; a weight
+// below 0 or above 100 is an error. It is classic BPF, so it needs no
+// privilege:
 //
 //	ld [SKF_AD_OFF+SKF_AD_RANDOM]; mod #100; jge #weight → ret 0, else ret 1
 func SteerWeighted(ln net.Listener, weight int) error {
 	switch {
-	case weight <= 0:
+	case weight < 0 || weight > 100:
+		return fmt.Errorf("reuse: steer: weight %d%% is out of range (0 to 100)", weight)
+	case weight == 0:
 		return Steer(ln, 0)
-	case weight >= 100:
+	case weight == 100:
 		return Steer(ln, 1)
 	}
 	prog := []unix.SockFilter{

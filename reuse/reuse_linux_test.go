@@ -91,23 +91,22 @@ func TestSteer(t *testing.T) {
 			t.Fatalf("%s: accepts %v, want all 50 on %s", desc, counts, want)
 		}
 	}
+	// steer attaches "ret index" through ln and checks where connections go.
+	steer := func(ln net.Listener, index int, desc, want string) {
+		t.Helper()
+		if err := reuse.Steer(ln, index); err != nil {
+			t.Fatal(err)
+		}
+		step(desc, want)
+	}
 
-	if err := reuse.Steer(a, 0); err != nil {
-		t.Fatal(err)
-	}
-	step("ret 0", "A")
+	steer(a, 0, "ret 0", "A")
 	// Either member may attach: the program belongs to the group.
-	if err := reuse.Steer(b, 1); err != nil {
-		t.Fatal(err)
-	}
-	step("ret 1", "B")
+	steer(b, 1, "ret 1", "B")
 	// The kernel moves B into A's slot; ret 1 is out of range and hashes.
 	a.Close()
 	step("ret 1 after A left", "B")
-	if err := reuse.Steer(b, 0); err != nil {
-		t.Fatal(err)
-	}
-	step("ret 0 after A left", "B")
+	steer(b, 0, "ret 0 after A left", "B")
 	if err := reuse.Detach(b); err != nil {
 		t.Fatal(err)
 	}
@@ -120,14 +119,32 @@ func TestSteer(t *testing.T) {
 	// B took A's slot, so the next generation joins at index 1.
 	c := listen(t, addr)
 	go acceptLoop(c, "C", got)
-	if err := reuse.Steer(c, 0); err != nil {
-		t.Fatal(err)
+	steer(c, 0, "ret 0 after C joined", "B")
+	steer(c, 1, "ret 1 after C joined", "C")
+}
+
+// An index or a weight out of range is an error that names it; the ends of
+// the ranges are valid.
+func TestSteerRange(t *testing.T) {
+	ln := listen(t, "127.0.0.1:0")
+	for _, tc := range []struct {
+		what string
+		err  error
+	}{
+		{"index -1", reuse.Steer(ln, -1)},
+		{"index 2^32", reuse.Steer(ln, 1<<32)},
+		{"weight -1", reuse.SteerWeighted(ln, -1)},
+		{"weight 101", reuse.SteerWeighted(ln, 101)},
+	} {
+		if tc.err == nil || !strings.Contains(tc.err.Error(), "out of range") {
+			t.Errorf("%s: %v, want an out-of-range error", tc.what, tc.err)
+		}
 	}
-	step("ret 0 after C joined", "B")
-	if err := reuse.Steer(c, 1); err != nil {
-		t.Fatal(err)
+	for _, i := range []int{0, 1<<32 - 1} {
+		if err := reuse.Steer(ln, i); err != nil {
+			t.Errorf("Steer(%d): %v", i, err)
+		}
 	}
-	step("ret 1 after C joined", "C")
 }
 
 // A canary weight sends its share of new connections to index 1: 10% of

@@ -18,7 +18,7 @@ func Control(network, address string, c syscall.RawConn) error {
 }
 
 // Steer returns an error wrapping ErrUnsupported.
-func Steer(ln net.Listener, index uint32) error { return unsupported("reuseport bpf") }
+func Steer(ln net.Listener, index int) error { return unsupported("reuseport bpf") }
 
 // SteerWeighted returns an error wrapping ErrUnsupported.
 func SteerWeighted(ln net.Listener, weight int) error { return unsupported("reuseport bpf") }

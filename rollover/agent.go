@@ -30,11 +30,13 @@ const (
 	// keeps serving while it waits to be adopted by a new one (default
 	// DefaultAdoptTimeout); after that it drains and exits.
 	EnvAdoptTimeout = "ROLLOVER_ADOPT_TIMEOUT"
-	// EnvHandover=naive turns the zero-drop hand-over off: no steering, the
-	// listener is closed at once and the server shut down at once. It exists
-	// only to show what the hand-over prevents (make bench, tests).
-	EnvHandover = "ROLLOVER_HANDOVER"
 )
+
+// envHandover=naive turns the zero-drop hand-over off: no steering, the
+// listener is closed at once and the server shut down at once. It is no
+// API: it exists only to show what the hand-over prevents (cmd/demoapp
+// -naive for make bench, and tests), which set the variable by its string.
+const envHandover = "ROLLOVER_HANDOVER"
 
 // Defaults for a drain that no coordinator parameterised (standalone mode).
 var (
@@ -64,7 +66,7 @@ type config struct {
 	socket     string // the coordinator's control socket; empty runs standalone
 	generation int
 	secret     string
-	naive      bool // EnvHandover=naive
+	naive      bool // envHandover=naive
 	// adoptTimeout: see EnvAdoptTimeout; 0 drains as soon as the
 	// coordinator is lost.
 	adoptTimeout time.Duration
@@ -73,15 +75,27 @@ type config struct {
 	drainTimeout time.Duration
 }
 
-// envConfig reads the variables the coordinator sets for a generation.
+// envConfig reads the variables the coordinator sets for a generation. A
+// variable that is set but wrong is an error that names it: the generation
+// must not run on a setting it did not understand.
 func envConfig() (config, error) {
 	c := config{
 		socket:       os.Getenv(EnvSocket),
 		secret:       os.Getenv(EnvSecret),
-		naive:        os.Getenv(EnvHandover) == "naive",
 		adoptTimeout: DefaultAdoptTimeout,
 	}
-	if d, err := time.ParseDuration(os.Getenv(EnvAdoptTimeout)); err == nil && d >= 0 {
+	switch v := os.Getenv(envHandover); v {
+	case "":
+	case "naive":
+		c.naive = true
+	default:
+		return config{}, fmt.Errorf("rollover: %s=%q: want naive or nothing", envHandover, v)
+	}
+	if v := os.Getenv(EnvAdoptTimeout); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 {
+			return config{}, fmt.Errorf("rollover: %s=%q is not a duration of 0 or more (such as 30s)", EnvAdoptTimeout, v)
+		}
 		c.adoptTimeout = d
 	}
 	if c.socket == "" {

@@ -61,6 +61,15 @@
 //	drain deadline what is left is cut and counted as forced
 //	Serve returns  once the connections are gone (then srv.Shutdown); nil
 //
+// Serve takes srv over: it replaces srv.Handler with a counting handler
+// around the app's (http.DefaultServeMux when nil) and sets
+// srv.TLSNextProto when nil, to serve HTTP/2 itself.
+//
+// If the library cannot start (a ROLLOVER_* variable it cannot read, a
+// coordinator that is unreachable or refuses the generation), Listen,
+// Serve, ServeTLS and Ready return the error, and Draining, which then never
+// closes, says so on stderr.
+//
 // The functions of this package share one agent per process, made from the
 // coordinator's environment variables on first use: the coordinator sees a
 // generation as a process.

@@ -22,7 +22,7 @@ func (a *agent) ready() error {
 		lns := a.snapshotListeners()
 		if a.cfg.naive {
 			lns = nil
-			m.Steerable, m.SteerError = false, EnvHandover+"=naive"
+			m.Steerable, m.SteerError = false, envHandover+"=naive"
 		}
 		if len(lns) == 0 && !a.cfg.naive {
 			m.Steerable, m.SteerError = false, "no listener from rollover.Listen or rollover.Serve"

@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
 	"reflect"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -53,14 +55,28 @@ func Ready() error {
 // HTTP/1.x responses say Connection: close and its HTTP/2 connections get
 // GOAWAY, and it returns once its connections are done. Whatever is still
 // open at the drain deadline is closed and reported as forced.
+//
+// If the library could not start (a ROLLOVER_* variable it cannot read, a
+// coordinator that is unreachable or refused this generation), nothing
+// will ever be drained, so the channel never closes: Listen, Serve, ServeTLS
+// and Ready return that error, and the first call of Draining says it on
+// stderr. An app that waits on Draining checks the error of its Listen.
 func Draining() <-chan struct{} {
 	a, err := std()
 	if err != nil {
-		// Never closed: an agent that failed to start never drains.
+		drainingFailed.Do(func() {
+			fmt.Fprintf(stderr, "rollover: Draining will never close: %v\n", err)
+		})
 		return make(chan struct{})
 	}
 	return a.draining
 }
+
+// drainingFailed says once that Draining cannot fire.
+var drainingFailed sync.Once
+
+// stderr is where the library says what the app should know; a test seam.
+var stderr io.Writer = os.Stderr
 
 // Generation is this process's generation number, 0 when standalone.
 func Generation() int {
@@ -94,6 +110,13 @@ func ListenAndServe(addr string, handler http.Handler) error {
 // HTTP/2 (TLS h2, h2c through srv.Protocols, and h2c through an x/net
 // h2c.NewHandler given as srv.Handler) is served by the library, unless
 // the app set srv.TLSNextProto itself.
+//
+// Serve changes srv: it replaces srv.Handler with the library's handler
+// around it (around http.DefaultServeMux when srv.Handler is nil), which
+// counts the requests and says Connection: close during a drain, and it
+// sets srv.TLSNextProto when that is nil. Set srv.Handler before Serve,
+// and do not serve srv again elsewhere: a second Serve of the same srv
+// would count its requests twice.
 func Serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	a, err := std()
 	if err != nil {

@@ -111,7 +111,7 @@ func testHandler() http.Handler {
 // clearEnv unsets, for the test, the variables a coordinator would set.
 func clearEnv(t *testing.T) {
 	t.Helper()
-	for _, k := range []string{EnvSocket, EnvGeneration, EnvSecret, EnvAdoptTimeout, EnvHandover} {
+	for _, k := range []string{EnvSocket, EnvGeneration, EnvSecret, EnvAdoptTimeout, envHandover} {
 		t.Setenv(k, "")
 	}
 }
@@ -463,7 +463,7 @@ func listenCoordinator(t *testing.T, gen int, secret string, welcome wire.Msg) <
 	t.Setenv(EnvSocket, sock)
 	t.Setenv(EnvGeneration, fmt.Sprint(gen))
 	t.Setenv(EnvSecret, secret)
-	t.Setenv(EnvHandover, "")
+	t.Setenv(envHandover, "")
 	// Every connection the generation makes (a reconnect to be adopted
 	// included) is delivered as its own fake.
 	ch := make(chan *fakeCoordinator, 4)
@@ -634,13 +634,25 @@ func TestAgentWithCoordinator(t *testing.T) {
 	}
 }
 
+// freshStd gives the test a default agent of its own, made from the
+// environment on first use, and the library's stderr in a buffer.
+func freshStd(t *testing.T) *bytes.Buffer {
+	saved, savedStderr := std, stderr
+	var log bytes.Buffer
+	std, stderr = sync.OnceValues(envAgent), &log
+	drainingFailed = sync.Once{}
+	t.Cleanup(func() {
+		std, stderr = saved, savedStderr
+		drainingFailed = sync.Once{}
+	})
+	return &log
+}
+
 // The package-level functions report a refused hello, through a default
 // agent of the test's own.
 func TestAgentRefused(t *testing.T) {
 	listenCoordinator(t, 3, "x", wire.Msg{Error: "wrong secret for generation 3"})
-	saved := std
-	std = sync.OnceValues(envAgent)
-	t.Cleanup(func() { std = saved })
+	log := freshStd(t)
 	_, err := Listen(context.Background(), "tcp", "127.0.0.1:0")
 	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "wrong secret") {
 		t.Fatalf("Listen: %v, want ErrRefused with the coordinator's reason", err)
@@ -650,6 +662,9 @@ func TestAgentRefused(t *testing.T) {
 	}
 	if isClosed(Draining()) {
 		t.Error("Draining() is closed for a refused generation")
+	}
+	if got := log.String(); !strings.Contains(got, "wrong secret") {
+		t.Errorf("stderr %q: want Draining to say the coordinator refused", got)
 	}
 }
 
@@ -762,5 +777,43 @@ func TestServeCleanDrainReturnsNil(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("Serve did not return")
+	}
+}
+
+// A generation that cannot read its environment never drains, and says so:
+// Listen, Serve and Ready return the error, which names the variable, and
+// Draining says on stderr that it will never close.
+func TestBadEnvironmentIsVisible(t *testing.T) {
+	for _, tc := range []struct{ key, value string }{
+		{EnvGeneration, "two"},
+		{EnvAdoptTimeout, "soon"},
+		{EnvAdoptTimeout, "-1s"},
+		{envHandover, "fast"},
+	} {
+		t.Run(tc.key+"="+tc.value, func(t *testing.T) {
+			clearEnv(t)
+			t.Setenv(EnvSocket, "/nonexistent/rollover.sock")
+			t.Setenv(EnvGeneration, "2")
+			t.Setenv(tc.key, tc.value)
+			log := freshStd(t)
+
+			want := tc.key + "=" + fmt.Sprintf("%q", tc.value)
+			if _, err := Listen(context.Background(), "tcp", "127.0.0.1:0"); err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("Listen: %v, want an error naming %s", err, want)
+			}
+			if err := Serve(context.Background(), &http.Server{ReadHeaderTimeout: time.Second}, nil); err == nil {
+				t.Error("Serve: nil error")
+			}
+			if err := Ready(); err == nil {
+				t.Error("Ready: nil error")
+			}
+			if isClosed(Draining()) {
+				t.Error("Draining() is closed")
+			}
+			_ = Draining()
+			if got := log.String(); strings.Count(got, "\n") != 1 || !strings.Contains(got, "never close") || !strings.Contains(got, want) {
+				t.Errorf("stderr %q: want one line saying Draining never closes, naming %s", got, want)
+			}
+		})
 	}
 }

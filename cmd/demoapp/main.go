@@ -58,7 +58,8 @@ func main() {
 		return
 	}
 	if *naive {
-		os.Setenv(rollover.EnvHandover, "naive")
+		// The library's benchmark knob; no API, so set by its name.
+		os.Setenv("ROLLOVER_HANDOVER", "naive")
 	}
 	if err := rollover.ListenAndServe(*addr, h); err != nil {
 		fmt.Fprintf(os.Stderr, "demoapp: %v\n", err)
