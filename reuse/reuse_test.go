@@ -7,8 +7,13 @@ import (
 	"syscall"
 	"testing"
 
+	"go.uber.org/goleak"
+
 	"github.com/rollover-sh/rollover/reuse"
 )
+
+// TestMain fails the run if a test leaves a goroutine behind.
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // listen opens a reuse listener on addr and skips the test where the
 // platform has no SO_REUSEPORT support.

@@ -167,6 +167,14 @@ type agent struct {
 
 	doneOnce sync.Once
 	finished chan struct{} // closed once the final counters are reported
+
+	// report asks statsLoop to report the counters now (a health
+	// crossing), not at the next tick.
+	report chan struct{}
+	// wg holds every goroutine the agent starts; done waits for them. Each
+	// is started by the agent's own goroutines or before done, never
+	// after it.
+	wg sync.WaitGroup
 }
 
 // newAgent makes an agent; with a socket, it connects to the coordinator
@@ -182,6 +190,7 @@ func newAgent(cfg config) (*agent, error) {
 		draining: make(chan struct{}),
 		cut:      make(chan struct{}),
 		finished: make(chan struct{}),
+		report:   make(chan struct{}, 1),
 		own:      prometheus.NewRegistry(),
 	}
 	latency := metrics.NewLatency()
@@ -199,8 +208,8 @@ func newAgent(cfg config) (*agent, error) {
 		return nil, err
 	}
 	a.setConn(conn)
-	go a.readLoop(conn, r)
-	go a.statsLoop()
+	a.wg.Go(func() { a.readLoop(conn, r) })
+	a.wg.Go(a.statsLoop)
 	return a, nil
 }
 
@@ -251,10 +260,16 @@ func (a *agent) hello(extra wire.Msg) (net.Conn, *wire.Reader, error) {
 	return conn, r, nil
 }
 
-func (a *agent) setConn(c net.Conn) {
+// setConn makes c the connection to the coordinator. Once the agent is
+// done it refuses, and reports false: done has closed the last one.
+func (a *agent) setConn(c net.Conn) bool {
 	a.wmu.Lock()
+	defer a.wmu.Unlock()
+	if a.isFinished() {
+		return false
+	}
 	a.conn = c
-	a.wmu.Unlock()
+	return true
 }
 
 func (a *agent) send(m wire.Msg) error {
@@ -288,8 +303,9 @@ func (a *agent) statsLoop() {
 		case <-a.finished:
 			return
 		case <-t.C:
-			_ = a.send(wire.Msg{Type: wire.TypeStats, Stats: a.stats()})
+		case <-a.report:
 		}
+		_ = a.send(wire.Msg{Type: wire.TypeStats, Stats: a.stats()})
 	}
 }
 
@@ -304,15 +320,17 @@ func (a *agent) readLoop(conn net.Conn, r *wire.Reader) {
 			}
 			a.wmu.Unlock()
 			if !a.isFinished() {
-				go a.orphaned(err)
+				a.wg.Go(func() { a.orphaned(err) })
 			}
 			return
 		}
 		switch m.Type {
 		case wire.TypeSteer:
-			go a.ack(m.ID, a.steer(m.Weight, m.Health))
+			err := a.steer(m.Weight, m.Health)
+			a.wg.Go(func() { a.ack(m.ID, err) })
 		case wire.TypePin:
-			go a.ack(m.ID, a.pin())
+			err := a.pin()
+			a.wg.Go(func() { a.ack(m.ID, err) })
 		case wire.TypeRelease:
 			// In order, before the next command: a resume must find the
 			// release done.
@@ -320,7 +338,7 @@ func (a *agent) readLoop(conn net.Conn, r *wire.Reader) {
 		case wire.TypeResume:
 			a.ack(m.ID, a.resume())
 		case wire.TypeMetrics:
-			go a.answerMetrics(m.ID)
+			a.wg.Go(func() { a.answerMetrics(m.ID) })
 		case wire.TypeDrain:
 			a.ack(m.ID, nil)
 			a.drain(drainOrder{
@@ -355,6 +373,8 @@ func (a *agent) orphaned(cause error) {
 func (a *agent) awaitAdoption(window time.Duration) bool {
 	expired := time.NewTimer(window)
 	defer expired.Stop()
+	retry := time.NewTicker(adoptRetry)
+	defer retry.Stop()
 	for {
 		if a.rejoin() {
 			fmt.Fprintf(os.Stderr, "rollover: adopted by a new coordinator\n")
@@ -365,7 +385,7 @@ func (a *agent) awaitAdoption(window time.Duration) bool {
 			return true
 		case <-expired.C:
 			return false
-		case <-time.After(adoptRetry):
+		case <-retry.C:
 		}
 	}
 }
@@ -390,8 +410,11 @@ func (a *agent) rejoin() bool {
 	if err != nil {
 		return false
 	}
-	a.setConn(conn)
-	go a.readLoop(conn, r)
+	if !a.setConn(conn) {
+		conn.Close() // done meanwhile: nothing is left to adopt
+		return true
+	}
+	a.wg.Go(func() { a.readLoop(conn, r) })
 	return true
 }
 
@@ -430,11 +453,21 @@ func (a *agent) answerMetrics(id uint64) {
 	_ = a.send(m)
 }
 
-// done reports the final counters once and ends the agent's own goroutines;
-// the process exits right after.
+// done reports the final counters once, closes the connection to the
+// coordinator and ends the agent's own goroutines, and returns once they
+// have all exited; the process exits right after.
 func (a *agent) done() {
 	a.doneOnce.Do(func() {
+		a.wmu.Lock()
 		close(a.finished)
+		a.wmu.Unlock()
 		_ = a.send(wire.Msg{Type: wire.TypeDone, Stats: a.stats()})
+		a.wmu.Lock()
+		if a.conn != nil {
+			a.conn.Close() // ends readLoop
+			a.conn = nil
+		}
+		a.wmu.Unlock()
 	})
+	a.wg.Wait()
 }

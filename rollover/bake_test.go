@@ -20,6 +20,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 
 	"github.com/rollover-sh/rollover/rollover/wire"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // An app that stops on its own the moment a drain is ordered (gRPC's
@@ -29,10 +30,7 @@ import (
 func TestListenerSafeToClose(t *testing.T) {
 	clearEnv(t)
 	a := newTestAgent(t, 5*time.Second)
-	ln, err := a.listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := listenLocal(t, a)
 	addr := ln.Addr().String()
 	accepted := make(chan net.Conn, 16)
 	loopDone := make(chan error, 1)
@@ -58,22 +56,12 @@ func TestListenerSafeToClose(t *testing.T) {
 		t.Fatalf("dial during the grace: %v", err)
 	}
 	defer c.Close()
-	select {
-	case sc := <-accepted:
-		sc.Close()
-	case <-time.After(5 * time.Second):
-		t.Fatal("the connection made during the grace was not accepted")
-	}
+	within(t, accepted, "accept of the connection made during the grace").Close()
 	if isClosed(a.draining) {
 		t.Error("Draining closed before the hand-over")
 	}
-	select {
-	case err := <-closed:
-		if err != nil {
-			t.Errorf("Close: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Close did not return after the hand-over")
+	if err := within(t, closed, "return of Close after the hand-over"); err != nil {
+		t.Errorf("Close: %v", err)
 	}
 	if !isClosed(a.draining) {
 		t.Error("Close returned before Draining")
@@ -82,13 +70,8 @@ func TestListenerSafeToClose(t *testing.T) {
 		c.Close()
 		t.Error("the port still accepts after Draining")
 	}
-	select {
-	case err := <-loopDone:
-		if !errors.Is(err, net.ErrClosed) {
-			t.Errorf("Accept after Close: %v, want net.ErrClosed", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("the accept loop did not end after Close")
+	if err := within(t, loopDone, "end of the accept loop after Close"); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("Accept after Close: %v, want net.ErrClosed", err)
 	}
 }
 
@@ -98,10 +81,7 @@ func TestListenerSafeToClose(t *testing.T) {
 func TestAcceptHoldsAfterHandOver(t *testing.T) {
 	clearEnv(t)
 	a := newTestAgent(t, 5*time.Second)
-	ln, err := a.listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := listenLocal(t, a)
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
@@ -124,23 +104,16 @@ func TestAcceptHoldsAfterHandOver(t *testing.T) {
 	case <-time.After(200 * time.Millisecond): // it must still block: a span, not a condition
 	}
 	sc.Close()
-	select {
-	case err := <-loopDone:
-		if !errors.Is(err, net.ErrClosed) {
-			t.Errorf("Accept: %v, want net.ErrClosed", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Accept did not return once the last connection closed")
+	if err := within(t, loopDone, "return of Accept once the last connection closed"); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("Accept: %v, want net.ErrClosed", err)
 	}
 }
 
 // release, resume, release again, then the drain: keep-alive stops and
 // comes back, Draining fires only on the drain.
 func TestAgentReleaseResume(t *testing.T) {
-	coord := listenCoordinator(t, 5, "s", wire.Msg{OK: true})
-	a := newTestAgent(t, 5*time.Second)
-	addr, served := serve(t, a, context.Background())
-	f := <-coord
+	g := serveSupervised(t, 5, "s", 5*time.Second, nil)
+	a, addr, served, f := g.a, g.addr, g.served, g.f
 	f.expect(wire.TypeReady)
 	ka := dialKeepAlive(t, addr)
 	ka.send(t, "/")
@@ -155,9 +128,7 @@ func TestAgentReleaseResume(t *testing.T) {
 	if isClosed(a.draining) || isClosed(a.ordered) {
 		t.Error("the release started the drain")
 	}
-	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
-		t.Errorf("GET during the bake: %q %v: the listener must stay open", body, err)
-	}
+	getOK(t, addr, " during the bake (the listener must stay open)")
 	f.command(wire.Msg{Type: wire.TypeResume, ID: 2})
 	ka2 := dialKeepAlive(t, addr)
 	ka2.send(t, "/")
@@ -175,20 +146,12 @@ func TestAgentReleaseResume(t *testing.T) {
 	if done.Stats == nil || done.Stats.R2xx != 5 || done.Stats.ForcedConnections != 0 {
 		t.Errorf("done %+v, want 5 2xx, nothing forced", done.Stats)
 	}
-	if err := <-served; err != nil {
-		t.Errorf("Serve: %v", err)
-	}
+	expectServed(t, served)
 }
 
 // A canary weight attaches the split program; a health rule reports a
 // crossing at once, not at the next stats tick.
 func TestAgentWeightAndHealth(t *testing.T) {
-	coord := listenCoordinator(t, 6, "s", wire.Msg{OK: true})
-	a := newTestAgent(t, 5*time.Second)
-	ln, err := a.listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
 	mux.HandleFunc("/500", func(w http.ResponseWriter, r *http.Request) { http.Error(w, "bad", 500) })
@@ -196,13 +159,11 @@ func TestAgentWeightAndHealth(t *testing.T) {
 	mux.HandleFunc("/panic", func(http.ResponseWriter, *http.Request) { panic("boom") })
 	mux.HandleFunc("/abort", func(http.ResponseWriter, *http.Request) { panic(http.ErrAbortHandler) })
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ErrorLog: log.New(io.Discard, "", 0)}
-	served := make(chan error, 1)
-	go func() { served <- a.serve(context.Background(), srv, ln, nil) }()
-	f := <-coord
+	g := serveSupervised(t, 6, "s", 5*time.Second, srv)
+	a, addr, served, f := g.a, g.addr, g.served, g.f
 	f.expect(wire.TypeReady)
 	f.command(wire.Msg{Type: wire.TypeSteer, ID: 1, Weight: 30})
 	f.command(wire.Msg{Type: wire.TypeSteer, ID: 2, Health: &wire.Health{MinRequests: 4, MaxErrorRatio: 0.5}})
-	addr := ln.Addr().String()
 	for _, p := range []string{"/", "/404", "/abort"} {
 		_, _ = getNew(addr, p)
 	}
@@ -211,7 +172,7 @@ func TestAgentWeightAndHealth(t *testing.T) {
 	}
 	// 4 responses (200, 404, 1 panic; the abort is not counted) -> 1 bad
 	// of 3... one more 500 makes 2 of 4: failing.
-	waitFor(t, 5*time.Second, "4 requests done", func() bool { return counters(a).Requests == 4 && counters(a).Inflight == 0 })
+	testproc.WaitFor(t, 5*time.Second, "4 requests done", func() bool { return counters(a).Requests == 4 && counters(a).Inflight == 0 })
 	start := time.Now()
 	_, _ = getNew(addr, "/500")
 	timeout := time.After(5 * time.Second)
@@ -236,20 +197,12 @@ func TestAgentWeightAndHealth(t *testing.T) {
 	f.command(wire.Msg{Type: wire.TypeDrain, ID: 3, TimeoutMS: 5000})
 	f.expect(wire.TypeClosed)
 	f.expect(wire.TypeDone)
-	if err := <-served; err != nil {
-		t.Errorf("Serve: %v", err)
-	}
+	expectServed(t, served)
 }
 
 // What the app leaves open past the drain deadline (a hijacked connection
 // here) is closed and reported as forced, with one line on stderr.
 func TestDrainDeadlineForced(t *testing.T) {
-	coord := listenCoordinator(t, 8, "s", wire.Msg{OK: true})
-	a := newTestAgent(t, 5*time.Second)
-	ln, err := a.listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/hijack", func(w http.ResponseWriter, _ *http.Request) {
 		c, brw, err := http.NewResponseController(w).Hijack()
@@ -260,18 +213,15 @@ func TestDrainDeadlineForced(t *testing.T) {
 		_ = brw.Flush()
 		go func() { _, _ = io.Copy(io.Discard, c) }() // ignores the drain
 	})
-	served := make(chan error, 1)
-	go func() {
-		served <- a.serve(context.Background(), &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln, nil)
-	}()
-	f := <-coord
+	g := serveSupervised(t, 8, "s", 5*time.Second, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second})
+	a, served, f := g.a, g.served, g.f
 	f.expect(wire.TypeReady)
-	ka := dialKeepAlive(t, ln.Addr().String())
+	ka := dialKeepAlive(t, g.addr)
 	ka.send(t, "/hijack")
 	if resp, _ := ka.read(t); resp.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatalf("hijack: %s", resp.Status)
 	}
-	waitFor(t, 5*time.Second, "the hijacked connection, no request in flight", func() bool {
+	testproc.WaitFor(t, 5*time.Second, "the hijacked connection, no request in flight", func() bool {
 		s := counters(a)
 		return s.Connections == 1 && s.Inflight == 0
 	})
@@ -288,9 +238,7 @@ func TestDrainDeadlineForced(t *testing.T) {
 	if !ka.closedByServer() {
 		t.Error("the hijacked connection was left open")
 	}
-	if err := <-served; err != nil {
-		t.Errorf("Serve: %v", err)
-	}
+	expectServed(t, served)
 }
 
 func TestProbeTargets(t *testing.T) {
@@ -379,10 +327,7 @@ func (writerConn) SetWriteDeadline(time.Time) error { return nil }
 func TestServeTLSHTTP2GoAway(t *testing.T) {
 	clearEnv(t)
 	a := newTestAgent(t, 5*time.Second)
-	ln, err := a.listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := listenLocal(t, a)
 	ts := httptest.NewTLSServer(http.NotFoundHandler()) // for its certificate
 	pool := x509.NewCertPool()
 	pool.AddCert(ts.Certificate())
@@ -397,9 +342,7 @@ func TestServeTLSHTTP2GoAway(t *testing.T) {
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, TLSConfig: &tls.Config{Certificates: certs}}
-	served := make(chan error, 1)
-	go func() { served <- a.serve(ctx, srv, ln, nil) }()
+	served := serveOn(ctx, a, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, TLSConfig: &tls.Config{Certificates: certs}}, ln)
 
 	c, err := tls.Dial("tcp", ln.Addr().String(), &tls.Config{RootCAs: pool, ServerName: "example.com", NextProtos: []string{"h2"}})
 	if err != nil {
@@ -423,7 +366,7 @@ func TestServeTLSHTTP2GoAway(t *testing.T) {
 	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block.Bytes(), EndStream: true, EndHeaders: true}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "the request in flight", func() bool { return counters(a).Inflight == 1 })
+	testproc.WaitFor(t, 5*time.Second, "the request in flight", func() bool { return counters(a).Inflight == 1 })
 	if s := counters(a); s.Connections != 1 {
 		t.Errorf("%d connections counted for one TLS connection", s.Connections)
 	}
@@ -456,12 +399,5 @@ func TestServeTLSHTTP2GoAway(t *testing.T) {
 		t.Errorf("GOAWAYs with last stream IDs %v, want [2147483647 1]", goaways)
 	}
 	c.Close()
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return")
-	}
+	expectServed(t, served)
 }

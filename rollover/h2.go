@@ -87,17 +87,19 @@ func (a *agent) serveH2(hs *http.Server, c net.Conn, hc *h2Conn, h http.Handler,
 		_ = c.Close()
 		return
 	}
+	hc.served = make(chan struct{})
 	a.h2mu.Lock()
 	a.h2conns[hc] = struct{}{}
-	closing := a.closing.Load()
-	a.h2mu.Unlock()
-	if closing {
-		go hc.goAway(h2GoAwayDelay)
+	if a.closing.Load() {
+		hc.startGoAway(h2GoAwayDelay)
 	}
+	a.h2mu.Unlock()
 	defer func() {
 		a.h2mu.Lock()
-		delete(a.h2conns, hc)
+		delete(a.h2conns, hc) // no goAway starts after this
 		a.h2mu.Unlock()
+		close(hc.served)
+		hc.goAways.Wait()
 	}()
 	s.ServeConn(c, &http2.ServeConnOpts{Context: ctx, Handler: h, BaseConfig: hs, SawClientPreface: sawPreface})
 }
@@ -108,7 +110,7 @@ func (a *agent) goAwayH2(delay time.Duration) {
 	a.h2mu.Lock()
 	defer a.h2mu.Unlock()
 	for hc := range a.h2conns {
-		go hc.goAway(delay)
+		hc.startGoAway(delay)
 	}
 }
 
@@ -210,6 +212,10 @@ func (c *bufConn) Read(p []byte) (int, error) {
 type h2Conn struct {
 	net.Conn
 	shadow *http.Server // its Shutdown sends x/net's graceful GOAWAY
+	// served is closed when serveH2 is done with the connection, which
+	// then waits for goAways: a GOAWAY never outlives its connection.
+	served  chan struct{}
+	goAways sync.WaitGroup // under the agent's h2mu while in h2conns
 
 	mu      sync.Mutex
 	hdr     [9]byte
@@ -312,8 +318,15 @@ func (c *h2Conn) writeGoAway() error {
 	return err
 }
 
+// startGoAway runs goAway for the connection, which serveH2 waits for. The
+// caller holds the agent's h2mu and found c in h2conns.
+func (c *h2Conn) startGoAway(delay time.Duration) {
+	c.goAways.Go(func() { c.goAway(delay) })
+}
+
 // goAway sends the first GOAWAY now or at the next boundary, and x/net's
-// graceful one delay later. Once per connection.
+// graceful one delay later, unless the connection is done by then. Once
+// per connection.
 func (c *h2Conn) goAway(delay time.Duration) {
 	c.mu.Lock()
 	if c.sent || c.pending {
@@ -326,10 +339,7 @@ func (c *h2Conn) goAway(delay time.Duration) {
 		c.pending = true
 	}
 	c.mu.Unlock()
-	t := time.NewTimer(delay)
-	defer t.Stop()
-	<-t.C
-	if c.shadow != nil {
+	if sleep(delay, c.served) && c.shadow != nil {
 		_ = c.shadow.Shutdown(context.Background())
 	}
 }

@@ -61,18 +61,10 @@ func TestHandlerAndListener(t *testing.T) {
 	}
 	// Each response while closing ended its connection. The server closes
 	// them asynchronously; the last close while closing wakes the waiters.
-	timeout := time.After(5 * time.Second)
-	for {
-		gone := a.idle.wait()
-		if a.counter.Snapshot().Connections == 0 {
-			break
-		}
-		select {
-		case <-gone:
-		case <-timeout:
-			t.Fatalf("connections still open: %+v", a.counter.Snapshot())
-		}
-	}
+	idle, stop := make(chan struct{}), make(chan struct{})
+	defer close(stop)
+	go func() { a.awaitIdle(stop, nil); close(idle) }()
+	within(t, idle, "close of every connection")
 	if s := a.counter.Snapshot(); s.Inflight != 0 || s.Requests != 2 || s.Connections != 0 {
 		t.Errorf("after: %+v, want 0 in flight, 2 requests, 0 connections", s)
 	}
@@ -86,15 +78,10 @@ func TestHandlerAndListener(t *testing.T) {
 func TestServeWrappedListenerCountedOnce(t *testing.T) {
 	clearEnv(t)
 	a := newTestAgent(t, 0)
-	ln, err := a.listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := listenLocal(t, a)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	served := make(chan error, 1)
-	srv := &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}
-	go func() { served <- a.serve(ctx, srv, wrapped{ln}, nil) }()
+	served := serveOn(ctx, a, &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}, wrapped{ln})
 	ka := dialKeepAlive(t, ln.Addr().String())
 	ka.send(t, "/")
 	if resp, body := ka.read(t); resp.StatusCode != 200 || body != "ok" {
@@ -108,14 +95,7 @@ func TestServeWrappedListenerCountedOnce(t *testing.T) {
 	}
 	ka.conn.Close()
 	cancel()
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("serve: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("serve did not return")
-	}
+	expectServed(t, served)
 }
 
 type wrapped struct{ net.Listener }
@@ -134,14 +114,7 @@ func TestAgentsAreIndependent(t *testing.T) {
 	addrA, servedA := serve(t, a, ctxA)
 	addrB, servedB := serve(t, b, ctxB)
 	cancelA()
-	select {
-	case err := <-servedA:
-		if err != nil {
-			t.Errorf("serve a: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("a did not drain")
-	}
+	expectServed(t, servedA)
 	if c, err := net.DialTimeout("tcp", addrA, time.Second); err == nil {
 		c.Close()
 		t.Error("a's port still accepts connections after its drain")
@@ -159,14 +132,7 @@ func TestAgentsAreIndependent(t *testing.T) {
 	}
 	ka.conn.Close()
 	cancelB()
-	select {
-	case err := <-servedB:
-		if err != nil {
-			t.Errorf("serve b: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("b did not drain")
-	}
+	expectServed(t, servedB)
 }
 
 // Every waiter for the last connection wakes, not just one (an app may

@@ -225,16 +225,17 @@ func (a *agent) drain(o drainOrder) {
 			a.goAwayH2(max(o.grace, h2GoAwayDelay))
 		}
 		a.mu.Unlock()
-		go a.handOver(o)
-		go a.deadline(o)
+		a.wg.Go(func() { a.handOver(o) })
+		a.wg.Go(func() { a.deadline(o) })
 	})
 }
 
 func (a *agent) handOver(o drainOrder) {
 	if !a.cfg.naive && o.grace > 0 {
 		// The grace is a span of time, not a condition: nothing observable
-		// says that the last handshake routed here has completed.
-		<-time.After(o.grace)
+		// says that the last handshake routed here has completed. An agent
+		// done meanwhile hands over at once.
+		sleep(o.grace, a.finished)
 	}
 	for _, l := range a.snapshotListeners() {
 		if l.sockClosed.Load() {
@@ -272,6 +273,12 @@ func (a *agent) awaitConnections() {
 	if a.cfg.naive {
 		return
 	}
+	a.awaitIdle(a.cut, nil)
+}
+
+// awaitIdle waits until the generation holds no connection, or until stop
+// or stop2 is closed (a nil one never is).
+func (a *agent) awaitIdle(stop, stop2 <-chan struct{}) {
 	for {
 		gone := a.idle.wait()
 		if a.counter.Snapshot().Connections == 0 {
@@ -279,9 +286,24 @@ func (a *agent) awaitConnections() {
 		}
 		select {
 		case <-gone:
-		case <-a.cut:
+		case <-stop:
+			return
+		case <-stop2:
 			return
 		}
+	}
+}
+
+// sleep waits for d, or until stop is closed, and reports whether the whole
+// d passed.
+func sleep(d time.Duration, stop <-chan struct{}) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-stop:
+		return false
 	}
 }
 
@@ -292,12 +314,8 @@ func (a *agent) deadline(o drainOrder) {
 	if a.cfg.naive {
 		return
 	}
-	t := time.NewTimer(cutAt(o.timeout))
-	defer t.Stop()
-	select {
-	case <-a.finished:
+	if !sleep(cutAt(o.timeout), a.finished) {
 		return
-	case <-t.C:
 	}
 	defer close(a.cut)
 	conns := a.openConns()
@@ -328,5 +346,8 @@ func (a *agent) checkHealth(h *wire.Health) {
 	if failing == a.unhealthy.Load() || !a.unhealthy.CompareAndSwap(!failing, failing) || !failing {
 		return
 	}
-	go func() { _ = a.send(wire.Msg{Type: wire.TypeStats, Stats: a.stats()}) }()
+	select {
+	case a.report <- struct{}{}: // statsLoop reports at once
+	default: // a report is pending already
+	}
 }

@@ -57,9 +57,9 @@ func (l *listener) Accept() (net.Conn, error) {
 	// Keep *net.TCPConn's methods (ReadFrom for sendfile, CloseWrite) visible.
 	var c net.Conn
 	if tc, ok := conn.(*net.TCPConn); ok {
-		c = &tcpConn{TCPConn: tc, a: a}
+		c = &tcpConn{TCPConn: tc, counted: counted{a: a}}
 	} else {
-		c = &countedConn{Conn: conn, a: a}
+		c = &countedConn{Conn: conn, counted: counted{a: a}}
 	}
 	a.track(c)
 	return c, nil
@@ -97,47 +97,33 @@ func (l *listener) closeSocket(handOver bool) error {
 // holdAccept keeps Accept from failing after the hand-over closed l's
 // socket, until the app closes l, the generation holds no connection, or
 // the agent is done.
-func (a *agent) holdAccept(l *listener) {
-	for {
-		gone := a.idle.wait()
-		if a.counter.Snapshot().Connections == 0 {
-			return
-		}
-		select {
-		case <-gone:
-		case <-l.appClosed:
-			return
-		case <-a.finished:
-			return
-		}
+func (a *agent) holdAccept(l *listener) { a.awaitIdle(l.appClosed, a.finished) }
+
+// counted uncounts its connection at the first Close.
+type counted struct {
+	a      *agent
+	closed atomic.Bool
+}
+
+func (u *counted) uncount(c io.Closer) {
+	if u.closed.CompareAndSwap(false, true) {
+		u.a.connClosed(c)
 	}
 }
 
 type tcpConn struct {
 	*net.TCPConn
-	a      *agent
-	closed atomic.Bool
+	counted
 }
 
-func (t *tcpConn) Close() error {
-	if t.closed.CompareAndSwap(false, true) {
-		t.a.connClosed(t)
-	}
-	return t.TCPConn.Close()
-}
+func (t *tcpConn) Close() error { t.uncount(t); return t.TCPConn.Close() }
 
 type countedConn struct {
 	net.Conn
-	a      *agent
-	closed atomic.Bool
+	counted
 }
 
-func (t *countedConn) Close() error {
-	if t.closed.CompareAndSwap(false, true) {
-		t.a.connClosed(t)
-	}
-	return t.Conn.Close()
-}
+func (t *countedConn) Close() error { t.uncount(t); return t.Conn.Close() }
 
 // track remembers an open connection, so that the drain deadline can close
 // it.

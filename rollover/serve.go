@@ -168,6 +168,7 @@ func (a *agent) serve(ctx context.Context, srv *http.Server, ln net.Listener, fi
 		files = &[2]string{}
 	}
 
+	// Serve owns the goroutine that runs srv and returns only after it.
 	served := make(chan error, 1)
 	go func() {
 		if files != nil {
@@ -178,6 +179,7 @@ func (a *agent) serve(ctx context.Context, srv *http.Server, ln net.Listener, fi
 	}()
 	if err := a.ready(); err != nil {
 		_ = srv.Close()
+		<-served
 		return fmt.Errorf("rollover: ready: %w", err)
 	}
 
@@ -197,6 +199,7 @@ func (a *agent) serve(ctx context.Context, srv *http.Server, ln net.Listener, fi
 		if !isClosed(a.ordered) {
 			return err
 		}
+		served <- err // for the wait below
 	}
 	<-a.draining
 	a.awaitConnections()
@@ -204,10 +207,12 @@ func (a *agent) serve(ctx context.Context, srv *http.Server, ln net.Listener, fi
 	defer cancel()
 	// The hand-over closed the sockets; Shutdown closes the listeners for
 	// the app, which ends srv.Serve's Accept.
-	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, net.ErrClosed) {
+	err := srv.Shutdown(sctx)
+	_ = srv.Close()
+	<-served
+	if err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, net.ErrClosed) {
 		return err
 	}
-	_ = srv.Close()
 	a.done()
 	return nil
 }

@@ -10,10 +10,8 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -21,74 +19,37 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
+
 	"github.com/rollover-sh/rollover/rollover/wire"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
-// envChild names the one test a child test process runs. Most tests make
-// agents of their own in this process; a test of something process-wide
-// (signals) runs alone in a fresh process, and the parent checks that it
-// passed.
-const envChild = "ROLLOVER_TEST_CHILD"
+// childEnv is how a test of something process-wide (signals) runs alone in
+// a child test process: without the coordinator's variables of the parent.
+var childEnv = testproc.Child{Unset: []string{EnvSocket, EnvGeneration, EnvSecret}}
 
-// inChild reports whether this process is the child that runs t. In the
-// parent it runs the child, fails t if the child fails, and returns false.
-func inChild(t *testing.T) bool {
+// TestMain checks that no test leaves a goroutine behind: every goroutine
+// and timer of an agent has an owner that waits for it.
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// within returns what ch delivers, and fails t if nothing comes within 5s.
+func within[T any](t *testing.T, ch <-chan T, what string) T {
 	t.Helper()
-	if os.Getenv(envChild) == t.Name() {
-		return true
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(5 * time.Second):
+		t.Fatalf("no %s within 5s", what)
+		panic("unreachable")
 	}
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, exe, "-test.run=^"+regexp.QuoteMeta(t.Name())+"$", "-test.count=1", "-test.v", "-test.timeout=50s")
-	for _, kv := range os.Environ() {
-		k, _, _ := strings.Cut(kv, "=")
-		if k != EnvSocket && k != EnvGeneration && k != EnvSecret && k != envChild {
-			cmd.Env = append(cmd.Env, kv)
-		}
-	}
-	cmd.Env = append(cmd.Env, envChild+"="+t.Name())
-	cmd.WaitDelay = 5 * time.Second
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	pid := cmd.Process.Pid
-	t.Cleanup(func() {
-		if !gone(pid) {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-			t.Errorf("child test process %d was left running", pid)
-		}
-	})
-	err = cmd.Wait()
-	switch {
-	case err != nil:
-		t.Fatalf("child test process: %v\n%s", err, out.Bytes())
-	case !strings.Contains(out.String(), "--- PASS: "+t.Name()+" "):
-		t.Fatalf("child test process did not run %s:\n%s", t.Name(), out.Bytes())
-	case strings.Contains(out.String(), "DATA RACE"), strings.Contains(out.String(), "panic:"):
-		t.Fatalf("child test process:\n%s", out.Bytes())
-	}
-	if testing.Verbose() {
-		t.Logf("child test process:\n%s", out.Bytes())
-	}
-	return false
 }
 
-func gone(pid int) bool { return errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) }
-
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+// expectServed waits for serve's result, which must be nil.
+func expectServed(t *testing.T, served <-chan error) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(5 * time.Millisecond)
+	if err := within(t, served, "return of serve"); err != nil {
+		t.Errorf("serve: %v", err)
 	}
 }
 
@@ -129,21 +90,42 @@ func newTestAgent(t *testing.T, drainTimeout time.Duration) *agent {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Every goroutine of the agent ends with it: done waits for them.
+	t.Cleanup(func() {
+		finished := make(chan struct{})
+		go func() { a.done(); close(finished) }()
+		within(t, finished, "end of the agent's goroutines")
+	})
 	return a
+}
+
+// listenLocal returns a listener from a's listen on a fresh 127.0.0.1 port.
+func listenLocal(t *testing.T, a *agent) net.Listener {
+	t.Helper()
+	ln, err := a.listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	return ln
+}
+
+// serveOn serves srv (testHandler when nil) through a's serve on ln. serve's
+// result arrives on the channel.
+func serveOn(ctx context.Context, a *agent, srv *http.Server, ln net.Listener) <-chan error {
+	if srv == nil {
+		srv = &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}
+	}
+	ch := make(chan error, 1)
+	go func() { ch <- a.serve(ctx, srv, ln, nil) }()
+	return ch
 }
 
 // serve serves testHandler through a's serve on a fresh 127.0.0.1 listener
 // from a's listen. serve's result arrives on the channel.
 func serve(t *testing.T, a *agent, ctx context.Context) (addr string, served <-chan error) {
 	t.Helper()
-	ln, err := a.listen(ctx, "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("Listen: %v", err)
-	}
-	ch := make(chan error, 1)
-	srv := &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}
-	go func() { ch <- a.serve(ctx, srv, ln, nil) }()
-	return ln.Addr().String(), ch
+	ln := listenLocal(t, a)
+	return ln.Addr().String(), serveOn(ctx, a, nil, ln)
 }
 
 func counters(a *agent) wire.Stats { return a.counter.Snapshot() }
@@ -194,6 +176,14 @@ func (k *keepAlive) closedByServer() bool {
 	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)
 }
 
+// getOK requests / on a connection of its own, which must answer "ok".
+func getOK(t *testing.T, addr, when string) {
+	t.Helper()
+	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
+		t.Fatalf("GET /%s: %q %v", when, body, err)
+	}
+}
+
 // getNew requests path on a connection of its own.
 func getNew(addr, path string) (string, error) {
 	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 20 * time.Second}
@@ -233,18 +223,14 @@ func TestServeStandalone(t *testing.T) {
 		}
 		slow <- err
 	}()
-	waitFor(t, 5*time.Second, "one request in flight on two connections", func() bool {
+	testproc.WaitFor(t, 5*time.Second, "one request in flight on two connections", func() bool {
 		s := counters(a)
 		return s.Inflight == 1 && s.Connections == 2 && s.Requests == 2
 	})
 
 	cancel()
-	select {
-	case <-a.draining:
-	case <-time.After(5 * time.Second):
-		t.Fatal("canceling ctx did not start the drain")
-	}
-	waitFor(t, 5*time.Second, "the listener to close", func() bool {
+	within(t, a.draining, "drain after canceling ctx")
+	testproc.WaitFor(t, 5*time.Second, "the listener to close", func() bool {
 		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err == nil {
 			c.Close()
@@ -274,14 +260,7 @@ func TestServeStandalone(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the slow request did not complete")
 	}
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("Serve returned %v, want nil", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatalf("Serve did not return within 5s of its last connection (counters %+v)", counters(a))
-	}
+	expectServed(t, served)
 	if s := counters(a); s.Inflight != 0 || s.Connections != 0 || s.Requests != 3 {
 		t.Errorf("counters after the drain %+v, want 0 in flight, 0 connections, 3 requests", s)
 	}
@@ -298,7 +277,7 @@ func TestServeDrainClosesInflightKeepAlive(t *testing.T) {
 
 	ka := dialKeepAlive(t, addr)
 	ka.send(t, "/slow?d=500ms")
-	waitFor(t, 5*time.Second, "the request in flight", func() bool { return counters(a).Inflight == 1 })
+	testproc.WaitFor(t, 5*time.Second, "the request in flight", func() bool { return counters(a).Inflight == 1 })
 	cancel()
 	<-a.draining
 	resp, body := ka.read(t)
@@ -326,7 +305,7 @@ func TestServeDrainClosesInflightKeepAlive(t *testing.T) {
 // Signals are process-wide, so this test runs in a child process of its own,
 // through the package-level functions and the default agent.
 func TestServeStandaloneSIGTERM(t *testing.T) {
-	if !inChild(t) {
+	if !testproc.InChild(t, childEnv) {
 		return
 	}
 	DefaultDrainTimeout = 10 * time.Second
@@ -344,24 +323,15 @@ func TestServeStandaloneSIGTERM(t *testing.T) {
 	go func() {
 		served <- Serve(context.Background(), &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}, ln)
 	}()
-	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
-		t.Fatalf("GET /: %q %v", body, err)
-	}
+	getOK(t, addr, "")
 	// Serve subscribes to SIGTERM after it reports ready, which is not
 	// observable: signal until the drain starts.
-	waitFor(t, 5*time.Second, "SIGTERM to start the drain", func() bool {
+	testproc.WaitFor(t, 5*time.Second, "SIGTERM to start the drain", func() bool {
 		_ = syscall.Kill(os.Getpid(), syscall.SIGTERM)
 		time.Sleep(20 * time.Millisecond)
 		return isClosed(Draining())
 	})
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("Serve returned %v after SIGTERM, want nil", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return after SIGTERM")
-	}
+	expectServed(t, served)
 	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 		c.Close()
 		t.Error("the port still accepts connections after the drain")
@@ -371,10 +341,7 @@ func TestServeStandaloneSIGTERM(t *testing.T) {
 func TestServeCountsHijackedConnections(t *testing.T) {
 	clearEnv(t)
 	a := newTestAgent(t, 0)
-	ln, err := a.listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := listenLocal(t, a)
 	var hijacked sync.WaitGroup
 	mux := http.NewServeMux()
 	mux.HandleFunc("/hijack", func(w http.ResponseWriter, _ *http.Request) {
@@ -391,32 +358,22 @@ func TestServeCountsHijackedConnections(t *testing.T) {
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	served := make(chan error, 1)
-	go func() {
-		served <- a.serve(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln, nil)
-	}()
+	served := serveOn(ctx, a, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln)
 
 	ka := dialKeepAlive(t, ln.Addr().String())
 	ka.send(t, "/hijack")
 	if resp, _ := ka.read(t); resp.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatalf("hijack: %s", resp.Status)
 	}
-	waitFor(t, 5*time.Second, "the hijacked connection counted, its request finished", func() bool {
+	testproc.WaitFor(t, 5*time.Second, "the hijacked connection counted, its request finished", func() bool {
 		s := counters(a)
 		return s.Connections == 1 && s.Inflight == 0
 	})
 	ka.conn.Close()
 	hijacked.Wait()
-	waitFor(t, 5*time.Second, "the hijacked connection to be uncounted", func() bool { return counters(a).Connections == 0 })
+	testproc.WaitFor(t, 5*time.Second, "the hijacked connection to be uncounted", func() bool { return counters(a).Connections == 0 })
 	cancel()
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return")
-	}
+	expectServed(t, served)
 }
 
 // --- with a coordinator ---
@@ -480,6 +437,27 @@ func listenCoordinator(t *testing.T, gen int, secret string, welcome wire.Msg) <
 		}
 	}()
 	return ch
+}
+
+// supervised is an agent serving as generation gen of a fake coordinator.
+type supervised struct {
+	a      *agent
+	addr   string
+	served <-chan error
+	f      *fakeCoordinator        // the connection that said hello first
+	coord  <-chan *fakeCoordinator // every later one
+}
+
+// serveSupervised serves srv (testHandler when nil) through a new agent
+// with drainTimeout that is generation gen of a fake coordinator, and
+// returns once the generation said hello.
+func serveSupervised(t *testing.T, gen int, secret string, drainTimeout time.Duration, srv *http.Server) *supervised {
+	t.Helper()
+	coord := listenCoordinator(t, gen, secret, wire.Msg{OK: true})
+	a := newTestAgent(t, drainTimeout)
+	ln := listenLocal(t, a)
+	served := serveOn(context.Background(), a, srv, ln)
+	return &supervised{a: a, addr: ln.Addr().String(), served: served, f: within(t, coord, "hello"), coord: coord}
 }
 
 // accept answers the hello on conn with welcome and delivers the fake.
@@ -580,10 +558,8 @@ func (f *fakeCoordinator) command(m wire.Msg) {
 }
 
 func TestAgentWithCoordinator(t *testing.T) {
-	coord := listenCoordinator(t, 7, "s3cret", wire.Msg{OK: true})
-	a := newTestAgent(t, 0)
-	addr, served := serve(t, a, context.Background())
-	f := <-coord
+	g := serveSupervised(t, 7, "s3cret", 0, nil)
+	a, addr, served, f := g.a, g.addr, g.served, g.f
 	if f.hello.Type != wire.TypeHello || f.hello.Generation != 7 || f.hello.PID != os.Getpid() || f.hello.Secret != "s3cret" {
 		t.Fatalf("hello %+v, want generation 7, pid %d and the secret", f.hello, os.Getpid())
 	}
@@ -597,9 +573,7 @@ func TestAgentWithCoordinator(t *testing.T) {
 
 	f.command(wire.Msg{Type: wire.TypeSteer, ID: 1})
 	f.command(wire.Msg{Type: wire.TypePin, ID: 2})
-	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
-		t.Fatalf("GET /: %q %v", body, err)
-	}
+	getOK(t, addr, "")
 	f.waitStats("1 request", func(s wire.Stats) bool { return s.Requests >= 1 })
 
 	slow := make(chan error, 1)
@@ -611,7 +585,7 @@ func TestAgentWithCoordinator(t *testing.T) {
 
 	f.command(wire.Msg{Type: wire.TypeDrain, ID: 3, TimeoutMS: 5000})
 	// The agent acknowledges the drain, then starts it.
-	waitFor(t, 5*time.Second, "Draining() to close", func() bool { return isClosed(a.draining) })
+	testproc.WaitFor(t, 5*time.Second, "Draining() to close", func() bool { return isClosed(a.draining) })
 	f.expect(wire.TypeClosed)
 	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 		c.Close()
@@ -624,14 +598,7 @@ func TestAgentWithCoordinator(t *testing.T) {
 	if done.Stats == nil || done.Stats.Inflight != 0 || done.Stats.Connections != 0 || done.Stats.Requests != 2 {
 		t.Errorf("done %+v, want final stats of 0 in flight, 0 connections, 2 requests", done.Stats)
 	}
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return after done")
-	}
+	expectServed(t, served)
 }
 
 // freshStd gives the test a default agent of its own, made from the
@@ -672,28 +639,16 @@ func TestAgentRefused(t *testing.T) {
 // adopts within the adoption timeout, leaves rather than serve unsupervised.
 func TestAgentLostCoordinatorDrains(t *testing.T) {
 	t.Setenv(EnvAdoptTimeout, "300ms")
-	coord := listenCoordinator(t, 2, "s", wire.Msg{OK: true})
-	a := newTestAgent(t, 5*time.Second)
-	addr, served := serve(t, a, context.Background())
-	f := <-coord
-	f.expect(wire.TypeReady)
-	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
-		t.Fatalf("GET /: %q %v", body, err)
-	}
+	g := serveSupervised(t, 2, "s", 5*time.Second, nil)
+	g.f.expect(wire.TypeReady)
+	getOK(t, g.addr, "")
 	// The coordinator dies and nothing answers on its socket any more.
 	if err := os.Remove(os.Getenv(EnvSocket)); err != nil {
 		t.Fatal(err)
 	}
-	f.conn.Close()
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return after the coordinator went away")
-	}
-	if !isClosed(a.draining) {
+	g.f.conn.Close()
+	expectServed(t, g.served)
+	if !isClosed(g.a.draining) {
 		t.Error("Draining() is open")
 	}
 }
@@ -703,37 +658,21 @@ func TestAgentLostCoordinatorDrains(t *testing.T) {
 // coordinator can then drain it as usual.
 func TestAgentAdopted(t *testing.T) {
 	t.Setenv(EnvAdoptTimeout, "20s")
-	coord := listenCoordinator(t, 4, "s4", wire.Msg{OK: true})
-	a := newTestAgent(t, 5*time.Second)
-	addr, served := serve(t, a, context.Background())
-	f := <-coord
-	f.expect(wire.TypeReady)
-	f.conn.Close() // the coordinator dies
-	var f2 *fakeCoordinator
-	select {
-	case f2 = <-coord:
-	case <-time.After(5 * time.Second):
-		t.Fatal("no reconnect to be adopted")
-	}
+	g := serveSupervised(t, 4, "s4", 5*time.Second, nil)
+	a, addr, served := g.a, g.addr, g.served
+	g.f.expect(wire.TypeReady)
+	g.f.conn.Close() // the coordinator dies
+	f2 := within(t, g.coord, "reconnect to be adopted")
 	if h := f2.hello; !h.Adopt || h.State != "ready" || h.Generation != 4 || h.Secret != "s4" || !h.Steerable || len(h.Addrs) == 0 {
 		t.Fatalf("adoption hello %+v: want adopt, state ready, generation 4, its secret, steerable, its addresses", h)
 	}
-	if body, err := getNew(addr, "/"); err != nil || body != "ok" {
-		t.Fatalf("GET / while being adopted: %q %v", body, err)
-	}
+	getOK(t, addr, " while being adopted")
 	if isClosed(a.draining) {
 		t.Fatal("draining although adopted")
 	}
 	f2.command(wire.Msg{Type: wire.TypeDrain, ID: 1, TimeoutMS: 3000})
 	f2.expect(wire.TypeClosed)
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return after the new coordinator's drain")
-	}
+	expectServed(t, served)
 }
 
 // lateListener returns from Accept late once it is closed, as a busy
@@ -756,28 +695,14 @@ func (l lateListener) NetListener() net.Listener { return l.Listener }
 func TestServeCleanDrainReturnsNil(t *testing.T) {
 	clearEnv(t)
 	a := newTestAgent(t, 0)
-	ln, err := a.listen(context.Background(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := listenLocal(t, a)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	served := make(chan error, 1)
-	srv := &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}
-	go func() { served <- a.serve(ctx, srv, lateListener{ln}, nil) }()
-	if body, err := getNew(ln.Addr().String(), "/"); err != nil || body != "ok" {
-		t.Fatalf("GET /: %q %v", body, err)
-	}
-	waitFor(t, 5*time.Second, "the connection to close", func() bool { return counters(a).Connections == 0 })
+	served := serveOn(ctx, a, &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}, lateListener{ln})
+	getOK(t, ln.Addr().String(), "")
+	testproc.WaitFor(t, 5*time.Second, "the connection to close", func() bool { return counters(a).Connections == 0 })
 	cancel()
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Errorf("Serve returned %v after a clean drain, want nil", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return")
-	}
+	expectServed(t, served)
 }
 
 // A generation that cannot read its environment never drains, and says so:
