@@ -42,39 +42,72 @@ type failedError struct{ msg string }
 
 func (e failedError) Error() string { return e.msg }
 
-func run(args []string) error {
+// options are the command line of rollover-stress.
+type options struct {
+	rollover, app       string
+	rollovers, clients  int
+	interval            time.Duration
+	keepAlive, wait     bool
+	naive, asJSON       bool
+	grace, drainTimeout time.Duration
+	bake                time.Duration
+	slow                int
+	loadCmd             string
+	verbose, netns      bool
+	migrate             int
+}
+
+func parseOptions(args []string) (*options, error) {
 	self, _ := os.Executable()
 	bin := filepath.Dir(self)
+	var o options
 	fs := flag.NewFlagSet("rollover-stress", flag.ContinueOnError)
-	rolloverBin := fs.String("rollover", filepath.Join(bin, "rollover"), "rollover binary")
-	appBin := fs.String("app", filepath.Join(bin, "demoapp"), "demoapp binary")
-	rollovers := fs.Int("rollovers", 6, "number of rollovers")
-	interval := fs.Duration("interval", 500*time.Millisecond, "start a rollover this often")
-	clients := fs.Int("clients", 32, "concurrent clients")
-	keepAlive := fs.Bool("keepalive", false, "clients reuse connections (default: a new connection per request)")
-	wait := fs.Bool("wait", false, "next --wait: measure each old generation's drain")
-	naive := fs.Bool("naive", false, "naive hand-over (close + Shutdown), to compare")
-	grace := fs.Duration("drain-grace", 100*time.Millisecond, "coordinator --drain-grace (loopback RTT is ~0)")
-	drainTimeout := fs.Duration("drain-timeout", 10*time.Second, "coordinator --drain-timeout")
-	bake := fs.Duration("bake", 200*time.Millisecond, "coordinator --bake (0: none)")
-	asJSON := fs.Bool("json", false, "print the report as JSON (progress goes to stderr)")
-	slow := fs.Int("slow", 0, "clients that keep a 1s request in flight across the rollovers")
-	loadCmd := fs.String("load-cmd", "", `drive load with this command instead (e.g. "wrk -t2 -c32 -d20s {url}"); split on spaces, quotes group, no shell; rollovers run until it exits`)
-	verbose := fs.Bool("v", false, "print a line per rollover and the coordinator's log")
-	netns := fs.Bool("netns-setup", false, "bring lo up first (run inside `unshare -n`)")
-	migrate := fs.Int("migrate-req", -1, "set net.ipv4.tcp_migrate_req to 0 or 1 first (in a namespace of your own)")
+	fs.StringVar(&o.rollover, "rollover", filepath.Join(bin, "rollover"), "rollover binary")
+	fs.StringVar(&o.app, "app", filepath.Join(bin, "demoapp"), "demoapp binary")
+	fs.IntVar(&o.rollovers, "rollovers", 6, "number of rollovers")
+	fs.DurationVar(&o.interval, "interval", 500*time.Millisecond, "start a rollover this often")
+	fs.IntVar(&o.clients, "clients", 32, "concurrent clients")
+	fs.BoolVar(&o.keepAlive, "keepalive", false, "clients reuse connections (default: a new connection per request)")
+	fs.BoolVar(&o.wait, "wait", false, "next --wait: measure each old generation's drain")
+	fs.BoolVar(&o.naive, "naive", false, "naive hand-over (close + Shutdown), to compare")
+	fs.DurationVar(&o.grace, "drain-grace", 100*time.Millisecond, "coordinator --drain-grace (loopback RTT is ~0)")
+	fs.DurationVar(&o.drainTimeout, "drain-timeout", 10*time.Second, "coordinator --drain-timeout")
+	fs.DurationVar(&o.bake, "bake", 200*time.Millisecond, "coordinator --bake (0: none)")
+	fs.BoolVar(&o.asJSON, "json", false, "print the report as JSON (progress goes to stderr)")
+	fs.IntVar(&o.slow, "slow", 0, "clients that keep a 1s request in flight across the rollovers")
+	fs.StringVar(&o.loadCmd, "load-cmd", "", `drive load with this command instead (e.g. "wrk -t2 -c32 -d20s {url}"); split on spaces, quotes group, no shell; rollovers run until it exits`)
+	fs.BoolVar(&o.verbose, "v", false, "print a line per rollover and the coordinator's log")
+	fs.BoolVar(&o.netns, "netns-setup", false, "bring lo up first (run inside `unshare -n`)")
+	fs.IntVar(&o.migrate, "migrate-req", -1, "set net.ipv4.tcp_migrate_req to 0 or 1 first (in a namespace of your own)")
 	if err := fs.Parse(args); err != nil {
-		return err
+		return nil, err
 	}
-	if *netns {
+	return &o, nil
+}
+
+// setUpNetwork brings lo up and sets tcp_migrate_req, as asked, in the
+// network namespace this runs in.
+func setUpNetwork(o *options) error {
+	if o.netns {
 		if out, err := exec.Command("ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
 			return fmt.Errorf("ip link set lo up: %v: %s", err, strings.TrimSpace(string(out)))
 		}
 	}
-	if *migrate >= 0 {
-		if err := os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte(fmt.Sprint(*migrate)), 0o644); err != nil {
+	if o.migrate >= 0 {
+		if err := os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte(fmt.Sprint(o.migrate)), 0o644); err != nil {
 			return fmt.Errorf("set tcp_migrate_req: %w", err)
 		}
+	}
+	return nil
+}
+
+func run(args []string) error {
+	o, err := parseOptions(args)
+	if err != nil {
+		return err
+	}
+	if err := setUpNetwork(o); err != nil {
+		return err
 	}
 	dir, err := os.MkdirTemp("", "rs")
 	if err != nil {
@@ -85,48 +118,54 @@ func run(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	var logw io.Writer
-	if *verbose {
+	if o.verbose {
 		logw = os.Stderr
 	}
 	svc, err := harness.Start(ctx, harness.Config{
-		Rollover: *rolloverBin, App: *appBin, Dir: dir,
-		DrainGrace: *grace, DrainTimeout: *drainTimeout, Naive: *naive, Log: logw, Bake: bakeFlag(*bake),
+		Rollover: o.rollover, App: o.app, Dir: dir,
+		DrainGrace: o.grace, DrainTimeout: o.drainTimeout, Naive: o.naive, Log: logw, Bake: bakeFlag(o.bake),
 	})
 	if err != nil {
 		return err
 	}
 	defer svc.Kill()
+	handover := "steered hand-over"
+	if o.naive {
+		handover = "NAIVE hand-over (close + Shutdown)"
+	}
+	if o.loadCmd != "" {
+		fmt.Printf("demoapp on %s: %s, a rollover every %v while it runs: %s\n", svc.Addr, handover, o.interval, o.loadCmd)
+		return external(ctx, svc, o.loadCmd, o.interval, o.drainTimeout)
+	}
+	return stress(ctx, svc, o, handover)
+}
+
+// stress rolls svc over under the load of our own clients, stops it, and
+// prints the report.
+func stress(ctx context.Context, svc *harness.Service, o *options, handover string) error {
 	var progress io.Writer = os.Stdout
-	if *asJSON {
+	if o.asJSON {
 		progress = os.Stderr
 	}
 	mode := "new connection per request"
-	if *keepAlive {
+	if o.keepAlive {
 		mode = "keep-alive"
 	}
-	handover := "steered hand-over"
-	if *naive {
-		handover = "NAIVE hand-over (close + Shutdown)"
-	}
-	if *loadCmd != "" {
-		fmt.Printf("demoapp on %s: %s, a rollover every %v while it runs: %s\n", svc.Addr, handover, *interval, *loadCmd)
-		return external(ctx, svc, *loadCmd, *interval, *drainTimeout)
-	}
-	if !*asJSON {
-		fmt.Printf("demoapp on %s: %d clients, %s, %s, %d rollovers every %v\n", svc.Addr, *clients, mode, handover, *rollovers, *interval)
+	if !o.asJSON {
+		fmt.Printf("demoapp on %s: %d clients, %s, %s, %d rollovers every %v\n", svc.Addr, o.clients, mode, handover, o.rollovers, o.interval)
 	}
 	rep, err := harness.Stress(ctx, svc, harness.StressConfig{
-		Rollovers: *rollovers, Interval: *interval, Wait: *wait, Progress: progress, Slow: *slow,
-		Load: load.Options{Clients: *clients, KeepAlive: *keepAlive},
+		Rollovers: o.rollovers, Interval: o.interval, Wait: o.wait, Progress: progress, Slow: o.slow,
+		Load: load.Options{Clients: o.clients, KeepAlive: o.keepAlive},
 	})
 	if err != nil {
 		return err
 	}
-	sctx, cancel := context.WithTimeout(context.Background(), *drainTimeout+10*time.Second)
+	sctx, cancel := context.WithTimeout(context.Background(), o.drainTimeout+10*time.Second)
 	defer cancel()
 	stopErr := svc.Stop(sctx)
 	left := harness.WaitGone(svc.PIDs(), 5*time.Second)
-	if *asJSON {
+	if o.asJSON {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(rep); err != nil {
