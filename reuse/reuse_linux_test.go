@@ -76,13 +76,20 @@ func dialN(t *testing.T, addr string, n int, got <-chan string) map[string]int {
 	return counts
 }
 
-func TestSteer(t *testing.T) {
-	a := listen(t, "127.0.0.1:0") // index 0
-	addr := a.Addr().String()
-	b := listen(t, addr) // index 1
-	got := make(chan string)
+// pair listens twice on one fresh port, A at index 0 and B at index 1, and
+// names on got the listener that accepts each connection.
+func pair(t *testing.T) (a, b net.Listener, got chan string) {
+	a = listen(t, "127.0.0.1:0")
+	b = listen(t, a.Addr().String())
+	got = make(chan string)
 	go acceptLoop(a, "A", got)
 	go acceptLoop(b, "B", got)
+	return a, b, got
+}
+
+func TestSteer(t *testing.T) {
+	a, b, got := pair(t)
+	addr := a.Addr().String()
 
 	step := func(desc, want string) {
 		t.Helper()
@@ -151,12 +158,8 @@ func TestSteerRange(t *testing.T) {
 // 3,000 is 300, and a binomial spread of ±3 standard deviations (about ±49)
 // bounds it; 0% and 100% send all of them one way.
 func TestSteerWeighted(t *testing.T) {
-	a := listen(t, "127.0.0.1:0") // index 0
+	a, b, got := pair(t)
 	addr := a.Addr().String()
-	b := listen(t, addr) // index 1
-	got := make(chan string)
-	go acceptLoop(a, "A", got)
-	go acceptLoop(b, "B", got)
 	if err := reuse.SteerWeighted(b, 10); err != nil {
 		t.Fatal(err)
 	}

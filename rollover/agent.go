@@ -114,6 +114,21 @@ func envConfig() (config, error) {
 // so a process that it started links it through this one agent.
 var std = sync.OnceValues(envAgent)
 
+// stderr is where the library says what the app should know; a test seam.
+var stderr io.Writer = os.Stderr
+
+// drainingFailed says once that Draining cannot fire.
+var drainingFailed sync.Once
+
+// neverDraining is Draining's channel when the agent failed: it never
+// closes, and the first call says why on stderr.
+func neverDraining(err error) <-chan struct{} {
+	drainingFailed.Do(func() {
+		fmt.Fprintf(stderr, "rollover: Draining will never close: %v\n", err)
+	})
+	return make(chan struct{})
+}
+
 func envAgent() (*agent, error) {
 	cfg, err := envConfig()
 	if err != nil {

@@ -28,8 +28,7 @@ import (
 // hand-over, which keeps accepting for the grace, and the app's accept loop
 // does not end before Draining; after Draining, the socket is closed.
 func TestListenerSafeToClose(t *testing.T) {
-	clearEnv(t)
-	a := newTestAgent(t, 5*time.Second)
+	a := standaloneAgent(t, 5*time.Second)
 	ln := listenLocal(t, a)
 	addr := ln.Addr().String()
 	accepted := make(chan net.Conn, 16)
@@ -79,8 +78,7 @@ func TestListenerSafeToClose(t *testing.T) {
 // app still has connections (gRPC's canonical main would exit), and fails
 // once they are gone.
 func TestAcceptHoldsAfterHandOver(t *testing.T) {
-	clearEnv(t)
-	a := newTestAgent(t, 5*time.Second)
+	a := standaloneAgent(t, 5*time.Second)
 	ln := listenLocal(t, a)
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
@@ -175,14 +173,9 @@ func TestAgentWeightAndHealth(t *testing.T) {
 	testproc.WaitFor(t, 5*time.Second, "4 requests done", func() bool { return counters(a).Requests == 4 && counters(a).Inflight == 0 })
 	start := time.Now()
 	_, _ = getNew(addr, "/500")
-	timeout := time.After(5 * time.Second)
+	deadline := time.After(5 * time.Second)
 	for {
-		var m wire.Msg
-		select {
-		case m = <-f.msgs:
-		case <-timeout:
-			t.Fatal("no stats with the 5xx within 5s")
-		}
+		m := f.next("stats with the 5xx", deadline)
 		if m.Type == wire.TypeStats && m.Stats != nil && m.Stats.R5xx == 1 {
 			if took := time.Since(start); took >= wire.StatsInterval {
 				t.Errorf("the crossing was reported after %v, at a stats tick", took)
@@ -216,15 +209,7 @@ func TestDrainDeadlineForced(t *testing.T) {
 	g := serveSupervised(t, 8, "s", 5*time.Second, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second})
 	a, served, f := g.a, g.served, g.f
 	f.expect(wire.TypeReady)
-	ka := dialKeepAlive(t, g.addr)
-	ka.send(t, "/hijack")
-	if resp, _ := ka.read(t); resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatalf("hijack: %s", resp.Status)
-	}
-	testproc.WaitFor(t, 5*time.Second, "the hijacked connection, no request in flight", func() bool {
-		s := counters(a)
-		return s.Connections == 1 && s.Inflight == 0
-	})
+	ka := hijackOn(t, a, g.addr)
 	start := time.Now()
 	f.command(wire.Msg{Type: wire.TypeDrain, ID: 1, TimeoutMS: 1000})
 	f.expect(wire.TypeClosed)
@@ -325,8 +310,7 @@ func (writerConn) SetWriteDeadline(time.Time) error { return nil }
 // first, then the real one, and its stream in flight finishes; TLS through
 // srv.TLSConfig negotiates h2 and counts one connection.
 func TestServeTLSHTTP2GoAway(t *testing.T) {
-	clearEnv(t)
-	a := newTestAgent(t, 5*time.Second)
+	a := standaloneAgent(t, 5*time.Second)
 	ln := listenLocal(t, a)
 	ts := httptest.NewTLSServer(http.NotFoundHandler()) // for its certificate
 	pool := x509.NewCertPool()

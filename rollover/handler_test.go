@@ -76,12 +76,11 @@ func TestHandlerAndListener(t *testing.T) {
 // An app's own wrapper around a listener from Listen is served as it is:
 // its connections are counted once and its socket handed over once.
 func TestServeWrappedListenerCountedOnce(t *testing.T) {
-	clearEnv(t)
-	a := newTestAgent(t, 0)
+	a := standaloneAgent(t, 0)
 	ln := listenLocal(t, a)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	served := serveOn(ctx, a, &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}, wrapped{ln})
+	served := serveOn(ctx, a, nil, wrapped{ln})
 	ka := dialKeepAlive(t, ln.Addr().String())
 	ka.send(t, "/")
 	if resp, body := ka.read(t); resp.StatusCode != 200 || body != "ok" {
@@ -105,8 +104,7 @@ func (w wrapped) NetListener() net.Listener { return w.Listener }
 // Agents are values: one draining leaves another in the same process
 // serving.
 func TestAgentsAreIndependent(t *testing.T) {
-	clearEnv(t)
-	a, b := newTestAgent(t, 5*time.Second), newTestAgent(t, 5*time.Second)
+	a, b := standaloneAgent(t, 5*time.Second), newTestAgent(t, 5*time.Second)
 	ctxA, cancelA := context.WithCancel(context.Background())
 	defer cancelA()
 	ctxB, cancelB := context.WithCancel(context.Background())

@@ -4,14 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
 	"reflect"
 	"strconv"
-	"sync"
 	"syscall"
 	"time"
 
@@ -64,19 +62,10 @@ func Ready() error {
 func Draining() <-chan struct{} {
 	a, err := std()
 	if err != nil {
-		drainingFailed.Do(func() {
-			fmt.Fprintf(stderr, "rollover: Draining will never close: %v\n", err)
-		})
-		return make(chan struct{})
+		return neverDraining(err)
 	}
 	return a.draining
 }
-
-// drainingFailed says once that Draining cannot fire.
-var drainingFailed sync.Once
-
-// stderr is where the library says what the app should know; a test seam.
-var stderr io.Writer = os.Stderr
 
 // Generation is this process's generation number, 0 when standalone.
 func Generation() int {

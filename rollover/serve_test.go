@@ -120,6 +120,14 @@ func serveOn(ctx context.Context, a *agent, srv *http.Server, ln net.Listener) <
 	return ch
 }
 
+// standaloneAgent makes an agent as a process without a coordinator does,
+// with the drain timeout the test wants.
+func standaloneAgent(t *testing.T, drainTimeout time.Duration) *agent {
+	t.Helper()
+	clearEnv(t)
+	return newTestAgent(t, drainTimeout)
+}
+
 // serve serves testHandler through a's serve on a fresh 127.0.0.1 listener
 // from a's listen. serve's result arrives on the channel.
 func serve(t *testing.T, a *agent, ctx context.Context) (addr string, served <-chan error) {
@@ -176,6 +184,23 @@ func (k *keepAlive) closedByServer() bool {
 	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)
 }
 
+// hijackOn asks a's /hijack on a connection of its own, which must switch
+// protocols, and waits until a counts it as a connection with no request in
+// flight.
+func hijackOn(t *testing.T, a *agent, addr string) *keepAlive {
+	t.Helper()
+	ka := dialKeepAlive(t, addr)
+	ka.send(t, "/hijack")
+	if resp, _ := ka.read(t); resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("hijack: %s", resp.Status)
+	}
+	testproc.WaitFor(t, 5*time.Second, "the hijacked connection counted, its request finished", func() bool {
+		s := counters(a)
+		return s.Connections == 1 && s.Inflight == 0
+	})
+	return ka
+}
+
 // getOK requests / on a connection of its own, which must answer "ok".
 func getOK(t *testing.T, addr, when string) {
 	t.Helper()
@@ -200,8 +225,7 @@ func getNew(addr, path string) (string, error) {
 }
 
 func TestServeStandalone(t *testing.T) {
-	clearEnv(t)
-	a := newTestAgent(t, 10*time.Second)
+	a := standaloneAgent(t, 10*time.Second)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	addr, served := serve(t, a, ctx)
@@ -339,8 +363,7 @@ func TestServeStandaloneSIGTERM(t *testing.T) {
 }
 
 func TestServeCountsHijackedConnections(t *testing.T) {
-	clearEnv(t)
-	a := newTestAgent(t, 0)
+	a := standaloneAgent(t, 0)
 	ln := listenLocal(t, a)
 	var hijacked sync.WaitGroup
 	mux := http.NewServeMux()
@@ -360,15 +383,7 @@ func TestServeCountsHijackedConnections(t *testing.T) {
 	defer cancel()
 	served := serveOn(ctx, a, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln)
 
-	ka := dialKeepAlive(t, ln.Addr().String())
-	ka.send(t, "/hijack")
-	if resp, _ := ka.read(t); resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatalf("hijack: %s", resp.Status)
-	}
-	testproc.WaitFor(t, 5*time.Second, "the hijacked connection counted, its request finished", func() bool {
-		s := counters(a)
-		return s.Connections == 1 && s.Inflight == 0
-	})
+	ka := hijackOn(t, a, ln.Addr().String())
 	ka.conn.Close()
 	hijacked.Wait()
 	testproc.WaitFor(t, 5*time.Second, "the hijacked connection to be uncounted", func() bool { return counters(a).Connections == 0 })
@@ -490,53 +505,55 @@ func accept(t *testing.T, conn net.Conn, welcome wire.Msg, ch chan<- *fakeCoordi
 	ch <- f
 }
 
+// next returns the next message the generation sends, and fails the test
+// if none comes before deadline, or the generation hangs up.
+func (f *fakeCoordinator) next(what string, deadline <-chan time.Time) wire.Msg {
+	f.t.Helper()
+	select {
+	case m, ok := <-f.msgs:
+		if !ok {
+			f.t.Fatalf("waiting for %s: the generation hung up: %v", what, <-f.err)
+		}
+		return m
+	case <-deadline:
+		f.t.Fatalf("no %s in time", what)
+		panic("unreachable")
+	}
+}
+
 // expect returns the next message that is not stats, which must be of type
 // typ.
 func (f *fakeCoordinator) expect(typ string) wire.Msg {
 	f.t.Helper()
-	timeout := time.After(10 * time.Second)
+	deadline := time.After(10 * time.Second)
 	for {
-		select {
-		case m, ok := <-f.msgs:
-			if !ok {
-				f.t.Fatalf("waiting for %s: the generation hung up: %v", typ, <-f.err)
+		m := f.next(typ, deadline)
+		if m.Type == wire.TypeStats {
+			if m.Stats != nil {
+				f.mu.Lock()
+				f.stats = *m.Stats
+				f.mu.Unlock()
 			}
-			if m.Type == wire.TypeStats {
-				if m.Stats != nil {
-					f.mu.Lock()
-					f.stats = *m.Stats
-					f.mu.Unlock()
-				}
-				continue
-			}
-			if m.Type != typ {
-				f.t.Fatalf("got %+v, want %s", m, typ)
-			}
-			return m
-		case <-timeout:
-			f.t.Fatalf("no %s within 10s", typ)
+			continue
 		}
+		if m.Type != typ {
+			f.t.Fatalf("got %+v, want %s", m, typ)
+		}
+		return m
 	}
 }
 
 // waitStats waits for a stats report that satisfies cond.
 func (f *fakeCoordinator) waitStats(what string, cond func(wire.Stats) bool) {
 	f.t.Helper()
-	timeout := time.After(5 * time.Second)
+	deadline := time.After(5 * time.Second)
 	for {
-		select {
-		case m, ok := <-f.msgs:
-			if !ok {
-				f.t.Fatalf("waiting for stats: the generation hung up: %v", <-f.err)
-			}
-			if m.Type != wire.TypeStats || m.Stats == nil {
-				f.t.Fatalf("waiting for stats, got %+v", m)
-			}
-			if cond(*m.Stats) {
-				return
-			}
-		case <-timeout:
-			f.t.Fatalf("no stats report with %s within 5s", what)
+		m := f.next("stats with "+what, deadline)
+		if m.Type != wire.TypeStats || m.Stats == nil {
+			f.t.Fatalf("waiting for stats, got %+v", m)
+		}
+		if cond(*m.Stats) {
+			return
 		}
 	}
 }
@@ -693,12 +710,11 @@ func (l lateListener) NetListener() net.Listener { return l.Listener }
 // A clean drain returns nil even if the server has not yet noticed that the
 // hand-over closed its listener (Shutdown then closes it a second time).
 func TestServeCleanDrainReturnsNil(t *testing.T) {
-	clearEnv(t)
-	a := newTestAgent(t, 0)
+	a := standaloneAgent(t, 0)
 	ln := listenLocal(t, a)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	served := serveOn(ctx, a, &http.Server{Handler: testHandler(), ReadHeaderTimeout: 5 * time.Second}, lateListener{ln})
+	served := serveOn(ctx, a, nil, lateListener{ln})
 	getOK(t, ln.Addr().String(), "")
 	testproc.WaitFor(t, 5*time.Second, "the connection to close", func() bool { return counters(a).Connections == 0 })
 	cancel()

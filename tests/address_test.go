@@ -21,10 +21,7 @@ func TestWrongAddressRefused(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	_, port, _ := net.SplitHostPort(svc.Addr)
-	other, err := harness.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
+	other := freePort(t)
 	app := svc.AppArgv("v2")[0]
 	var runner *load.Runner
 	defer func() {

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // rolloverCLI runs the rollover binary and returns its stdout, stderr and
@@ -381,18 +382,6 @@ func startLoggedService(t *testing.T, out *syncBuffer, flags ...string) *harness
 	return startServiceLog(t, harness.Config{StartFlags: flags}, out, false)
 }
 
-// waitFor polls cond until it holds or d passes.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // holdConns opens n keep-alive connections to addr, each after one
 // request, and keeps them open until closed: during a drain they count as
 // the old generation's connections.
@@ -435,7 +424,7 @@ func TestSecondSignalForcesStop(t *testing.T) {
 	if err := svc.Signal(syscall.SIGINT); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "the draining line", func() bool {
+	testproc.WaitFor(t, 5*time.Second, "the draining line", func() bool {
 		return strings.Contains(out.String(), "draining 1 generation (max 1m0s; Ctrl-C again to force)")
 	})
 	select {
@@ -472,11 +461,7 @@ func TestThirdSignalKills(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	port, err := harness.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := "127.0.0.1:" + strconv.Itoa(port)
+	addr := testproc.FreeAddr(t)
 	out := &syncBuffer{}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -504,7 +489,7 @@ func TestThirdSignalKills(t *testing.T) {
 	if len(gens) != 1 {
 		t.Fatalf("generations %v, want 1", gens)
 	}
-	waitFor(t, 10*time.Second, "the helper to ignore SIGTERM", func() bool { return ignoresTerm(gens[0]) })
+	testproc.WaitFor(t, 10*time.Second, "the helper to ignore SIGTERM", func() bool { return ignoresTerm(gens[0]) })
 	steps := []struct {
 		log  string
 		gone bool
@@ -517,7 +502,7 @@ func TestThirdSignalKills(t *testing.T) {
 		if err := co.cmd.Process.Signal(syscall.SIGINT); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, 10*time.Second, fmt.Sprintf("%q after SIGINT %d", s.log, i+1), func() bool { return strings.Contains(out.String(), s.log) })
+		testproc.WaitFor(t, 10*time.Second, fmt.Sprintf("%q after SIGINT %d", s.log, i+1), func() bool { return strings.Contains(out.String(), s.log) })
 		if s.gone {
 			break
 		}
@@ -587,10 +572,7 @@ func TestFailedStartLeavesNoSocket(t *testing.T) {
 	svc := startService(t, harness.Config{Metrics: true})
 	dir := shortDir(t)
 	sock := filepath.Join(dir, "two.sock")
-	port, err := harness.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
+	port := freePort(t)
 	_, stderr, code := rolloverCLI(t, nil, "start", "--socket", sock, "--metrics-addr", svc.MetricsAddr, "--",
 		filepath.Join(bin, "demoapp"), "-addr", "127.0.0.1:"+strconv.Itoa(port))
 	if code != 1 || strings.Count(stderr, "\n") != 1 || !strings.Contains(stderr, "rollover: metrics: listen on "+svc.MetricsAddr) || !strings.Contains(stderr, "--metrics-addr") {
@@ -627,14 +609,8 @@ func TestTwoCoordinatorsByName(t *testing.T) {
 	}
 	var coords []*coord
 	for _, name := range []string{"one", "two"} {
-		p1, err := harness.FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
-		p2, err := harness.FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
+		p1 := freePort(t)
+		p2 := freePort(t)
 		c := &coord{name: name, addr: "127.0.0.1:" + strconv.Itoa(p1), metrics: "127.0.0.1:" + strconv.Itoa(p2), out: &syncBuffer{}, exited: make(chan struct{})}
 		c.cmd = exec.Command(filepath.Join(bin, "rollover"), "--name", name, "start", "--metrics-addr", c.metrics,
 			"--drain-grace", "100ms", "--", filepath.Join(bin, "demoapp"), "-addr", c.addr, "-version", name)
@@ -663,7 +639,7 @@ func TestTwoCoordinatorsByName(t *testing.T) {
 				t.Logf("coordinator %s:\n%s", c.name, tailLines(c.out.String(), 40))
 			}
 		})
-		waitFor(t, 20*time.Second, "coordinator "+name, func() bool {
+		testproc.WaitFor(t, 20*time.Second, "coordinator "+name, func() bool {
 			out, _, code := rolloverCLI(t, env, "status", "--json", "--name", name)
 			var st struct {
 				Socket      string `json:"socket"`

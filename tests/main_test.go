@@ -6,6 +6,7 @@ package tests
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -68,6 +69,30 @@ func needTool(t *testing.T, name string) string {
 			t.Fatalf("%s is required in CI (install it in .ci/run): %v", name, err)
 		}
 		t.Skipf("skipping: %s not installed", name)
+	}
+	return p
+}
+
+// helperScenario decodes into sc the scenario that the test which made
+// this helper's network namespace put in the variable env; without it, the
+// helper is not a test of its own, and skips, saying which tests run it.
+func helperScenario(t *testing.T, env, runBy string, sc any) {
+	t.Helper()
+	raw := os.Getenv(env)
+	if raw == "" {
+		t.Skip("helper: runs only inside the network namespace that " + runBy + " create")
+	}
+	if err := json.Unmarshal([]byte(raw), sc); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// freePort returns a loopback port that was free a moment ago.
+func freePort(t testing.TB) int {
+	t.Helper()
+	p, err := harness.FreePort()
+	if err != nil {
+		t.Fatal(err)
 	}
 	return p
 }

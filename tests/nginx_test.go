@@ -36,6 +36,7 @@ import (
 	"github.com/rollover-sh/rollover/rollover/wire"
 	"github.com/rollover-sh/rollover/tests/harness"
 	"github.com/rollover-sh/rollover/tests/load"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // TestNginxRollover rolls real nginx over between two configurations, under
@@ -57,11 +58,7 @@ func TestNginxRollover(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			dir := shortDir(t)
 			foreignLeaveNothing(t, dir)
-			port, err := harness.FreePort()
-			if err != nil {
-				t.Fatal(err)
-			}
-			addr := "127.0.0.1:" + strconv.Itoa(port)
+			addr := testproc.FreeAddr(t)
 			var confs [2]string
 			for i, v := range []string{"v1", "v2"} {
 				confs[i] = renderNginxConf(t, nginx, dir, v, addr)
@@ -282,14 +279,8 @@ func runForeignInNetns(t *testing.T, sc foreignScenario) foreignReport {
 // TestNotifyAppRollover run it in a network namespace they create, with the
 // scenario in $ROLLOVER_TEST_FOREIGN_SCENARIO.
 func TestForeignAppHelper(t *testing.T) {
-	raw := os.Getenv(envForeignScenario)
-	if raw == "" {
-		t.Skip("helper: runs only inside the network namespace that TestNginxRollover and TestNotifyAppRollover create")
-	}
 	var sc foreignScenario
-	if err := json.Unmarshal([]byte(raw), &sc); err != nil {
-		t.Fatal(err)
-	}
+	helperScenario(t, envForeignScenario, "TestNginxRollover and TestNotifyAppRollover", &sc)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	rep := sc.run(ctx, t.Logf)

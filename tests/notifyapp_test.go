@@ -33,10 +33,7 @@ func notifyApp(t *testing.T, dir string) (argv func(version string) []string, ad
 	if err := os.WriteFile(script, src, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	port, err := harness.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
+	port := freePort(t)
 	return func(v string) []string {
 		return []string{python, script, "127.0.0.1", strconv.Itoa(port), v, strconv.FormatFloat(notifyWarmUp.Seconds(), 'f', -1, 64)}
 	}, "127.0.0.1:" + strconv.Itoa(port)

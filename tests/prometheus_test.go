@@ -24,6 +24,7 @@ import (
 
 	"github.com/rollover-sh/rollover/rollover/wire"
 	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // promDir holds the shipped Prometheus configuration and alert rules.
@@ -71,21 +72,7 @@ func TestPrometheusWatchesDrain(t *testing.T) {
 	}
 
 	// Ten slow requests on generation 1, seen by Prometheus, then a rollover.
-	type answer struct {
-		code int
-		gen  string
-		err  error
-	}
-	answers := make(chan answer, 10)
-	var wg sync.WaitGroup
-	for range 10 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			code, gen, _, err := svc.Get(ctx, "/slow?d=4s")
-			answers <- answer{code, gen, err}
-		}()
-	}
+	slow := slowRequests(t, ctx, svc, 10, "/slow?d=4s", "1")
 	slowStart := time.Now()
 	prom.waitVector(t, ctx, `rollover_inflight_requests{generation="1"} >= 10`, "generation 1's 10 slow requests in flight")
 	t.Logf("Prometheus saw the slow requests %v after they started", time.Since(slowStart).Round(time.Millisecond))
@@ -96,13 +83,7 @@ func TestPrometheusWatchesDrain(t *testing.T) {
 	if r.Generation != 2 {
 		t.Fatalf("next started generation %d, want 2", r.Generation)
 	}
-	wg.Wait()
-	close(answers)
-	for a := range answers {
-		if a.err != nil || a.code != http.StatusOK || a.gen != "1" {
-			t.Errorf("slow request: code %d gen %q err %v; want 200 from gen 1", a.code, a.gen, a.err)
-		}
-	}
+	slow()
 
 	prom.waitVector(t, ctx, `rollover_active_generation == 2`, "generation 2 active")
 	prom.waitVector(t, ctx, `max_over_time(rollover_generation_state{generation="1",state="draining"}[5m]) == 1`, "generation 1 seen draining")
@@ -688,11 +669,7 @@ func startPrometheus(t *testing.T, ctx context.Context, promtool, prometheus, ad
 	}
 	runTool(t, nil, promtool, "check", "config", cfgPath)
 
-	port, err := harness.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	listen := "127.0.0.1:" + strconv.Itoa(port)
+	listen := testproc.FreeAddr(t)
 	out := &syncBuffer{}
 	cmd := exec.Command(prometheus, "--config.file="+cfgPath, "--storage.tsdb.path="+filepath.Join(dir, "data"),
 		"--web.listen-address="+listen)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/rollover-sh/rollover/tests/harness"
 	"github.com/rollover-sh/rollover/tests/load"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // Ten rollovers between v1 and v2 under load from clients that open a new
@@ -93,6 +94,30 @@ func TestRolloversUnderLoad(t *testing.T) {
 	}
 }
 
+// slowRequests starts n requests for path (a /slow one) on svc and returns
+// a wait that checks, once all are done, that each got 200 from generation
+// gen.
+func slowRequests(t *testing.T, ctx context.Context, svc *harness.Service, n int, path, gen string) (wait func()) {
+	failures := make(chan string, n)
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			code, g, _, err := svc.Get(ctx, path)
+			if err != nil || code != http.StatusOK || g != gen {
+				failures <- fmt.Sprintf("slow request: code %d gen %q err %v; want 200 from gen %s", code, g, err, gen)
+			}
+		})
+	}
+	return func() {
+		t.Helper()
+		wg.Wait()
+		close(failures)
+		for f := range failures {
+			t.Error(f)
+		}
+	}
+}
+
 // Twenty slow requests started just before a rollover all complete with 200
 // from the old generation, which drains instead of dropping them.
 func TestSlowRequestsSurviveRollover(t *testing.T) {
@@ -100,44 +125,17 @@ func TestSlowRequestsSurviveRollover(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 
-	type answer struct {
-		code int
-		gen  string
-		err  error
-	}
-	answers := make(chan answer, 20)
-	var wg sync.WaitGroup
-	for range 20 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			code, gen, _, err := svc.Get(ctx, "/slow?d=2s")
-			answers <- answer{code, gen, err}
-		}()
-	}
+	slow := slowRequests(t, ctx, svc, 20, "/slow?d=2s", "1")
 	// Roll over only once all twenty are in flight on generation 1.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	testproc.WaitFor(t, 10*time.Second, "the slow requests in flight on generation 1", func() bool {
 		st, err := svc.Status(ctx)
-		if err == nil && len(st.Generations) == 1 && st.Generations[0].Stats.Inflight == 20 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the slow requests never showed as in flight: %+v %v", st, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return err == nil && len(st.Generations) == 1 && st.Generations[0].Stats.Inflight == 20
+	})
 	r, err := svc.Next(ctx, "v2", true)
 	if err != nil {
 		t.Fatalf("next: %v", err)
 	}
-	wg.Wait()
-	close(answers)
-	for a := range answers {
-		if a.err != nil || a.code != http.StatusOK || a.gen != "1" {
-			t.Errorf("slow request: code %d gen %q err %v; want 200 from gen 1", a.code, a.gen, a.err)
-		}
-	}
+	slow()
 	if r.Old != 1 || r.Drain <= 0 {
 		t.Errorf("next --wait reported old gen %d drained in %v; want gen 1 and a drain time", r.Old, r.Drain)
 	}

@@ -669,14 +669,8 @@ func TestSafeKillInBake(t *testing.T) {
 // TestSafeKillHelper is not a test of its own: TestSafeKillInBake runs it
 // in a network namespace it creates.
 func TestSafeKillHelper(t *testing.T) {
-	raw := os.Getenv(envSafeKill)
-	if raw == "" {
-		t.Skip("helper: runs only inside the network namespace that TestSafeKillInBake creates")
-	}
 	var sc killScenario
-	if err := json.Unmarshal([]byte(raw), &sc); err != nil {
-		t.Fatal(err)
-	}
+	helperScenario(t, envSafeKill, "TestSafeKillInBake", &sc)
 	var rep killReport
 	defer func() {
 		if t.Failed() && rep.Error == "" {

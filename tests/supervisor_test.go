@@ -15,8 +15,8 @@ import (
 
 	"github.com/rollover-sh/rollover/rollover/coordinator"
 	"github.com/rollover-sh/rollover/rollover/wire"
-	"github.com/rollover-sh/rollover/tests/harness"
 	"github.com/rollover-sh/rollover/tests/load"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // supervisorPath is the shipped supervisord program.
@@ -36,11 +36,7 @@ func TestSupervisord(t *testing.T) {
 	sock := shortDir(t) // sockets: short paths
 	logs := t.TempDir()
 	ctl := filepath.Join(sock, "ctl.sock")
-	port, err := harness.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := "127.0.0.1:" + strconv.Itoa(port)
+	addr := testproc.FreeAddr(t)
 	appLog := filepath.Join(logs, "api.log")
 	program := supervisorProgram(t, addr, ctl, appLog)
 	conf := filepath.Join(logs, "supervisord.conf")

@@ -14,6 +14,7 @@ import (
 
 	"github.com/rollover-sh/rollover/rollover/coordinator"
 	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // templatePath is the shipped template unit, one coordinator per instance.
@@ -139,14 +140,8 @@ func TestSystemdTemplateTwoInstances(t *testing.T) {
 	defer cancel()
 	var insts []*instance
 	for _, name := range []string{"api", "web"} {
-		app, err := harness.FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
-		metrics, err := harness.FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
+		app := freePort(t)
+		metrics := freePort(t)
 		in := &instance{name: name, out: &syncBuffer{}, exited: make(chan struct{}), vars: map[string]string{
 			"ROLLOVER_METRICS_ADDR": "127.0.0.1:" + strconv.Itoa(metrics),
 			"ROLLOVER_COMMAND":      filepath.Join(bin, "demoapp") + " -addr 127.0.0.1:" + strconv.Itoa(app) + " -version " + name,
@@ -186,7 +181,7 @@ func TestSystemdTemplateTwoInstances(t *testing.T) {
 		insts = append(insts, in)
 	}
 	for _, in := range insts {
-		waitFor(t, 20*time.Second, "rollover@"+in.name+" active", func() bool {
+		testproc.WaitFor(t, 20*time.Second, "rollover@"+in.name+" active", func() bool {
 			st, err := ctlStatus(ctx, filepath.Join(runtimeDir, "rollover", in.name+".sock"))
 			return err == nil && st.Active == 1
 		})

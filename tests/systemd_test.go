@@ -23,7 +23,7 @@ import (
 
 	"github.com/rollover-sh/rollover/rollover/coordinator"
 	"github.com/rollover-sh/rollover/rollover/wire"
-	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // unitPath is the shipped systemd unit.
@@ -264,11 +264,7 @@ func testNotify(t *testing.T, notifyAddr string) {
 
 	dir := shortDir(t)
 	socket := filepath.Join(dir, "ctl.sock")
-	port, err := harness.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := "127.0.0.1:" + strconv.Itoa(port)
+	addr := testproc.FreeAddr(t)
 	cmd := exec.Command(filepath.Join(bin, "rollover"), "start", "--socket", socket,
 		"--metrics-addr", "", "--drain-grace", "100ms",
 		"--", filepath.Join(bin, "demoapp"), "-addr", addr, "-version", "v1")

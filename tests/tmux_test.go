@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // pane is a command running in a tmux pane of its own tmux server: a real
@@ -293,11 +294,7 @@ func TestStatusWatchPlain(t *testing.T) {
 func TestCtrlCInTmux(t *testing.T) {
 	dir := shortDir(t)
 	socket := filepath.Join(dir, "ctl.sock")
-	port, err := harness.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := "127.0.0.1:" + strconv.Itoa(port)
+	addr := testproc.FreeAddr(t)
 	argv := []string{filepath.Join(bin, "rollover"), "start", "--socket", socket, "--metrics-addr", "",
 		"--drain-grace", "100ms", "--drain-timeout", "1m", "--", filepath.Join(bin, "demoapp"), "-addr", addr}
 	p := startPane(t, 160, 30, shellQuote(argv...))
@@ -307,7 +304,7 @@ func TestCtrlCInTmux(t *testing.T) {
 			_ = syscall.Kill(gen, syscall.SIGKILL)
 		}
 	})
-	waitFor(t, 20*time.Second, "gen 1 active", func() bool {
+	testproc.WaitFor(t, 20*time.Second, "gen 1 active", func() bool {
 		st, err := ctlStatus(context.Background(), socket)
 		if err != nil || st.Active != 1 || len(st.Generations) != 1 {
 			return false

@@ -1,8 +1,8 @@
 // Package testproc holds what the tests of the library, the coordinator and
 // the end-to-end suite share about processes and time: a test that runs
 // alone in a child process of the test binary (the helper-process pattern
-// of os/exec's tests), a wait for a condition with a deadline, and a check
-// that a process is gone.
+// of os/exec's tests), a wait for a condition with a deadline, a check that
+// a process is gone, and a free loopback port.
 //
 // It lives under tests/ so that every test package of the module can import
 // it (an internal package under rollover/ would be out of reach of tests/).
@@ -13,6 +13,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"net"
 	"os"
 	"os/exec"
 	"regexp"
@@ -37,6 +38,17 @@ func WaitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 		}
 		time.Sleep(Poll)
 	}
+}
+
+// FreeAddr returns 127.0.0.1:port with a port that was free a moment ago.
+func FreeAddr(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
 }
 
 // Gone reports whether no process (zombies included) has pid.

@@ -1,6 +1,7 @@
 package testproc
 
 import (
+	"net"
 	"os"
 	"os/exec"
 	"testing"
@@ -46,4 +47,13 @@ func TestInChild(t *testing.T) {
 	if v, ok := os.LookupEnv("TESTPROC_DROPPED"); ok {
 		t.Errorf("TESTPROC_DROPPED=%q reached the child", v)
 	}
+}
+
+func TestFreeAddr(t *testing.T) {
+	addr := FreeAddr(t)
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatalf("listen on the free address %s: %v", addr, err)
+	}
+	ln.Close()
 }
