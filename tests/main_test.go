@@ -11,8 +11,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -71,6 +73,28 @@ func needTool(t *testing.T, name string) string {
 		t.Skipf("skipping: %s not installed", name)
 	}
 	return p
+}
+
+// helperCommand is the command that runs this test binary's helper test
+// name, bounded by timeout, under prefix (the command that makes its
+// network namespace, see unshareArgs), with ROLLOVER_TEST_BIN (the binaries
+// of this run, so that the helper need not build them again) and env. The
+// helper cleans up on SIGTERM, which it gets when ctx ends, and is killed
+// 30s later. Its output goes to out.
+func helperCommand(t *testing.T, ctx context.Context, prefix []string, name string, timeout time.Duration, env ...string) (cmd *exec.Cmd, out *syncBuffer) {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := append(slices.Clone(prefix[1:]), exe, "-test.run=^"+name+"$", "-test.count=1", "-test.v", "-test.timeout="+timeout.String())
+	cmd = exec.CommandContext(ctx, prefix[0], args...)
+	cmd.Env = append(append(os.Environ(), "ROLLOVER_TEST_BIN="+bin), env...)
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.WaitDelay = 30 * time.Second
+	out = &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	return cmd, out
 }
 
 // helperScenario decodes into sc the scenario that the test which made

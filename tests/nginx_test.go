@@ -222,10 +222,6 @@ func (rep foreignReport) check(t *testing.T, sc foreignScenario, maxLoadFailures
 func runForeignInNetns(t *testing.T, sc foreignScenario) foreignReport {
 	t.Helper()
 	prefix := unshareArgs(t)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	raw, err := json.Marshal(sc)
 	if err != nil {
 		t.Fatal(err)
@@ -233,17 +229,7 @@ func runForeignInNetns(t *testing.T, sc foreignScenario) foreignReport {
 	budget := time.Duration(sc.Rollovers)*(sc.Interval+2*time.Second) + 90*time.Second
 	ctx, cancel := context.WithTimeout(context.Background(), budget)
 	defer cancel()
-	args := append(prefix[1:], exe, "-test.run=^TestForeignAppHelper$", "-test.count=1", "-test.v",
-		"-test.timeout="+budget.String())
-	cmd := exec.CommandContext(ctx, prefix[0], args...)
-	// ROLLOVER_TEST_BIN: the binaries built for this run, so that a TestMain
-	// that honours it need not build them again in the helper.
-	cmd.Env = append(os.Environ(), envForeignScenario+"="+string(raw), "ROLLOVER_TEST_BIN="+bin)
-	// The helper drains and cleans up on SIGTERM.
-	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
-	cmd.WaitDelay = 30 * time.Second
-	out := &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = out, out
+	cmd, out := helperCommand(t, ctx, prefix, "TestForeignAppHelper", budget, envForeignScenario+"="+string(raw))
 	start := time.Now()
 	runErr := cmd.Run()
 	log, _ := os.ReadFile(sc.logPath())

@@ -165,14 +165,7 @@ func TestPrometheusAlertsOnCutDrain(t *testing.T) {
 		prom.waitVector(t, ctx, c+" == 0", c+" at 0")
 	}
 
-	cut := make(chan error, 1)
-	go func() {
-		code, gen, _, err := svc.Get(ctx, "/slow?d=50s")
-		if err == nil {
-			err = fmt.Errorf("answered %d from gen %q", code, gen)
-		}
-		cut <- err
-	}()
+	cut := unanswered(ctx, svc, "/slow?d=50s")
 	prom.waitVector(t, ctx, `rollover_inflight_requests{generation="1"} >= 1`, "generation 1's slow request in flight")
 	if _, err := svc.Next(ctx, "v2", false); err != nil {
 		t.Fatalf("next: %v", err)

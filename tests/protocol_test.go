@@ -141,20 +141,10 @@ func TestProtocolMatrix(t *testing.T) {
 func TestProtocolMatrixIPv6Off(t *testing.T) {
 	needTool(t, "ss")
 	prefix := unshareArgs(t)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	dir := shortDir(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	args := append(prefix[1:], exe, "-test.run=^TestProtocolIPv6OffHelper$", "-test.count=1", "-test.v", "-test.timeout=3m")
-	cmd := exec.CommandContext(ctx, prefix[0], args...)
-	cmd.Env = append(os.Environ(), "ROLLOVER_TEST_BIN="+bin, envProtoHelper+"="+dir)
-	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
-	cmd.WaitDelay = 30 * time.Second
-	out := &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = out, out
+	cmd, out := helperCommand(t, ctx, prefix, "TestProtocolIPv6OffHelper", 3*time.Minute, envProtoHelper+"="+dir)
 	runErr := cmd.Run()
 	checkOutput(t, "helper", out.String())
 	b, err := os.ReadFile(filepath.Join(dir, "report.json"))

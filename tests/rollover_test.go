@@ -118,6 +118,21 @@ func slowRequests(t *testing.T, ctx context.Context, svc *harness.Service, n int
 	}
 }
 
+// unanswered starts a request for path (a /slow one that outlasts the
+// drain) on svc; its error, or why an answer is one, arrives on the
+// channel.
+func unanswered(ctx context.Context, svc *harness.Service, path string) <-chan error {
+	ch := make(chan error, 1)
+	go func() {
+		code, gen, _, err := svc.Get(ctx, path)
+		if err == nil {
+			err = fmt.Errorf("answered %d by gen %s", code, gen)
+		}
+		ch <- err
+	}()
+	return ch
+}
+
 // Twenty slow requests started just before a rollover all complete with 200
 // from the old generation, which drains instead of dropping them.
 func TestSlowRequestsSurviveRollover(t *testing.T) {

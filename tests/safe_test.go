@@ -157,34 +157,36 @@ func (n *nextRun) waitFor(t *testing.T, what string, d time.Duration, match func
 	timer := time.NewTimer(d)
 	defer timer.Stop()
 	for {
-		n.mu.Lock()
-		for ; n.cursor < len(n.events); n.cursor++ {
-			if e := n.events[n.cursor]; match(e.Event) {
-				n.cursor++
-				n.mu.Unlock()
-				return e
-			}
+		e, ok, changed := n.scan(match)
+		if ok {
+			return e
 		}
-		changed := n.changed
-		n.mu.Unlock()
 		select {
 		case <-changed:
 		case <-n.done:
 			// The reader appended every event before done: look once more.
-			n.mu.Lock()
-			for ; n.cursor < len(n.events); n.cursor++ {
-				if e := n.events[n.cursor]; match(e.Event) {
-					n.cursor++
-					n.mu.Unlock()
-					return e
-				}
+			if e, ok, _ := n.scan(match); ok {
+				return e
 			}
-			n.mu.Unlock()
 			t.Fatalf("`rollover next` exited (%v) before %s; events: %s; stderr: %s", n.err, what, n.phases(), n.stderr.String())
 		case <-timer.C:
 			t.Fatalf("no %s within %v; events so far: %s; stderr: %s", what, d, n.phases(), n.stderr.String())
 		}
 	}
+}
+
+// scan moves the cursor past the next event that matches, and returns it;
+// without one, it returns the channel that the next event closes.
+func (n *nextRun) scan(match func(wire.Event) bool) (e stampedEvent, ok bool, changed <-chan struct{}) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for ; n.cursor < len(n.events); n.cursor++ {
+		if e := n.events[n.cursor]; match(e.Event) {
+			n.cursor++
+			return e, true, nil
+		}
+	}
+	return stampedEvent{}, false, n.changed
 }
 
 // waitPhase is waitFor of the next event of phase.
@@ -581,23 +583,13 @@ type killReport struct {
 // second one while the dying process's sockets go (see dyingBound).
 func TestSafeKillInBake(t *testing.T) {
 	prefix := unshareArgs(t)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	for _, mr := range []int{0, 1} {
 		t.Run(fmt.Sprintf("tcp_migrate_req=%d", mr), func(t *testing.T) {
 			sc := killScenario{Dir: shortDir(t), MigrateReq: mr}
 			raw, _ := json.Marshal(sc)
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			defer cancel()
-			args := append(prefix[1:], exe, "-test.run=^TestSafeKillHelper$", "-test.count=1", "-test.v", "-test.timeout=90s")
-			cmd := exec.CommandContext(ctx, prefix[0], args...)
-			cmd.Env = append(os.Environ(), "ROLLOVER_TEST_BIN="+bin, envSafeKill+"="+string(raw))
-			cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
-			cmd.WaitDelay = 30 * time.Second
-			out := &syncBuffer{}
-			cmd.Stdout, cmd.Stderr = out, out
+			cmd, out := helperCommand(t, ctx, prefix, "TestSafeKillHelper", 90*time.Second, envSafeKill+"="+string(raw))
 			start := time.Now()
 			runErr := cmd.Run()
 			checkOutput(t, "helper", out.String())
@@ -966,14 +958,7 @@ func TestSafeForcedDrain(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	ld := startMixedLoad(t, svc, time.Minute, 5*time.Second)
-	slow := make(chan error, 1)
-	go func() {
-		code, gen, _, err := svc.Get(ctx, "/slow?d=20s")
-		if err == nil {
-			err = fmt.Errorf("answered %d by gen %s", code, gen)
-		}
-		slow <- err
-	}()
+	slow := unanswered(ctx, svc, "/slow?d=20s")
 	waitSvcStatus(t, svc, "the long request in flight on gen 1", 10*time.Second, func(st wire.Status) bool {
 		return len(st.Generations) == 1 && st.Generations[0].Stats.Inflight >= 1
 	})
