@@ -29,6 +29,29 @@ import (
 // unitPath is the shipped systemd unit.
 const unitPath = "../deploy/systemd/rollover-api.service"
 
+// systemdVerify runs `systemd-analyze verify` on good and fails t for every
+// line about the unit (a line that names goodName). First the control:
+// broken, a copy with a bad setting, must draw a complaint that names
+// brokenName, or verify checks nothing in this environment.
+func systemdVerify(t *testing.T, analyze, broken, brokenName, good, goodName string) {
+	t.Helper()
+	out, err := exec.Command(analyze, "verify", broken).CombinedOutput()
+	if about, _ := splitVerifyOutput(out, brokenName); len(about) == 0 {
+		envProblem(t, "systemd-analyze verify did not complain about a broken unit (%v); it cannot check units here:\n%s", err, out)
+	}
+	out, err = exec.Command(analyze, "verify", good).CombinedOutput()
+	about, host := splitVerifyOutput(out, goodName)
+	for _, l := range host {
+		t.Logf("systemd-analyze (not about the unit): %s", l)
+	}
+	for _, l := range about {
+		t.Errorf("systemd-analyze verify: %s", l)
+	}
+	if err != nil && len(about) == 0 {
+		envProblem(t, "systemd-analyze verify failed for reasons outside the unit: %v\n%s", err, out)
+	}
+}
+
 // The shipped unit, with the real binaries in place of /usr/local/bin,
 // passes `systemd-analyze verify`. Its command lines parse, and its timeouts
 // leave the coordinator time to drain.
@@ -58,24 +81,7 @@ func TestSystemdUnitVerifies(t *testing.T) {
 		}
 	}
 
-	// The control: a broken copy must draw a complaint, or verify checks
-	// nothing in this environment.
-	out, err := exec.Command(analyze, "verify", broken).CombinedOutput()
-	if about, _ := splitVerifyOutput(out, broken); len(about) == 0 {
-		envProblem(t, "systemd-analyze verify did not complain about a broken unit (%v); it cannot check units here:\n%s", err, out)
-	}
-
-	out, err = exec.Command(analyze, "verify", good).CombinedOutput()
-	about, host := splitVerifyOutput(out, good)
-	for _, l := range host {
-		t.Logf("systemd-analyze (not about the unit): %s", l)
-	}
-	for _, l := range about {
-		t.Errorf("systemd-analyze verify: %s", l)
-	}
-	if err != nil && len(about) == 0 {
-		envProblem(t, "systemd-analyze verify failed for reasons outside the unit: %v\n%s", err, out)
-	}
+	systemdVerify(t, analyze, broken, broken, good, good)
 
 	svc := unitSection(t, unit, "Service")
 	for key, want := range map[string]string{
