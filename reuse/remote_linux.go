@@ -21,28 +21,22 @@ var ErrNoDup = errors.New("cannot take the socket")
 // pidfd_getfd(2), closed at once (a duplicate held open would keep the
 // socket in the group after the process closes it).
 func SteerRemote(pid, fd, index int) error {
-	if index < 0 {
-		return fmt.Errorf("reuse: steer to index %d: not an index", index)
+	prog, err := retProgram(index)
+	if err != nil {
+		return err
 	}
-	return attachRemote(pid, fd, []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: uint32(index)}})
+	return attachRemote(pid, fd, prog)
 }
 
 // SteerWeightedRemote attaches the canary program of SteerWeighted (index
-// 1 with probability weight/100, else index 0) through pid's fd.
+// 1 with probability weight/100, else index 0; a weight below 0 or above
+// 100 is an error) through pid's fd.
 func SteerWeightedRemote(pid, fd, weight int) error {
-	switch {
-	case weight <= 0:
-		return SteerRemote(pid, fd, 0)
-	case weight >= 100:
-		return SteerRemote(pid, fd, 1)
+	prog, err := weightedProgram(weight)
+	if err != nil {
+		return err
 	}
-	return attachRemote(pid, fd, []unix.SockFilter{
-		{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: skfAdRandomK},
-		{Code: unix.BPF_ALU | unix.BPF_MOD | unix.BPF_K, K: 100},
-		{Code: unix.BPF_JMP | unix.BPF_JGE | unix.BPF_K, K: uint32(weight), Jt: 0, Jf: 1},
-		{Code: unix.BPF_RET | unix.BPF_K, K: 0},
-		{Code: unix.BPF_RET | unix.BPF_K, K: 1},
-	})
+	return attachRemote(pid, fd, prog)
 }
 
 // DetachRemote removes the program of the reuseport group of pid's fd, so

@@ -32,18 +32,40 @@ func Control(network, address string, c syscall.RawConn) error {
 // of ln, replacing any program the group had. Call it only on a listening
 // socket. An index below 0 or past a program's 32-bit operand is an error.
 func Steer(ln net.Listener, index int) error {
-	if index < 0 || index > math.MaxUint32 {
-		return fmt.Errorf("reuse: steer: index %d is out of range (0 to %d)", index, uint32(math.MaxUint32))
-	}
-	prog := []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: uint32(index)}}
-	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
-	err := withFD(ln, func(fd int) error {
-		return unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_CBPF, &fprog)
-	})
+	prog, err := retProgram(index)
 	if err != nil {
+		return err
+	}
+	if err := attach(ln, prog); err != nil {
 		return fmt.Errorf("reuse: attach reuseport bpf: %w", err)
 	}
 	return nil
+}
+
+// SteerWeighted attaches a canary program to the reuseport group of ln: each
+// new connection goes to index 1 with probability weight/100 and to index 0
+// otherwise. weight 0 is "ret 0" and 100 "ret 1", as Steer; a weight
+// below 0 or above 100 is an error. It is classic BPF, so it needs no
+// privilege:
+//
+//	ld [SKF_AD_OFF+SKF_AD_RANDOM]; mod #100; jge #weight → ret 0, else ret 1
+func SteerWeighted(ln net.Listener, weight int) error {
+	prog, err := weightedProgram(weight)
+	if err != nil {
+		return err
+	}
+	if err := attach(ln, prog); err != nil {
+		return fmt.Errorf("reuse: attach reuseport canary bpf (weight %d%%): %w", weight, err)
+	}
+	return nil
+}
+
+// retProgram is "ret index", for Steer and SteerRemote.
+func retProgram(index int) ([]unix.SockFilter, error) {
+	if index < 0 || index > math.MaxUint32 {
+		return nil, fmt.Errorf("reuse: steer: index %d is out of range (0 to %d)", index, uint32(math.MaxUint32))
+	}
+	return []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: uint32(index)}}, nil
 }
 
 // Ancillary load of a random 32-bit number (linux/filter.h), absent from
@@ -55,37 +77,32 @@ const (
 	skfAdRandomK = uint32(1<<32 + skfAdOff + skfAdRandom)
 )
 
-// SteerWeighted attaches a canary program to the reuseport group of ln: each
-// new connection goes to index 1 with probability weight/100 and to index 0
-// otherwise. weight 0 is "ret 0" and 100 "ret 1", as Steer; a weight
-// below 0 or above 100 is an error. It is classic BPF, so it needs no
-// privilege:
-//
-//	ld [SKF_AD_OFF+SKF_AD_RANDOM]; mod #100; jge #weight → ret 0, else ret 1
-func SteerWeighted(ln net.Listener, weight int) error {
+// weightedProgram is the canary program of SteerWeighted and
+// SteerWeightedRemote.
+func weightedProgram(weight int) ([]unix.SockFilter, error) {
 	switch {
 	case weight < 0 || weight > 100:
-		return fmt.Errorf("reuse: steer: weight %d%% is out of range (0 to 100)", weight)
+		return nil, fmt.Errorf("reuse: steer: weight %d%% is out of range (0 to 100)", weight)
 	case weight == 0:
-		return Steer(ln, 0)
+		return retProgram(0)
 	case weight == 100:
-		return Steer(ln, 1)
+		return retProgram(1)
 	}
-	prog := []unix.SockFilter{
+	return []unix.SockFilter{
 		{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: skfAdRandomK},
 		{Code: unix.BPF_ALU | unix.BPF_MOD | unix.BPF_K, K: 100},
 		{Code: unix.BPF_JMP | unix.BPF_JGE | unix.BPF_K, K: uint32(weight), Jt: 0, Jf: 1},
 		{Code: unix.BPF_RET | unix.BPF_K, K: 0},
 		{Code: unix.BPF_RET | unix.BPF_K, K: 1},
-	}
+	}, nil
+}
+
+// attach attaches prog to the reuseport group of ln.
+func attach(ln net.Listener, prog []unix.SockFilter) error {
 	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
-	err := withFD(ln, func(fd int) error {
+	return withFD(ln, func(fd int) error {
 		return unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_CBPF, &fprog)
 	})
-	if err != nil {
-		return fmt.Errorf("reuse: attach reuseport canary bpf (weight %d%%): %w", weight, err)
-	}
-	return nil
 }
 
 // Detach removes the program from the reuseport group of ln, so the kernel

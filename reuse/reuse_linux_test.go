@@ -142,6 +142,8 @@ func TestSteerRange(t *testing.T) {
 		{"index 2^32", reuse.Steer(ln, 1<<32)},
 		{"weight -1", reuse.SteerWeighted(ln, -1)},
 		{"weight 101", reuse.SteerWeighted(ln, 101)},
+		{"remote index -1", reuse.SteerRemote(os.Getpid(), 0, -1)},
+		{"remote weight 101", reuse.SteerWeightedRemote(os.Getpid(), 0, 101)},
 	} {
 		if tc.err == nil || !strings.Contains(tc.err.Error(), "out of range") {
 			t.Errorf("%s: %v, want an out-of-range error", tc.what, tc.err)

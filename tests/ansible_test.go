@@ -35,6 +35,7 @@ import (
 	"github.com/rollover-sh/rollover/rollover/wire"
 	"github.com/rollover-sh/rollover/tests/harness"
 	"github.com/rollover-sh/rollover/tests/load"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 const (
@@ -599,7 +600,7 @@ func (f *ansibleFleet) rollWith(t *testing.T, inventory string, env []string, va
 		loads[h.name] = hl
 	}
 	// The load is answered everywhere before the play starts.
-	waitFor(t, 10*time.Second, "the load to be answered on every host", func() bool {
+	testproc.WaitFor(t, 10*time.Second, "the load to be answered on every host", func() bool {
 		for _, hl := range loads {
 			if hl.keepAlive.Snapshot().OK < 5 || hl.newConn.Snapshot().OK < 5 {
 				return false
