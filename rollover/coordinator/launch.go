@@ -174,38 +174,29 @@ func parseAddr(addr string) (net.IP, int, error) {
 	return ip, p, nil
 }
 
-// listening reports whether pid or one of its descendants owns a TCP socket
-// that listens on ip:port: the listeners from the kernel (sock_diag, or, where
-// that is missing, pid's own /proc/PID/net/tcp{,6}), their owners from the
-// tree's fds. It reads only the generation's own processes, never all of
-// /proc.
-func listening(pid int, ip net.IP, port int) bool {
-	inodes, err := listenInodes(ip, port)
-	if err != nil {
-		fs, err := procfs.NewFS("/proc/" + strconv.Itoa(pid))
-		if err != nil {
-			return false // gone
+// listening reports whether pid or one of its descendants (nginx's
+// workers, say, are children of its master) owns a TCP socket that listens
+// on ip:port: the listeners of pid's network namespace (see tcpSockets),
+// their owners from the tree's fds. It reads only the generation's own
+// processes, never all of /proc.
+func listening(fs procfs.FS, pid int, ip net.IP, port int) bool {
+	socks, _ := tcpSockets("/proc/"+strconv.Itoa(pid), tcpListen)
+	want := map[uint64]bool{}
+	for _, s := range socks {
+		if int(s.localPort) == port && overlaps(ip, s.localAddr) {
+			want[s.inode] = true
 		}
-		inodes = listeningInodes(fs, ip, port)
 	}
-	if len(inodes) == 0 {
+	if len(want) == 0 {
 		return false
 	}
-	for _, p := range tree(pid) {
-		proc, err := procfs.NewProc(p)
+	for _, p := range family(fs, pid) {
+		inodes, err := socketInodes(p)
 		if err != nil {
 			continue
 		}
-		targets, err := proc.FileDescriptorTargets()
-		if err != nil {
-			continue
-		}
-		for _, t := range targets {
-			inode, ok := strings.CutPrefix(t, "socket:[")
-			if !ok {
-				continue
-			}
-			if n, err := strconv.ParseUint(strings.TrimSuffix(inode, "]"), 10, 64); err == nil && inodes[n] {
+		for inode := range inodes {
+			if want[inode] {
 				return true
 			}
 		}
@@ -213,59 +204,8 @@ func listening(pid int, ip net.IP, port int) bool {
 	return false
 }
 
-// maxTree bounds the processes tree looks at.
-const maxTree = 1024
-
-// tree returns pid and its descendants, parents first, from each thread's
-// /proc/PID/task/TID/children (nginx's workers, say, are children of its
-// master).
-func tree(pid int) []int {
-	out := []int{pid}
-	for i := 0; i < len(out) && len(out) < maxTree; i++ {
-		dir := "/proc/" + strconv.Itoa(out[i]) + "/task"
-		tasks, err := os.ReadDir(dir)
-		if err != nil {
-			continue // gone
-		}
-		for _, t := range tasks {
-			b, err := os.ReadFile(dir + "/" + t.Name() + "/children")
-			if err != nil {
-				continue
-			}
-			for _, f := range strings.Fields(string(b)) {
-				if c, err := strconv.Atoi(f); err == nil && len(out) < maxTree {
-					out = append(out, c)
-				}
-			}
-		}
-	}
-	return out
-}
-
 // tcpListen is TCP_LISTEN, the state of a listening socket in /proc/net/tcp.
 const tcpListen = 0x0A
-
-// listeningInodes returns the inodes of TCP sockets in LISTEN state on port
-// whose local address matches ip (any when ip is nil or unspecified).
-func listeningInodes(fs procfs.FS, ip net.IP, port int) map[uint64]bool {
-	out := map[uint64]bool{}
-	for _, read := range []func() (procfs.NetTCP, error){fs.NetTCP, fs.NetTCP6} {
-		lines, err := read()
-		if err != nil {
-			continue // no IPv6, say
-		}
-		for _, l := range lines {
-			if l.St != tcpListen || l.LocalPort != uint64(port) {
-				continue
-			}
-			if ip != nil && !ip.IsUnspecified() && !l.LocalAddr.Equal(ip) && !l.LocalAddr.IsUnspecified() {
-				continue
-			}
-			out[l.Inode] = true
-		}
-	}
-	return out
-}
 
 // waitListening looks every 25ms until pid's process tree owns a listener
 // on addr (want true) or owns none (want false), or until stop is closed or
@@ -275,12 +215,16 @@ func waitListening(pid int, addr string, want bool, d time.Duration, stop <-chan
 	if err != nil {
 		return false
 	}
+	fs, err := procfs.NewDefaultFS()
+	if err != nil {
+		return false
+	}
 	deadline := time.NewTimer(d)
 	defer deadline.Stop()
 	tick := time.NewTicker(25 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		if listening(pid, ip, port) == want {
+		if listening(fs, pid, ip, port) == want {
 			return true
 		}
 		select {

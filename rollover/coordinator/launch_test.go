@@ -2,11 +2,9 @@ package coordinator
 
 import (
 	"fmt"
-	"maps"
 	"net"
 	"os"
 	"os/exec"
-	"slices"
 	"syscall"
 	"testing"
 	"time"
@@ -22,8 +20,7 @@ func TestListeningTree(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	port := freePort(t)
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	// The shell waits for the app rather than exec it: the app is its child.
 	sh := exec.Command("sh", "-c", `"$@"; exit $?`, "sh", exe, genArg, envMode+"=ready", envAddr+"="+addr)
 	sh.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -42,19 +39,23 @@ func TestListeningTree(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = other.Process.Kill(); _ = other.Wait() })
 
-	ip, p, err := parseAddr(addr)
+	fs, err := procfs.NewDefaultFS()
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "the shell's child to listen on "+addr, func() bool { return listening(sh.Process.Pid, ip, p) })
-	if kids := tree(sh.Process.Pid); len(kids) < 2 || kids[0] != sh.Process.Pid {
-		t.Errorf("tree(%d) = %v, want the shell and its child", sh.Process.Pid, kids)
+	ip, port, err := parseAddr(addr)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if !slices.Contains(tree(os.Getpid()), sh.Process.Pid) {
-		t.Errorf("tree(%d) = %v, want the test's own child %d in it", os.Getpid(), tree(os.Getpid()), sh.Process.Pid)
+	waitFor(t, 10*time.Second, "the shell's child to listen on "+addr, func() bool { return listening(fs, sh.Process.Pid, ip, port) })
+	if kids := family(fs, sh.Process.Pid); len(kids) < 2 {
+		t.Errorf("family(%d) = %v, want the shell and its child", sh.Process.Pid, kids)
 	}
-	if listening(other.Process.Pid, ip, p) {
+	if listening(fs, other.Process.Pid, ip, port) {
 		t.Errorf("pid %d (sleep) is said to listen on %s", other.Process.Pid, addr)
+	}
+	if listening(fs, sh.Process.Pid, net.IPv4(127, 0, 0, 2), port) {
+		t.Errorf("the tree is said to listen on 127.0.0.2:%d", port)
 	}
 	if !waitListening(sh.Process.Pid, addr, true, time.Second, nil) {
 		t.Errorf("waitListening(%s, true) = false while the tree listens", addr)
@@ -67,15 +68,14 @@ func TestListeningTree(t *testing.T) {
 	}
 }
 
-// TestListenInodes: sock_diag finds a listener by its port and address, as
-// /proc/PID/net/tcp{,6} (the fallback) does, and only in LISTEN state.
-func TestListenInodes(t *testing.T) {
+// TestDiagListening: sock_diag reports a listener as net/tcp does, its
+// accept queue included, and no connection on its port.
+func TestDiagListening(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	port := ln.Addr().(*net.TCPAddr).Port
 	f, err := ln.(*net.TCPListener).File()
 	if err != nil {
 		t.Fatal(err)
@@ -86,33 +86,42 @@ func TestListenInodes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// A connection on the same port is not a listener.
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-
-	fs, err := procfs.NewFS("/proc/self")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, tc := range []struct {
-		ip         net.IP
-		want, proc bool // proc: compare with /proc too (about 10ms of kernel time per read)
-	}{{nil, true, true}, {net.IPv4zero, true, false}, {net.IPv4(127, 0, 0, 1), true, false}, {net.IPv4(127, 0, 0, 2), false, true}} {
-		got, err := listenInodes(tc.ip, port)
+	// Two connections wait in its accept queue.
+	for range 2 {
+		c, err := net.Dial("tcp", ln.Addr().String())
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got[st.Ino] != tc.want || len(got) != map[bool]int{true: 1, false: 0}[tc.want] {
-			t.Errorf("listenInodes(%v, %d) = %v, want inode %d: %v", tc.ip, port, got, st.Ino, tc.want)
+		defer c.Close()
+	}
+	want := tcpSocket{state: tcpListen, localAddr: net.IPv4(127, 0, 0, 1).To4(), localPort: uint64(ln.Addr().(*net.TCPAddr).Port), rxQueue: 2, inode: st.Ino}
+	find := func(what string, socks []tcpSocket) {
+		t.Helper()
+		n := 0
+		for _, s := range socks {
+			if s.localPort != want.localPort {
+				continue
+			}
+			n++
+			if s.inode != want.inode || s.state != want.state || !s.localAddr.Equal(want.localAddr) || s.rxQueue != want.rxQueue {
+				t.Errorf("%s: %+v, want %+v", what, s, want)
+			}
 		}
-		if !tc.proc {
-			continue
+		if n != 1 {
+			t.Errorf("%s: %d sockets on port %d, want the listener alone", what, n, want.localPort)
 		}
-		if proc := listeningInodes(fs, tc.ip, port); !maps.Equal(proc, got) {
-			t.Errorf("/proc/self/net/tcp says %v for %v:%d, sock_diag %v", proc, tc.ip, port, got)
-		}
+	}
+	diag, err := diagListening()
+	if err != nil {
+		t.Fatal(err)
+	}
+	find("sock_diag", diag)
+	proc, ok := readTCPSockets("/proc/self", tcpListen)
+	if !ok {
+		t.Fatal("no /proc/self/net/tcp")
+	}
+	find("/proc/self/net/tcp", proc)
+	if !sameNetns("/proc/self") || !sameNetns(fmt.Sprintf("/proc/%d", os.Getppid())) {
+		t.Error("sameNetns: this process and its parent are in other network namespaces")
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net"
+	"os"
 	"slices"
 	"syscall"
 	"time"
@@ -45,7 +46,7 @@ func listenSockets(port int) ([]tcpSocket, error) {
 	if len(errs) < 2 {
 		return out, nil // IPv6 may be off
 	}
-	socks, ok := tcpSockets("/proc", tcpListen)
+	socks, ok := readTCPSockets("/proc", tcpListen)
 	if !ok {
 		return nil, fmt.Errorf("listening sockets: %v; no /proc/net/tcp", errs[0])
 	}
@@ -133,4 +134,35 @@ func diagSockets(family uint8, state uint64, port uint16, each func(s tcpSocket)
 		}
 	}
 	return fmt.Errorf("sock_diag: no end of the dump")
+}
+
+// diagListening returns the TCP sockets in LISTEN state of this process's
+// network namespace, IPv4 and IPv6 (where there is IPv6), with their
+// accept queues.
+func diagListening() ([]tcpSocket, error) {
+	var out []tcpSocket
+	var errs []error
+	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		if err := diagSockets(family, tcpListen, 0, func(s tcpSocket) { out = append(out, s) }); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) == 2 {
+		return nil, errs[0]
+	}
+	return out, nil
+}
+
+// sameNetns reports whether dir (/proc, or /proc/PID) shows this process's
+// network namespace, so that sock_diag sees what dir's net/tcp would.
+func sameNetns(dir string) bool {
+	if dir == "/proc" {
+		return true
+	}
+	theirs, err := os.Readlink(dir + "/ns/net")
+	if err != nil {
+		return false
+	}
+	ours, err := os.Readlink("/proc/self/ns/net")
+	return err == nil && theirs == ours
 }
