@@ -387,7 +387,13 @@ func runProtoCase(t *testing.T, pc protoCase, certs certFiles, listenAll bool) (
 	wg.Wait()
 	d.fill(&res)
 	res.Budget = protoGrace + res.Longest + time.Second
-	res.Drains = drainTimes(out.String())
+	// The coordinator logs a drain once it has reaped the generation: a
+	// moment after its pid is gone.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if res.Drains = drainTimes(out.String()); len(res.Drains) >= protoRollovers || time.Now().After(deadline) {
+			break
+		}
+	}
 
 	// The hold phase: connections held open, idle; status counts what ss
 	// sees.
