@@ -12,26 +12,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// listenInodes asks the kernel (sock_diag) for the TCP sockets that listen
-// on port, IPv4 and IPv6, and returns the inodes of those whose local
-// address matches ip (any when ip is nil or unspecified). The kernel walks
-// only its listening hash for this. Reading /proc/net/tcp instead walks every
-// bucket of the established hash, however few sockets it holds: about 8ms of
-// kernel time per read on a host with 262,144 buckets, every 25ms.
-func listenInodes(ip net.IP, port int) (map[uint64]bool, error) {
-	out := map[uint64]bool{}
-	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
-		if err := diagListeners(family, uint16(port), func(s tcpSocket) {
-			if ip == nil || ip.IsUnspecified() || s.localAddr.IsUnspecified() || s.localAddr.Equal(ip) {
-				out[s.inode] = true
-			}
-		}); err != nil {
-			return nil, err
-		}
-	}
-	return out, nil
-}
-
 // listenSockets returns the TCP sockets that listen on port (0: any) in
 // this network namespace, from sock_diag, or from /proc/net/tcp{,6} where
 // sock_diag is missing.
