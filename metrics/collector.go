@@ -36,7 +36,13 @@ type Sample struct {
 	Generations []GenSample
 	Active      int   // 0 when none
 	MigrateReq  *bool // nil when unknown
+	// UDP is the kernel's UDP receive errors in this network namespace;
+	// nil when unknown.
+	UDP *UDPErrors
 }
+
+// UDPErrors are /proc/net/snmp's Udp receive error counters.
+type UDPErrors struct{ InErrors, RcvbufErrors uint64 }
 
 // Coordinator holds the coordinator's own metrics: the ones that outlive
 // generations are ordinary instruments, and the per-generation ones are built
@@ -68,7 +74,15 @@ var (
 	descActive    = prometheus.NewDesc("rollover_active_generation", "The generation receiving new connections; 0 when none.", nil, nil)
 	descResponses = prometheus.NewDesc("rollover_responses_total", "Responses the generation sent, by status class.", []string{"generation", "code"}, nil)
 	descPanics    = prometheus.NewDesc("rollover_panics_total", "Handler panics in the generation (recovered, counted, re-panicked).", []string{"generation"}, nil)
-	descMigrate   = prometheus.NewDesc("rollover_migrate_req_enabled", "1 when net.ipv4.tcp_migrate_req is on in the coordinator's network namespace.", nil, nil)
+	// UDP (rollover.ListenPacket) and answers reported outside net/http.
+	descDatagrams    = prometheus.NewDesc("rollover_datagrams_received_total", "UDP datagrams the generation read.", []string{"generation"}, nil)
+	descSent         = prometheus.NewDesc("rollover_datagrams_sent_total", "UDP datagrams the generation sent (its answers).", []string{"generation"}, nil)
+	descInflightPkts = prometheus.NewDesc("rollover_inflight_datagrams", "UDP datagrams the generation read and has not answered yet.", []string{"generation"}, nil)
+	descLost         = prometheus.NewDesc("rollover_datagrams_lost_total", "UDP datagrams still queued, never read, when the generation's socket closed.", []string{"generation"}, nil)
+	descAnswers      = prometheus.NewDesc("rollover_answers_total", "Answers the app reported outside net/http (rollover.Answer), by result; failed ones count against the bake's health as 5xx do.", []string{"generation", "result"}, nil)
+	descUDPErrors    = prometheus.NewDesc("rollover_udp_receive_errors_total", "Datagrams the kernel dropped on receive in the coordinator's network namespace (/proc/net/snmp Udp InErrors, RcvbufErrors included), all sockets.", nil, nil)
+	descUDPRcvbuf    = prometheus.NewDesc("rollover_udp_receive_buffer_errors_total", "Datagrams the kernel dropped for a full receive buffer in the coordinator's network namespace (/proc/net/snmp Udp RcvbufErrors), all sockets.", nil, nil)
+	descMigrate      = prometheus.NewDesc("rollover_migrate_req_enabled", "1 when net.ipv4.tcp_migrate_req is on in the coordinator's network namespace.", nil, nil)
 )
 
 // NewCoordinator returns the coordinator's metrics, with every label value
@@ -133,7 +147,8 @@ func (c *Coordinator) Describe(ch chan<- *prometheus.Desc) {
 	for _, m := range c.instruments() {
 		m.Describe(ch)
 	}
-	for _, d := range []*prometheus.Desc{descInfo, descState, descInflight, descConns, descRequests, descResponses, descPanics, descActive, descMigrate} {
+	for _, d := range []*prometheus.Desc{descInfo, descState, descInflight, descConns, descRequests, descResponses, descPanics, descActive, descMigrate,
+		descDatagrams, descSent, descInflightPkts, descLost, descAnswers, descUDPErrors, descUDPRcvbuf} {
 		ch <- d
 	}
 }
@@ -151,6 +166,10 @@ func (c *Coordinator) Collect(ch chan<- prometheus.Metric) {
 	if s.MigrateReq != nil {
 		ch <- prometheus.MustNewConstMetric(descMigrate, prometheus.GaugeValue, b2f(*s.MigrateReq))
 	}
+	if s.UDP != nil {
+		ch <- prometheus.MustNewConstMetric(descUDPErrors, prometheus.CounterValue, float64(s.UDP.InErrors))
+		ch <- prometheus.MustNewConstMetric(descUDPRcvbuf, prometheus.CounterValue, float64(s.UDP.RcvbufErrors))
+	}
 	for _, g := range s.Generations {
 		n := strconv.Itoa(g.N)
 		ch <- prometheus.MustNewConstMetric(descInfo, prometheus.GaugeValue, 1, n, strconv.Itoa(g.PID), g.Command)
@@ -165,6 +184,12 @@ func (c *Coordinator) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descResponses, prometheus.CounterValue, float64(v), n, strconv.Itoa(i+1)+"xx")
 		}
 		ch <- prometheus.MustNewConstMetric(descPanics, prometheus.CounterValue, float64(st.Panics), n)
+		ch <- prometheus.MustNewConstMetric(descDatagrams, prometheus.CounterValue, float64(st.Datagrams), n)
+		ch <- prometheus.MustNewConstMetric(descSent, prometheus.CounterValue, float64(st.DatagramsSent), n)
+		ch <- prometheus.MustNewConstMetric(descInflightPkts, prometheus.GaugeValue, float64(st.InflightPackets), n)
+		ch <- prometheus.MustNewConstMetric(descLost, prometheus.CounterValue, float64(st.DatagramsLost), n)
+		ch <- prometheus.MustNewConstMetric(descAnswers, prometheus.CounterValue, float64(st.Answers-st.FailedAnswers), n, "ok")
+		ch <- prometheus.MustNewConstMetric(descAnswers, prometheus.CounterValue, float64(st.FailedAnswers), n, "failed")
 	}
 }
 

@@ -1,6 +1,10 @@
 package metrics
 
 import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -22,6 +26,9 @@ type Counters struct {
 	requests atomic.Uint64
 	classes  [5]atomic.Uint64 // final responses by class: 1xx … 5xx
 	panics   atomic.Uint64
+
+	datagrams, sent, lost  atomic.Uint64
+	answers, failedAnswers atomic.Uint64
 }
 
 // Snapshot returns the current values, in the one shape counters have from
@@ -38,7 +45,42 @@ func (c *Counters) Snapshot() wire.Stats {
 		R4xx:        c.classes[3].Load(),
 		R5xx:        c.classes[4].Load(),
 		Panics:      c.panics.Load(),
+
+		Datagrams:       c.datagrams.Load(),
+		DatagramsSent:   c.sent.Load(),
+		InflightPackets: c.InflightPackets(),
+		DatagramsLost:   c.lost.Load(),
+		Answers:         c.answers.Load(),
+		FailedAnswers:   c.failedAnswers.Load(),
 	}
+}
+
+// Datagram counts a datagram the app read.
+func (c *Counters) Datagram() { c.datagrams.Add(1) }
+
+// DatagramSent counts a datagram the app sent.
+func (c *Counters) DatagramSent() { c.sent.Add(1) }
+
+// DatagramsLost counts n datagrams left unread on a socket that closed.
+func (c *Counters) DatagramsLost(n uint64) { c.lost.Add(n) }
+
+// Answer counts an answer the app reported; failed ones count against the
+// bake's health as 5xx do.
+func (c *Counters) Answer(failed bool) {
+	c.answers.Add(1)
+	if failed {
+		c.failedAnswers.Add(1)
+	}
+}
+
+// InflightPackets is the datagrams read and not answered yet: read minus
+// sent, never below 0 (an app may send more than it read).
+func (c *Counters) InflightPackets() int64 {
+	sent, read := c.sent.Load(), c.datagrams.Load()
+	if sent >= read {
+		return 0
+	}
+	return int64(read - sent)
 }
 
 // Response counts a final response with status code; codes outside
@@ -83,4 +125,35 @@ func NewLatency() prometheus.Histogram {
 		Help:    "Time to serve a request, from the handler's start to its return.",
 		Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
 	})
+}
+
+// ReadUDPErrors reads the Udp receive error counters of the caller's network
+// namespace from /proc/net/snmp.
+func ReadUDPErrors() (*UDPErrors, error) { return readUDPErrors("/proc/net/snmp") }
+
+func readUDPErrors(path string) (*UDPErrors, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	lines := strings.Split(string(b), "\n")
+	for i := 0; i+1 < len(lines); i++ {
+		names, values := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+		if len(names) == 0 || names[0] != "Udp:" || len(values) != len(names) || values[0] != "Udp:" {
+			continue
+		}
+		var e UDPErrors
+		for j, name := range names {
+			v, err := strconv.ParseUint(values[j], 10, 64)
+			switch {
+			case err != nil:
+			case name == "InErrors":
+				e.InErrors = v
+			case name == "RcvbufErrors":
+				e.RcvbufErrors = v
+			}
+		}
+		return &e, nil
+	}
+	return nil, fmt.Errorf("%s: no Udp counters", path)
 }

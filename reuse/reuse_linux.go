@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"unsafe"
 
 	"github.com/libp2p/go-reuseport"
 	"golang.org/x/sys/unix"
@@ -31,12 +32,18 @@ func Control(network, address string, c syscall.RawConn) error {
 // Steer attaches the classic-BPF program "ret index" to the reuseport group
 // of ln, replacing any program the group had. Call it only on a listening
 // socket. An index below 0 or past a program's 32-bit operand is an error.
-func Steer(ln net.Listener, index int) error {
+func Steer(ln net.Listener, index int) error { return steer(ln, index) }
+
+// SteerPacket is Steer for the reuseport group of a UDP socket, which it
+// joined at bind().
+func SteerPacket(pc net.PacketConn, index int) error { return steer(pc, index) }
+
+func steer(s any, index int) error {
 	prog, err := retProgram(index)
 	if err != nil {
 		return err
 	}
-	if err := attach(ln, prog); err != nil {
+	if err := attach(s, prog); err != nil {
 		return fmt.Errorf("reuse: attach reuseport bpf: %w", err)
 	}
 	return nil
@@ -49,12 +56,18 @@ func Steer(ln net.Listener, index int) error {
 // privilege:
 //
 //	ld [SKF_AD_OFF+SKF_AD_RANDOM]; mod #100; jge #weight → ret 0, else ret 1
-func SteerWeighted(ln net.Listener, weight int) error {
+func SteerWeighted(ln net.Listener, weight int) error { return steerWeighted(ln, weight) }
+
+// SteerWeightedPacket is SteerWeighted for the group of a UDP socket: each
+// datagram goes to index 1 with probability weight/100.
+func SteerWeightedPacket(pc net.PacketConn, weight int) error { return steerWeighted(pc, weight) }
+
+func steerWeighted(s any, weight int) error {
 	prog, err := weightedProgram(weight)
 	if err != nil {
 		return err
 	}
-	if err := attach(ln, prog); err != nil {
+	if err := attach(s, prog); err != nil {
 		return fmt.Errorf("reuse: attach reuseport canary bpf (weight %d%%): %w", weight, err)
 	}
 	return nil
@@ -97,10 +110,10 @@ func weightedProgram(weight int) ([]unix.SockFilter, error) {
 	}, nil
 }
 
-// attach attaches prog to the reuseport group of ln.
-func attach(ln net.Listener, prog []unix.SockFilter) error {
+// attach attaches prog to the reuseport group of s.
+func attach(s any, prog []unix.SockFilter) error {
 	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
-	return withFD(ln, func(fd int) error {
+	return withFD(s, func(fd int) error {
 		return unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_CBPF, &fprog)
 	})
 }
@@ -135,6 +148,28 @@ func QueueLen(ln net.Listener) (int, error) {
 	return n, nil
 }
 
+// PacketQueueLen returns the bytes of memory that the datagrams queued on
+// pc take (SO_MEMINFO's rmem_alloc, which counts a zero-length datagram too,
+// where FIONREAD would read 0): 0 means its receive queue is empty.
+func PacketQueueLen(pc net.PacketConn) (int, error) {
+	var n int
+	err := withFD(pc, func(fd int) error {
+		var info [unix.SK_MEMINFO_VARS]uint32
+		size := uint32(unsafe.Sizeof(info))
+		_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_MEMINFO,
+			uintptr(unsafe.Pointer(&info[0])), uintptr(unsafe.Pointer(&size)), 0)
+		if errno != 0 {
+			return errno
+		}
+		n = int(info[unix.SK_MEMINFO_RMEM_ALLOC])
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("reuse: so_meminfo: %w", err)
+	}
+	return n, nil
+}
+
 const migrateReqPath = "/proc/sys/net/ipv4/tcp_migrate_req"
 
 // MigrateReq reports whether net.ipv4.tcp_migrate_req is on in the network
@@ -154,20 +189,24 @@ func MigrateReq() (bool, error) {
 	return v != 0, nil
 }
 
-// withFD runs f on the file descriptor of ln, looking through wrappers that
-// expose the listener they wrap. Wrappers that count connections usually
-// hide SyscallConn.
-func withFD(ln net.Listener, f func(fd int) error) error {
+// withFD runs f on the file descriptor of s (a listener or a packet conn),
+// looking through wrappers that expose what they wrap (NetListener,
+// NetPacketConn). Wrappers that count connections usually hide SyscallConn.
+func withFD(s any, f func(fd int) error) error {
 	for range 16 { // bounded: a wrapper could return itself
-		w, ok := ln.(interface{ NetListener() net.Listener })
-		if !ok {
-			break
+		switch w := s.(type) {
+		case interface{ NetListener() net.Listener }:
+			s = w.NetListener()
+			continue
+		case interface{ NetPacketConn() net.PacketConn }:
+			s = w.NetPacketConn()
+			continue
 		}
-		ln = w.NetListener()
+		break
 	}
-	sc, ok := ln.(syscall.Conn)
+	sc, ok := s.(syscall.Conn)
 	if !ok {
-		return fmt.Errorf("%T has no file descriptor", ln)
+		return fmt.Errorf("%T has no file descriptor", s)
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {

@@ -31,3 +31,12 @@ func QueueLen(ln net.Listener) (int, error) { return 0, unsupported("accept queu
 
 // MigrateReq returns an error wrapping ErrUnsupported.
 func MigrateReq() (bool, error) { return false, unsupported("tcp_migrate_req") }
+
+// SteerPacket returns an error wrapping ErrUnsupported.
+func SteerPacket(pc net.PacketConn, index int) error { return unsupported("reuseport bpf") }
+
+// SteerWeightedPacket returns an error wrapping ErrUnsupported.
+func SteerWeightedPacket(pc net.PacketConn, weight int) error { return unsupported("reuseport bpf") }
+
+// PacketQueueLen returns an error wrapping ErrUnsupported.
+func PacketQueueLen(pc net.PacketConn) (int, error) { return 0, unsupported("receive queue length") }

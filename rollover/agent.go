@@ -152,6 +152,10 @@ type agent struct {
 	early     map[string]*listener // accepted while probing, before the probe registered
 	probing   atomic.Int32
 
+	packets     []*packetConn // UDP sockets from ListenPacket, under mu
+	packetProbe packetProbe   // the steering probe datagram awaited, under mu
+	answered    broadcast     // fired on each reply once UDP reads stopped
+
 	connMu sync.Mutex
 	open   map[io.Closer]struct{} // every counted connection not yet closed
 
@@ -167,6 +171,7 @@ type agent struct {
 	released atomic.Bool // the bake: keep-alive stops, the listeners stay
 
 	drainOnce sync.Once
+	leftOnce  sync.Once     // leave
 	ordered   chan struct{} // closed when a drain is ordered
 	order     drainOrder    // set before ordered is closed
 	closing   atomic.Bool   // responses say Connection: close (a release or a drain)
@@ -476,6 +481,14 @@ func (a *agent) done() {
 		a.wmu.Lock()
 		close(a.finished)
 		a.wmu.Unlock()
+		if isClosed(a.ordered) {
+			// The process ends: UDP sockets still open for replies close
+			// now, and closed comes before done on the wire.
+			for _, p := range a.snapshotPackets() {
+				_ = p.closeSocket()
+			}
+			a.leave()
+		}
 		_ = a.send(wire.Msg{Type: wire.TypeDone, Stats: a.stats()})
 		a.wmu.Lock()
 		if a.conn != nil {

@@ -24,8 +24,21 @@ func (a *agent) ready() error {
 			lns = nil
 			m.Steerable, m.SteerError = false, envHandover+"=naive"
 		}
-		if len(lns) == 0 && !a.cfg.naive {
-			m.Steerable, m.SteerError = false, "no listener from rollover.Listen or rollover.Serve"
+		pcs := a.snapshotPackets()
+		if a.cfg.naive {
+			pcs = nil
+		}
+		if len(lns) == 0 && len(pcs) == 0 && !a.cfg.naive {
+			m.Steerable, m.SteerError = false, "no listener from rollover.Listen, rollover.ListenPacket or rollover.Serve"
+		}
+		for _, p := range pcs {
+			m.Addrs = append(m.Addrs, "udp:"+p.LocalAddr().String())
+			if !a.supervised() {
+				continue
+			}
+			if err := reuse.SteerPacket(p, 0); err != nil && m.Steerable {
+				m.Steerable, m.SteerError = false, err.Error()
+			}
 		}
 		for _, l := range lns {
 			m.Addrs = append(m.Addrs, l.Addr().String())
@@ -54,6 +67,14 @@ func (a *agent) pin() error {
 			return err
 		}
 	}
+	for _, p := range a.snapshotPackets() {
+		if p.closed.Load() {
+			continue
+		}
+		if err := reuse.SteerPacket(p, 0); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -77,6 +98,20 @@ func (a *agent) steer(weight int, health *wire.Health) error {
 			return err
 		}
 		if err := a.probe(l); err != nil {
+			return err
+		}
+	}
+	for _, p := range a.snapshotPackets() {
+		if weight > 0 && weight < 100 {
+			if err := reuse.SteerWeightedPacket(p, weight); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := reuse.SteerPacket(p, 1); err != nil {
+			return err
+		}
+		if err := a.probePacket(p); err != nil {
 			return err
 		}
 	}
@@ -129,26 +164,32 @@ func (a *agent) accepted(l *listener, c net.Conn) {
 }
 
 // probeTargets returns the addresses that reach l from this host, best
-// first. A wildcard listener is reached through a loopback address: for a
-// dual-stack [::] socket (network "tcp") 127.0.0.1 first, since ::1 is
-// missing where IPv6 is off (the Docker default); for a tcp6 one ::1.
+// first (see loopbackTargets).
 func probeTargets(l *listener) ([]string, error) {
 	addr, ok := l.Addr().(*net.TCPAddr)
 	if !ok {
 		return nil, fmt.Errorf("rollover: steer verify: %s is not a TCP address", l.Addr())
 	}
-	port := addr.Port
+	return loopbackTargets(addr.IP, addr.Port, l.network == "tcp6"), nil
+}
+
+// loopbackTargets returns the addresses that reach a socket bound to ip and
+// port from this host, best first. A wildcard socket is reached through a
+// loopback address: for a dual-stack [::] socket 127.0.0.1 first, since
+// ::1 is missing where IPv6 is off (the Docker default); for a v6-only one
+// ::1.
+func loopbackTargets(ip net.IP, port int, v6only bool) []string {
 	join := func(ip net.IP) string { return net.JoinHostPort(ip.String(), fmt.Sprint(port)) }
 	v4, v6 := net.IPv4(127, 0, 0, 1), net.IPv6loopback
 	switch {
-	case !addr.IP.IsUnspecified():
-		return []string{addr.String()}, nil
-	case addr.IP.To4() != nil:
-		return []string{join(v4)}, nil
-	case l.network == "tcp6":
-		return []string{join(v6)}, nil
+	case !ip.IsUnspecified():
+		return []string{join(ip)}
+	case ip.To4() != nil:
+		return []string{join(v4)}
+	case v6only:
+		return []string{join(v6)}
 	default:
-		return []string{join(v4), join(v6)}, nil
+		return []string{join(v4), join(v6)}
 	}
 }
 
@@ -246,10 +287,20 @@ func (a *agent) handOver(o drainOrder) {
 		}
 		_ = l.closeSocket(true)
 	}
+	if pcs := a.snapshotPackets(); len(pcs) > 0 {
+		a.handOverPackets(pcs) // closes Draining
+		a.leave()
+		return
+	}
 	// Tell the coordinator before Serve may go on to report done: closed
 	// comes first on the wire.
-	_ = a.send(wire.Msg{Type: wire.TypeClosed})
+	a.leave()
 	close(a.draining)
+}
+
+// leave tells the coordinator once that this generation has left the port.
+func (a *agent) leave() {
+	a.leftOnce.Do(func() { _ = a.send(wire.Msg{Type: wire.TypeClosed}) })
 }
 
 // drainQueue waits, bounded by DefaultQueueDrain, until the accept queue of
@@ -319,7 +370,8 @@ func (a *agent) deadline(o drainOrder) {
 	}
 	defer close(a.cut)
 	conns := a.openConns()
-	inflight := a.counter.Snapshot().Inflight
+	st := a.counter.Snapshot()
+	inflight := st.Inflight + st.InflightPackets
 	if len(conns) == 0 && inflight == 0 {
 		return
 	}

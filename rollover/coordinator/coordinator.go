@@ -494,6 +494,9 @@ func (c *Coordinator) sample() (metrics.Sample, bool) {
 	if mr, err := reuse.MigrateReq(); err == nil {
 		s.MigrateReq = &mr
 	}
+	if u, err := metrics.ReadUDPErrors(); err == nil {
+		s.UDP = u
+	}
 	return s, ok
 }
 

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/rollover-sh/rollover/metrics"
 	"github.com/rollover-sh/rollover/rollover/wire"
 )
 
@@ -695,6 +696,7 @@ func (r *rollout) awaitReady(ctx context.Context) (genView, error) {
 func (r *rollout) compute() *wire.Report {
 	rep := &wire.Report{Generation: r.g.n, RolledBack: r.outcome == outcomeRolledBack || r.outcome == outcomeAborted, Reason: r.why,
 		Millis: time.Since(r.start).Milliseconds(), Errors: []wire.GenErrors{}}
+	udp := false
 	for _, g := range []*gen{r.prev, r.g} {
 		if g == nil {
 			continue
@@ -709,14 +711,21 @@ func (r *rollout) compute() *wire.Report {
 		if v.killed {
 			rep.Killed = append(rep.Killed, wire.Killed{Generation: g.n, StatsAgeMS: v.statsAge.Milliseconds()})
 		}
-		rep.Errors = append(rep.Errors, wire.GenErrors{Generation: g.n, R5xx: v.stats.R5xx - min(base.R5xx, v.stats.R5xx), Panics: v.stats.Panics - min(base.Panics, v.stats.Panics)})
+		rep.Errors = append(rep.Errors, wire.GenErrors{Generation: g.n, R5xx: v.stats.R5xx - min(base.R5xx, v.stats.R5xx), Panics: v.stats.Panics - min(base.Panics, v.stats.Panics),
+			FailedAnswers: v.stats.FailedAnswers - min(base.FailedAnswers, v.stats.FailedAnswers)})
+		rep.DatagramsLost += v.stats.DatagramsLost - min(base.DatagramsLost, v.stats.DatagramsLost)
+		udp = udp || v.stats.Datagrams > 0
 	}
 	if now := kernelCounters(); r.kernel != nil && now != nil {
 		rep.Kernel = map[string]uint64{}
 		for k, v := range now {
+			if !udp && strings.HasPrefix(k, "Udp") {
+				continue // a TCP service: the namespace's UDP drops are not its own
+			}
 			rep.Kernel[k] = v - min(r.kernel[k], v)
 		}
 	}
+	rep.UDP = udp
 	return rep
 }
 
@@ -847,9 +856,18 @@ func probeOnce(ctx context.Context, client *http.Client, url string) string {
 }
 
 // kernelCounters reads the TcpExt counters of the report from
-// /proc/net/netstat (nil when unreadable). procfs parses this file too, but
-// without TCPMigrateReq*.
+// /proc/net/netstat (nil when unreadable; procfs parses this file too, but
+// without TCPMigrateReq*), and the Udp receive errors from /proc/net/snmp
+// as UdpInErrors and UdpRcvbufErrors.
 func kernelCounters() map[string]uint64 {
+	out := tcpCounters()
+	if u, err := metrics.ReadUDPErrors(); err == nil && out != nil {
+		out["UdpInErrors"], out["UdpRcvbufErrors"] = u.InErrors, u.RcvbufErrors
+	}
+	return out
+}
+
+func tcpCounters() map[string]uint64 {
 	b, err := os.ReadFile("/proc/net/netstat")
 	if err != nil {
 		return nil

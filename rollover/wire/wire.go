@@ -195,6 +195,20 @@ type Stats struct {
 	// drain deadline cut them; the generation reports them in TypeDone.
 	ForcedConnections int64 `json:"forced_connections,omitempty"`
 	ForcedRequests    int64 `json:"forced_requests,omitempty"`
+
+	// UDP (rollover.ListenPacket): datagrams read by the app, datagrams
+	// it sent, and those read but not answered yet (read minus sent, never
+	// below 0). DatagramsLost were still queued on a socket when the
+	// library closed it: routed here, never read.
+	Datagrams       uint64 `json:"datagrams,omitempty"`
+	DatagramsSent   uint64 `json:"datagrams_sent,omitempty"`
+	InflightPackets int64  `json:"inflight_packets,omitempty"`
+	DatagramsLost   uint64 `json:"datagrams_lost,omitempty"`
+	// Answers the app reported outside net/http (rollover.Answer, for a
+	// DNS reply say), and how many of them were server failures (a DNS
+	// SERVFAIL): the health rule counts those as it counts 5xx.
+	Answers       uint64 `json:"answers,omitempty"`
+	FailedAnswers uint64 `json:"failed_answers,omitempty"`
 }
 
 // Classes are the responses by status class: 1xx … 5xx.
@@ -210,8 +224,8 @@ type Health struct {
 // least h.MinRequests responses that reaches h.MaxErrorRatio. Panics are
 // counted with the responses: a panicking handler may write none.
 func (h Health) Failing(s Stats) bool {
-	bad := s.R5xx + s.Panics
-	total := s.R1xx + s.R2xx + s.R3xx + s.R4xx + bad
+	bad := s.R5xx + s.Panics + s.FailedAnswers
+	total := s.R1xx + s.R2xx + s.R3xx + s.R4xx + s.R5xx + s.Panics + s.Answers
 	return total > 0 && total >= h.MinRequests && float64(bad) >= h.MaxErrorRatio*float64(total)
 }
 
@@ -267,6 +281,11 @@ type Report struct {
 	// counts are what they last reported (a hung one reports nothing), or
 	// what the kernel showed of their connections, whichever is higher.
 	Killed []Killed `json:"killed,omitempty"`
+	// UDP: a generation of the window read datagrams. DatagramsLost were
+	// still queued on a UDP socket of theirs when it closed. Kernel then
+	// also holds UdpInErrors and UdpRcvbufErrors from /proc/net/snmp.
+	UDP           bool   `json:"udp,omitempty"`
+	DatagramsLost uint64 `json:"datagrams_lost,omitempty"`
 }
 
 // Killed is a generation killed at its drain deadline.
@@ -281,6 +300,8 @@ type GenErrors struct {
 	Generation int    `json:"generation"`
 	R5xx       uint64 `json:"5xx"`
 	Panics     uint64 `json:"panics"`
+	// FailedAnswers were reported through rollover.Answer (DNS SERVFAIL).
+	FailedAnswers uint64 `json:"failed_answers,omitempty"`
 }
 
 // String is the report as one line.
@@ -296,6 +317,12 @@ func (r *Report) String() string {
 	}
 	for _, e := range r.Errors {
 		fmt.Fprintf(&b, "; gen %d: %d 5xx, %d panics", e.Generation, e.R5xx, e.Panics)
+		if r.UDP {
+			fmt.Fprintf(&b, ", %d failed answers", e.FailedAnswers)
+		}
+	}
+	if r.UDP {
+		fmt.Fprintf(&b, "; udp: %d datagrams lost in closing sockets", r.DatagramsLost)
 	}
 	if r.Kernel != nil {
 		keys := make([]string, 0, len(r.Kernel))
@@ -315,7 +342,9 @@ func (r *Report) String() string {
 }
 
 // Lost reports whether the rollover cut any connection or request.
-func (r *Report) Lost() bool { return r.ForcedConnections > 0 || r.ForcedRequests > 0 }
+func (r *Report) Lost() bool {
+	return r.ForcedConnections > 0 || r.ForcedRequests > 0 || r.DatagramsLost > 0
+}
 
 // String renders an event as the line `rollover next` prints.
 func (e Event) String() string {
