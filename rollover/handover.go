@@ -298,9 +298,14 @@ func (a *agent) handOver(o drainOrder) {
 	close(a.draining)
 }
 
-// leave tells the coordinator once that this generation has left the port.
+// leave tells the coordinator once that this generation has left the port,
+// with its counts first: an app that does not use Serve may exit before the
+// next stats tick, and what its UDP sockets lost in closing is known now.
 func (a *agent) leave() {
-	a.leftOnce.Do(func() { _ = a.send(wire.Msg{Type: wire.TypeClosed}) })
+	a.leftOnce.Do(func() {
+		_ = a.send(wire.Msg{Type: wire.TypeStats, Stats: a.stats()})
+		_ = a.send(wire.Msg{Type: wire.TypeClosed})
+	})
 }
 
 // drainQueue waits, bounded by DefaultQueueDrain, until the accept queue of

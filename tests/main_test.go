@@ -44,7 +44,7 @@ func runMain(m *testing.M) int {
 	if raceEnabled {
 		args = append(args, "-race")
 	}
-	args = append(args, "../cmd/rollover", "../cmd/demoapp", "../cmd/rollover-stress", "./protoapp")
+	args = append(args, "../cmd/rollover", "../cmd/demoapp", "../cmd/demodns", "../cmd/rollover-stress", "./protoapp")
 	cmd := exec.Command("go", args...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
@@ -169,7 +169,7 @@ func tailLines(s string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// startService starts a coordinator with demoapp v1 and registers cleanup
+// startService starts a coordinator with demoapp v1 (or cfg.App) and registers cleanup
 // that kills whatever is left and checks that nothing survives.
 func startService(t *testing.T, cfg harness.Config) *harness.Service {
 	t.Helper()
@@ -181,7 +181,9 @@ func startService(t *testing.T, cfg harness.Config) *harness.Service {
 func startServiceLog(t *testing.T, cfg harness.Config, out *syncBuffer, stopped bool) *harness.Service {
 	t.Helper()
 	cfg.Rollover = filepath.Join(bin, "rollover")
-	cfg.App = filepath.Join(bin, "demoapp")
+	if cfg.App == "" {
+		cfg.App = filepath.Join(bin, "demoapp")
+	}
 	cfg.Dir = shortDir(t)
 	cfg.Log = out
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)

@@ -1,0 +1,440 @@
+package tests
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+
+	"github.com/rollover-sh/rollover/rollover/wire"
+	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/testproc"
+)
+
+// The UDP tests roll cmd/demodns, a DNS server on github.com/miekg/dns
+// written as the README's "Serving UDP" pattern, serving UDP and TCP on one
+// port, under real dnsperf and a Go client that counts every query.
+
+// startDNS starts a coordinator with demodns v1 (appArgs more flags for it)
+// and a 50ms drain grace.
+func startDNS(t *testing.T, appArgs ...string) *harness.Service {
+	t.Helper()
+	return startDNSConfig(t, harness.Config{AppArgs: appArgs, DrainGrace: 50 * time.Millisecond})
+}
+
+func startDNSConfig(t *testing.T, cfg harness.Config) *harness.Service {
+	t.Helper()
+	cfg.App = filepath.Join(bin, "demodns")
+	return startService(t, cfg)
+}
+
+// dnsQuery is one query the Go client sent.
+type dnsQuery struct {
+	sent    time.Time
+	answers int // answers received for it (more than 1: answered twice)
+	gen     int // the generation that answered first (0: none, or no TXT)
+	rcode   int
+}
+
+// dnsClient sends DNS queries to addr until stopped: udp workers over UDP,
+// each with its own socket and one query in flight, and tcp workers over a
+// new TCP connection per query. Each query's name is unique, so that every
+// answer is matched to its query whatever its ID.
+type dnsClient struct {
+	addr    string
+	stop    chan struct{}
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	udp     [][]dnsQuery // per worker, by sequence number
+	tcp     []dnsQuery
+	tcpErrs []string
+}
+
+var txtGen = regexp.MustCompile(`gen (\d+) pid`)
+
+func startDNSClient(t *testing.T, addr string, udpWorkers, tcpWorkers int, limit time.Duration) *dnsClient {
+	t.Helper()
+	c := &dnsClient{addr: addr, stop: make(chan struct{}), udp: make([][]dnsQuery, udpWorkers)}
+	deadline := time.Now().Add(limit) // bounded even if the test forgets to stop it
+	for w := range udpWorkers {
+		conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.wg.Go(func() { c.udpWorker(conn, w, deadline) })
+	}
+	for w := range tcpWorkers {
+		c.wg.Go(func() { c.tcpWorker(w, deadline) })
+	}
+	t.Cleanup(c.finish)
+	return c
+}
+
+// finish stops the client and waits for its workers.
+func (c *dnsClient) finish() {
+	select {
+	case <-c.stop:
+	default:
+		close(c.stop)
+	}
+	c.wg.Wait()
+}
+
+func (c *dnsClient) running(deadline time.Time) bool {
+	select {
+	case <-c.stop:
+		return false
+	default:
+		return time.Now().Before(deadline)
+	}
+}
+
+func answerGen(m *dns.Msg) int {
+	for _, rr := range m.Answer {
+		if txt, ok := rr.(*dns.TXT); ok && len(txt.Txt) > 0 {
+			if g := txtGen.FindStringSubmatch(txt.Txt[0]); g != nil {
+				n, _ := strconv.Atoi(g[1])
+				return n
+			}
+		}
+	}
+	return 0
+}
+
+// seqOf is the sequence number in a query name "qSEQ.wWORKER.example.".
+func seqOf(m *dns.Msg, worker int) (int, bool) {
+	if len(m.Question) != 1 {
+		return 0, false
+	}
+	var seq, w int
+	if _, err := fmt.Sscanf(m.Question[0].Name, "q%d.w%d.example.", &seq, &w); err != nil || w != worker {
+		return 0, false
+	}
+	return seq, true
+}
+
+func (c *dnsClient) udpWorker(conn *net.UDPConn, w int, deadline time.Time) {
+	defer conn.Close()
+	to, _ := net.ResolveUDPAddr("udp4", c.addr)
+	buf := make([]byte, 1500)
+	for seq := 0; c.running(deadline); seq++ {
+		q := new(dns.Msg)
+		q.SetQuestion(fmt.Sprintf("q%d.w%d.example.", seq, w), dns.TypeA)
+		q.Id = uint16(seq)
+		wire, _ := q.Pack()
+		c.mu.Lock()
+		c.udp[w] = append(c.udp[w], dnsQuery{sent: time.Now()})
+		c.mu.Unlock()
+		if _, err := conn.WriteToUDP(wire, to); err != nil {
+			continue
+		}
+		// Read until this query's answer, or 2s; earlier queries' late
+		// answers are recorded on the way.
+		_ = conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+		for {
+			n, _, err := conn.ReadFromUDP(buf)
+			if err != nil {
+				break
+			}
+			var m dns.Msg
+			if m.Unpack(buf[:n]) != nil {
+				continue
+			}
+			got, ok := seqOf(&m, w)
+			if !ok {
+				continue
+			}
+			c.mu.Lock()
+			if got < len(c.udp[w]) {
+				r := &c.udp[w][got]
+				if r.answers++; r.answers == 1 {
+					r.gen, r.rcode = answerGen(&m), m.Rcode
+				}
+			}
+			c.mu.Unlock()
+			if got == seq {
+				break
+			}
+		}
+	}
+}
+
+func (c *dnsClient) tcpWorker(w int, deadline time.Time) {
+	client := &dns.Client{Net: "tcp", Timeout: 5 * time.Second}
+	for seq := 0; c.running(deadline); seq++ {
+		q := new(dns.Msg)
+		q.SetQuestion(fmt.Sprintf("q%d.w%d.example.", seq, 1000+w), dns.TypeA)
+		sent := time.Now()
+		m, _, err := client.Exchange(q, c.addr) // a new connection per query
+		r := dnsQuery{sent: sent}
+		if err == nil {
+			r.answers, r.gen, r.rcode = 1, answerGen(m), m.Rcode
+		}
+		c.mu.Lock()
+		c.tcp = append(c.tcp, r)
+		if err != nil {
+			c.tcpErrs = append(c.tcpErrs, err.Error())
+		}
+		c.mu.Unlock()
+	}
+}
+
+// waitAnswers waits until gen has answered n of the client's UDP queries.
+func (c *dnsClient) waitAnswers(t *testing.T, gen, n int) {
+	t.Helper()
+	testproc.WaitFor(t, 10*time.Second, fmt.Sprintf("%d udp answers from gen %d", n, gen), func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		got := 0
+		for _, qs := range c.udp {
+			for _, q := range qs {
+				if q.gen == gen {
+					got++
+				}
+			}
+		}
+		return got >= n
+	})
+}
+
+// dnsTally is what the client saw.
+type dnsTally struct {
+	UDP, TCP                int
+	Unanswered, Twice       int
+	TCPFailed               int
+	ByGen                   map[int]int
+	ByRcode                 map[string]int
+	WrongGen                int
+	FirstWrong, FirstErrors []string
+}
+
+func (d dnsTally) String() string {
+	return fmt.Sprintf("%d udp queries (%d unanswered, %d answered twice), %d tcp queries (%d failed), answers by generation %v, by rcode %v, %d from a generation the group did not point at",
+		d.UDP, d.Unanswered, d.Twice, d.TCP, d.TCPFailed, d.ByGen, d.ByRcode, d.WrongGen)
+}
+
+// window is a rollover as the client's clock saw it: queries sent from
+// start to active may be answered by from or to; before, by from only;
+// after, by to only.
+type window struct {
+	start, active time.Time
+	from, to      int
+}
+
+// tally counts the queries; with windows, it checks each answer's
+// generation against them (the first generation, before any window, is
+// first).
+func (c *dnsClient) tally(first int, windows []window) dnsTally {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	d := dnsTally{ByGen: map[int]int{}, ByRcode: map[string]int{}}
+	allowed := func(sent time.Time) (int, int) {
+		gen := first
+		for _, w := range windows {
+			switch {
+			case sent.Before(w.start):
+				return gen, gen
+			case sent.Before(w.active):
+				return w.from, w.to
+			}
+			gen = w.to
+		}
+		return gen, gen
+	}
+	check := func(q dnsQuery) {
+		d.ByRcode[dns.RcodeToString[q.rcode]]++
+		if q.gen == 0 {
+			return
+		}
+		d.ByGen[q.gen]++
+		if windows == nil {
+			return
+		}
+		if a, b := allowed(q.sent); q.gen != a && q.gen != b {
+			d.WrongGen++
+			if len(d.FirstWrong) < 5 {
+				d.FirstWrong = append(d.FirstWrong, fmt.Sprintf("sent %s answered by gen %d, want %d or %d", q.sent.Format("15:04:05.000000"), q.gen, a, b))
+			}
+		}
+	}
+	for _, qs := range c.udp {
+		for _, q := range qs {
+			d.UDP++
+			switch {
+			case q.answers == 0:
+				d.Unanswered++
+				continue
+			case q.answers > 1:
+				d.Twice++
+			}
+			check(q)
+		}
+	}
+	for _, q := range c.tcp {
+		d.TCP++
+		if q.answers == 0 {
+			d.TCPFailed++
+			continue
+		}
+		check(q)
+	}
+	d.FirstErrors = c.tcpErrs[:min(5, len(c.tcpErrs))]
+	return d
+}
+
+// dnsperf runs Debian's dnsperf against addr until stopped, with its default
+// 100 queries in flight: as fast as the server answers.
+type dnsperf struct {
+	cmd *exec.Cmd
+	out syncBuffer
+}
+
+func startDNSPerf(t *testing.T, addr string, limit time.Duration) *dnsperf {
+	t.Helper()
+	path := needTool(t, "dnsperf")
+	host, port, _ := net.SplitHostPort(addr)
+	data := filepath.Join(t.TempDir(), "queries")
+	if err := os.WriteFile(data, []byte("example.com A\nwww.example.com A\nexample.org TXT\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p := &dnsperf{}
+	p.cmd = exec.Command(path, "-s", host, "-p", port, "-d", data, "-l", strconv.Itoa(int(limit.Seconds())), "-t", "5")
+	p.cmd.Stdout, p.cmd.Stderr = &p.out, &p.out
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if p.cmd.ProcessState == nil {
+			_ = p.cmd.Process.Kill()
+			_ = p.cmd.Wait()
+		}
+	})
+	return p
+}
+
+var perfLine = regexp.MustCompile(`Queries (sent|completed|lost|interrupted):\s+(\d+)`)
+
+// finish interrupts dnsperf (queries in flight then count as interrupted,
+// not lost) and returns its counts by name.
+func (p *dnsperf) finish(t *testing.T) map[string]int {
+	t.Helper()
+	_ = p.cmd.Process.Signal(syscall.SIGINT)
+	if err := p.cmd.Wait(); err != nil {
+		t.Fatalf("dnsperf: %v\n%s", err, p.out.String())
+	}
+	got := map[string]int{}
+	sc := bufio.NewScanner(strings.NewReader(p.out.String()))
+	for sc.Scan() {
+		if m := perfLine.FindStringSubmatch(sc.Text()); m != nil {
+			got[m[1]], _ = strconv.Atoi(m[2])
+		}
+	}
+	if _, ok := got["lost"]; !ok || got["sent"] == 0 {
+		t.Fatalf("dnsperf printed no counts:\n%s", p.out.String())
+	}
+	return got
+}
+
+// rollDNS rolls svc over n times under whatever load runs, each rollover
+// to demodns vN with appArgs, and returns the windows the client's clock
+// saw.
+func rollDNS(t *testing.T, svc *harness.Service, n int, appArgs ...string) []window {
+	t.Helper()
+	var ws []window
+	from := 1
+	for i := range n {
+		w := window{start: time.Now(), from: from}
+		r := startNext(t, svc, nil, append(svc.AppArgv(fmt.Sprintf("v%d", i+2)), appArgs...))
+		w.active = r.waitPhase(t, wire.PhaseActive, 30*time.Second).At
+		if code := r.wait(t, 30*time.Second); code != 0 {
+			t.Fatalf("rollover %d: next exited %d: %s", i+1, code, r.stderr.String())
+		}
+		started, _ := r.find(wire.PhaseStarted)
+		w.to = started.Generation
+		ws = append(ws, w)
+		from = w.to
+	}
+	return ws
+}
+
+// checkDNS fails t unless the client and dnsperf lost nothing and every
+// answer came from a generation the group pointed at.
+func checkDNS(t *testing.T, d dnsTally, perf map[string]int) {
+	t.Helper()
+	t.Logf("go client: %s", d)
+	if perf != nil {
+		t.Logf("dnsperf: queries sent %d, completed %d, lost %d, interrupted %d", perf["sent"], perf["completed"], perf["lost"], perf["interrupted"])
+		if perf["lost"] != 0 {
+			t.Errorf("dnsperf: Queries lost: %d, want 0", perf["lost"])
+		}
+	}
+	if d.UDP == 0 || d.TCP == 0 {
+		t.Fatalf("the go client sent %d udp and %d tcp queries: no load", d.UDP, d.TCP)
+	}
+	if d.Unanswered != 0 || d.Twice != 0 || d.TCPFailed != 0 {
+		t.Errorf("%d udp queries unanswered, %d answered twice, %d tcp queries failed (%v): want 0", d.Unanswered, d.Twice, d.TCPFailed, d.FirstErrors)
+	}
+	if d.WrongGen != 0 {
+		t.Errorf("%d answers from a generation the group did not point at: %v", d.WrongGen, d.FirstWrong)
+	}
+}
+
+// 20 rollovers of a DNS server over UDP and TCP on one port, under dnsperf
+// at saturating load and a Go client that counts every query: dnsperf loses
+// none, the client has none unanswered or answered twice, and every answer
+// comes from the generation the group pointed at when its query was sent,
+// or from its predecessor while that one drained.
+func TestDNSRollovers(t *testing.T) {
+	svc := startDNS(t)
+	perf := startDNSPerf(t, svc.Addr, 2*time.Minute)
+	c := startDNSClient(t, svc.Addr, 8, 2, 2*time.Minute)
+	ws := rollDNS(t, svc, 20)
+	c.waitAnswers(t, 21, 100) // load on the last generation too
+	c.finish()
+	checkDNS(t, c.tally(1, ws), perf.finish(t))
+	checkDNSLeft(t, svc, 21)
+}
+
+// 20 rollovers of a server whose answers take 20ms each: the replies to
+// what a generation read before its drain still go out after its reads
+// ended. No bake and a 1ms grace, so that the old generation's reads end
+// while its answers to the last datagrams it read are still on their way.
+func TestDNSRolloversSlowAnswers(t *testing.T) {
+	svc := startDNSConfig(t, harness.Config{AppArgs: []string{"-delay", "20ms"}, DrainGrace: time.Millisecond, Bake: -1})
+	perf := startDNSPerf(t, svc.Addr, 2*time.Minute)
+	c := startDNSClient(t, svc.Addr, 8, 2, 2*time.Minute)
+	ws := rollDNS(t, svc, 20, "-delay", "20ms")
+	c.waitAnswers(t, 21, 100)
+	c.finish()
+	checkDNS(t, c.tally(1, ws), perf.finish(t))
+	checkDNSLeft(t, svc, 21)
+}
+
+// checkDNSLeft checks that gen alone is left, that the coordinator counted
+// no datagram lost, and stops it.
+func checkDNSLeft(t *testing.T, svc *harness.Service, gen int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	st := waitSvcStatus(t, svc, fmt.Sprintf("gen %d alone, its datagrams reported", gen), 10*time.Second, func(st wire.Status) bool {
+		return st.Active == gen && len(st.Generations) == 1 && st.Generations[0].Stats.Datagrams > 0
+	})
+	if s := st.Generations[0].Stats; s.Datagrams == 0 || s.DatagramsLost != 0 {
+		t.Errorf("gen %d reports %d datagrams read, %d lost: want some read, none lost", gen, s.Datagrams, s.DatagramsLost)
+	}
+	if err := svc.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
