@@ -178,23 +178,15 @@ func runNext(g *globals, o *nextOpts, typ string, cmd *cobra.Command, argv []str
 		}
 		argv[0] = abs
 	}
-	socket, err := g.socketPath()
-	if err != nil {
-		return err
-	}
-	c, err := dial(socket)
-	if err != nil {
-		return err
-	}
 	req.Argv = argv
 	stdout := cmd.OutOrStdout()
 	if o.asJSON {
 		enc := json.NewEncoder(stdout)
-		_, err = c.do(req, restores(typ, socket, func(e wire.Event) { _ = enc.Encode(e) }))
+		_, err := g.call(req, restores(typ, g, func(e wire.Event) { _ = enc.Encode(e) }))
 		return err
 	}
 	p := newPhasePrinter(stdout, o.wait && isTerminal(stdout))
-	_, err = c.do(req, restores(typ, socket, p.event))
+	_, err := g.call(req, restores(typ, g, p.event))
 	p.finish()
 	if err == nil {
 		fmt.Fprintln(stdout, "done")
@@ -206,7 +198,7 @@ func runNext(g *globals, o *nextOpts, typ string, cmd *cobra.Command, argv []str
 // adds an info event naming the command line gen N runs, the previous
 // generation's, which only the coordinator knew. Its status still lists
 // gen N then; if gen N is already gone, the failure says so instead.
-func restores(typ, socket string, onEvent func(wire.Event)) func(wire.Event) {
+func restores(typ string, g *globals, onEvent func(wire.Event)) func(wire.Event) {
 	if typ != wire.TypeRollback {
 		return onEvent
 	}
@@ -215,7 +207,7 @@ func restores(typ, socket string, onEvent func(wire.Event)) func(wire.Event) {
 		if e.Phase != wire.PhaseStarted {
 			return
 		}
-		st, err := status(socket)
+		st, err := g.status()
 		if err != nil {
 			return
 		}

@@ -55,16 +55,16 @@ interval and one per rollover phase seen.`,
 			if cmd.Flags().Changed("interval") && !o.watch {
 				return usageErr("--interval goes with --watch")
 			}
-			socket, err := g.socketPath()
-			if err != nil {
-				return err
-			}
 			if o.watch {
+				socket, err := g.socketPath()
+				if err != nil {
+					return err
+				}
 				ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 				defer stop()
 				return watch(ctx, socket, o, cmd.OutOrStdout())
 			}
-			st, err := status(socket)
+			st, err := g.status()
 			if err != nil {
 				return err
 			}
@@ -188,15 +188,7 @@ coordinator exits. stop returns once it has.`,
 		Args:              noArgs,
 		ValidArgsFunction: cobra.NoFileCompletions,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			socket, err := g.socketPath()
-			if err != nil {
-				return err
-			}
-			c, err := dial(socket)
-			if err != nil {
-				return err
-			}
-			if _, err := c.do(wire.Msg{Type: wire.TypeStop}, nil); err != nil {
+			if _, err := g.call(wire.Msg{Type: wire.TypeStop}, nil); err != nil {
 				return err
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), "stopped: every generation drained")
