@@ -269,7 +269,7 @@ func (p *phasePrinter) event(e wire.Event) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if !p.live {
-		fmt.Fprintln(p.w, e.String())
+		fmt.Fprintln(p.w, eventLine(e))
 		return
 	}
 	switch {
@@ -287,16 +287,27 @@ func (p *phasePrinter) event(e wire.Event) {
 		p.drain.inflight, p.drain.conns = 0, 0
 		p.redraw()
 		fmt.Fprintln(p.w)
-		fmt.Fprintln(p.w, e.String())
+		fmt.Fprintln(p.w, eventLine(e))
 		p.drain = nil
 	default:
 		// A line of its own above the live one.
 		if p.drain != nil {
 			fmt.Fprint(p.w, "\r\x1b[K")
 		}
-		fmt.Fprintln(p.w, e.String())
+		fmt.Fprintln(p.w, eventLine(e))
 		p.redraw()
 	}
+}
+
+// eventLine is e in the coordinator's words, except the bake: a setting,
+// often seconds or an hour, written as fmtDur writes it ("baking gen 3 for
+// 1h"). The measured times (ready, drained, the report's window) stay in
+// milliseconds.
+func eventLine(e wire.Event) string {
+	if e.Phase == wire.PhaseBaking {
+		return fmt.Sprintf("baking gen %d for %s", e.Generation, fmtDur(millis(e.Millis)))
+	}
+	return e.String()
 }
 
 // redraw rewrites the live line; p.mu is held.
@@ -333,7 +344,7 @@ func (p *phasePrinter) finish() {
 func (d *drainProgress) line(now time.Time) string {
 	return fmt.Sprintf("draining gen %d: %d in flight, %d connections %s %d/%d  %s",
 		d.gen, d.inflight, d.conns, bar(d.maxConns-d.conns, d.maxConns, 20), d.conns, d.maxConns,
-		now.Sub(d.since).Round(100*time.Millisecond))
+		fmtDur(now.Sub(d.since)))
 }
 
 // bar draws done of total as [####----]; total 0 is a full bar.
