@@ -785,7 +785,8 @@ var (
 		new string
 	}{
 		{regexp.MustCompile(`ready after \d+ms`), "ready after 4ms"},
-		{regexp.MustCompile(`(baking gen \d+ for )\d+ms`), fmt.Sprintf("${1}%dms", normBake.Milliseconds())},
+		{regexp.MustCompile(`(baking gen \d+ for )[\d.hms]+`), "${1}" + normBake.String()},
+		{regexp.MustCompile(`(baking gen \d+ )\([\d.hms]+ left\)`), "${1}(4.2s left)"},
 		{regexp.MustCompile(`(gen \d+ drained after )\d+ms`), fmt.Sprintf("${1}%dms", (normGrace + 4*time.Millisecond).Milliseconds())},
 		{regexp.MustCompile(` over \d+ms: `), fmt.Sprintf(" over %dms: ", (normBake + normGrace + 11*time.Millisecond).Milliseconds())},
 		{regexp.MustCompile(`\d+(\.\d+)?m?s after activation \(during the \S+ bake\)`), "0.4s after activation (during the " + normBake.String() + " bake)"},
