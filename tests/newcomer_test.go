@@ -21,30 +21,60 @@ import (
 	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
-// Plain `status` shows the phase: a bake (held open with --bake 1h, ended
-// by promote) and a waiting canary (ended by abort); nothing when idle.
+// Plain `status` shows the phase: a bake and its time left, falling (held
+// open with --bake 1h, ended by promote), a canary stepping on by itself
+// (--step 1h, ended by abort) and one waiting for a promote (ended by
+// abort); nothing when idle.
 func TestStatusShowsPhase(t *testing.T) {
 	svc := startService(t, harness.Config{})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	phaseLine := regexp.MustCompile(`(?m)^phase: .*$`)
 	plain := func() string {
 		t.Helper()
 		out, stderr, code, err := svc.CLI(ctx, "status")
 		if err != nil || code != 0 {
 			t.Fatalf("status: exit %d %v: %s", code, err, stderr)
 		}
-		return out
+		return phaseLine.FindString(out)
 	}
-	phaseLine := regexp.MustCompile(`(?m)^phase: .*$`)
-	if p := phaseLine.FindString(plain()); p != "" {
+	// timeLeft reads the duration re finds in the phase line, which must
+	// lie within (0, most].
+	timeLeft := func(re *regexp.Regexp, most time.Duration) time.Duration {
+		t.Helper()
+		p := plain()
+		m := re.FindStringSubmatch(p)
+		if m == nil {
+			t.Fatalf("status: %q, want it to match %s", p, re)
+		}
+		d, err := time.ParseDuration(m[1])
+		if err != nil || d <= 0 || d > most {
+			t.Fatalf("status: %q: the time left is not within (0, %v]", p, most)
+		}
+		return d
+	}
+	if p := plain(); p != "" {
 		t.Errorf("status with no rollover under way shows %q", p)
+	}
+	aborted := func(run *nextRun) {
+		t.Helper()
+		if _, stderr, code, err := svc.CLI(ctx, "abort"); err != nil || code != 0 {
+			t.Fatalf("abort: exit %d %v: %s", code, err, stderr)
+		}
+		if code := run.wait(t, 20*time.Second); code != 1 {
+			t.Errorf("aborted canary: next exit %d, want 1", code)
+		}
+		testproc.WaitFor(t, 20*time.Second, "the rollover to end", func() bool {
+			st, err := svc.Status(ctx)
+			return err == nil && !st.InProgress
+		})
 	}
 
 	bake := startNext(t, svc, []string{"--bake", "1h"}, svc.AppArgv("v2"))
 	bake.waitPhase(t, wire.PhaseBaking, 20*time.Second)
-	if got, want := phaseLine.FindString(plain()), "phase: baking gen 2: gen 1 takes the port back if it fails"; got != want {
-		t.Errorf("status during the bake: %q, want %q", got, want)
-	}
+	baking := regexp.MustCompile(`^phase: baking gen 2 \((\S+) left\): gen 1 takes the port back if it fails$`)
+	first := timeLeft(baking, time.Hour)
+	testproc.WaitFor(t, 10*time.Second, "the bake's time left to fall", func() bool { return timeLeft(baking, time.Hour) < first })
 	if _, stderr, code, err := svc.CLI(ctx, "promote"); err != nil || code != 0 {
 		t.Fatalf("promote: exit %d %v: %s", code, err, stderr)
 	}
@@ -52,24 +82,20 @@ func TestStatusShowsPhase(t *testing.T) {
 		t.Fatalf("next --bake 1h, promoted: exit %d: %s", code, bake.stderr.String())
 	}
 
-	canary := startNext(t, svc, []string{"--canary", "10%"}, svc.AppArgv("v3"))
-	canary.waitFor(t, "the canary waiting", 20*time.Second, func(e wire.Event) bool {
+	stepping := startNext(t, svc, []string{"--canary", "10%,50%", "--step", "1h"}, svc.AppArgv("v3"))
+	stepping.waitFor(t, "the canary's first step", 20*time.Second, func(e wire.Event) bool { return e.Phase == wire.PhaseCanary && e.Weight == 10 })
+	timeLeft(regexp.MustCompile(`^phase: canary step 1/2: gen 3 takes 10% of new connections, gen 2 the rest; next step in (\S+)$`), time.Hour)
+	aborted(stepping)
+
+	waiting := startNext(t, svc, []string{"--canary", "10%"}, svc.AppArgv("v4"))
+	waiting.waitFor(t, "the canary waiting", 20*time.Second, func(e wire.Event) bool {
 		return e.Phase == wire.PhaseInfo && strings.HasPrefix(e.Text, "canary waits at 10%")
 	})
-	if got, want := phaseLine.FindString(plain()), "phase: canary: gen 3 takes 10% of new connections, gen 2 the rest"; got != want {
-		t.Errorf("status during the canary: %q, want %q", got, want)
+	if got, want := plain(), "phase: canary: gen 4 takes 10% of new connections, gen 2 the rest; waiting for rollover promote (to 100%) or rollover abort"; got != want {
+		t.Errorf("status during the waiting canary: %q, want %q", got, want)
 	}
-	if _, stderr, code, err := svc.CLI(ctx, "abort"); err != nil || code != 0 {
-		t.Fatalf("abort: exit %d %v: %s", code, err, stderr)
-	}
-	if code := canary.wait(t, 20*time.Second); code != 1 {
-		t.Errorf("aborted canary: next exit %d, want 1", code)
-	}
-	testproc.WaitFor(t, 20*time.Second, "the rollover to end", func() bool {
-		st, err := svc.Status(ctx)
-		return err == nil && !st.InProgress
-	})
-	if p := phaseLine.FindString(plain()); p != "" {
+	aborted(waiting)
+	if p := plain(); p != "" {
 		t.Errorf("status after the rollovers shows %q", p)
 	}
 	if err := svc.Stop(ctx); err != nil {

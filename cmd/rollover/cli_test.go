@@ -117,7 +117,7 @@ func TestWatcherHistory(t *testing.T) {
 			[]string{"gen 2 ready after ≤1.1s", "gen 2 active", "draining gen 1: 0 in flight, 4 connections"}},
 		{3 * time.Second, wire.Status{Active: 2, Generations: []wire.GenStatus{gen(1, "draining", 1, t0.Add(-time.Hour)), gen(2, "active", 0, t0.Add(900*time.Millisecond))}}, nil},
 		{4 * time.Second, wire.Status{Active: 2, Generations: []wire.GenStatus{gen(2, "active", 0, t0.Add(900*time.Millisecond))}},
-			[]string{"gen 1 drained after ≤2.0s"}},
+			[]string{"gen 1 drained after ≤2s"}},
 		{5 * time.Second, wire.Status{Active: 2, Generations: []wire.GenStatus{gen(2, "active", 0, t0.Add(900*time.Millisecond)), gen(3, "starting", 0, t0.Add(5*time.Second))}},
 			[]string{"gen 3 started (pid 103)"}},
 		{6 * time.Second, wire.Status{Active: 2, Generations: []wire.GenStatus{gen(2, "active", 0, t0.Add(900*time.Millisecond))}},
@@ -140,14 +140,44 @@ func TestWatcherHistory(t *testing.T) {
 	}
 }
 
+func TestFmtDur(t *testing.T) {
+	for d, want := range map[time.Duration]string{
+		0: "0ms", 7 * time.Millisecond: "7ms", 999 * time.Millisecond: "999ms", time.Second: "1s",
+		1249 * time.Millisecond: "1.2s", 1960 * time.Millisecond: "2s", 5 * time.Second: "5s", 90 * time.Second: "1m30s",
+		time.Minute: "1m", time.Hour: "1h", 90 * time.Minute: "1h30m", time.Hour + 5*time.Second: "1h0m5s",
+		time.Hour - 100*time.Millisecond: "59m59.9s",
+	} {
+		if got := fmtDur(d); got != want {
+			t.Errorf("fmtDur(%v) = %q, want %q", d, got, want)
+		}
+	}
+}
+
 // The phase line follows the status: nothing when idle, then a starting or
-// ready generation, a canary, a bake, and the old generation leaving.
+// ready generation, a canary (waiting, or stepping on), a bake and its time
+// left, and the old generation leaving.
 func TestPhase(t *testing.T) {
 	gen := func(n int, state string) wire.GenStatus { return wire.GenStatus{Generation: n, State: state} }
+	canary := func(r wire.RolloutStatus) wire.Status {
+		r.Generation, r.Phase, r.Weight = 3, "canary", 10
+		return wire.Status{Active: 2, InProgress: true, Baking: 3, CanaryWeight: 10, Rollout: &r, Generations: []wire.GenStatus{gen(2, "active"), gen(3, "ready")}}
+	}
+	bake := func(left time.Duration) wire.Status {
+		return wire.Status{Active: 3, InProgress: true, Baking: 3, Rollout: &wire.RolloutStatus{Generation: 3, Phase: "baking", BakeLeftMS: left.Milliseconds()},
+			Generations: []wire.GenStatus{gen(2, "draining"), gen(3, "active")}}
+	}
 	for _, tc := range []struct {
 		st   wire.Status
 		want string
 	}{
+		{canary(wire.RolloutStatus{Step: 1, Steps: 1, Waiting: true}), "canary: gen 3 takes 10% of new connections, gen 2 the rest; waiting for rollover promote (to 100%) or rollover abort"},
+		{canary(wire.RolloutStatus{Step: 1, Steps: 3, Waiting: true}), "canary step 1/3: gen 3 takes 10% of new connections, gen 2 the rest; waiting for rollover promote (to 100%) or rollover abort"},
+		{canary(wire.RolloutStatus{Step: 2, Steps: 3, StepLeftMS: 4249}), "canary step 2/3: gen 3 takes 10% of new connections, gen 2 the rest; next step in 4.2s"},
+		{canary(wire.RolloutStatus{Step: 1, Steps: 1, StepLeftMS: 300}), "canary: gen 3 takes 10% of new connections, gen 2 the rest; 100% in 300ms"},
+		{canary(wire.RolloutStatus{Step: 3, Steps: 3, StepLeftMS: 3_600_000}), "canary step 3/3: gen 3 takes 10% of new connections, gen 2 the rest; 100% in 1h"},
+		{bake(3140 * time.Millisecond), "baking gen 3 (3.1s left): gen 2 takes the port back if it fails"},
+		{bake(time.Hour - time.Second), "baking gen 3 (59m59s left): gen 2 takes the port back if it fails"},
+		{bake(0), "baking gen 3 (0ms left): gen 2 takes the port back if it fails"},
 		{wire.Status{Active: 1, Generations: []wire.GenStatus{gen(1, "active")}}, ""},
 		{wire.Status{Active: 1, InProgress: true, Generations: []wire.GenStatus{gen(1, "active"), gen(2, "starting")}}, "starting gen 2, waiting until it is ready"},
 		{wire.Status{Active: 1, InProgress: true, Baking: 2, Generations: []wire.GenStatus{gen(1, "active"), gen(2, "ready")}}, "gen 2 ready, steering new connections to it"},
@@ -158,6 +188,45 @@ func TestPhase(t *testing.T) {
 	} {
 		if got := phase(&tc.st); got != tc.want {
 			t.Errorf("phase(%+v) = %q, want %q", tc.st, got, tc.want)
+		}
+	}
+}
+
+// Plain status says yes or no, as the watch does, and writes the bake's
+// time left and the uptimes the way the watch does.
+func TestPrintStatus(t *testing.T) {
+	now := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+	st := &wire.Status{PID: 9, Socket: "/s", Active: 2, InProgress: true, Baking: 2,
+		Rollout: &wire.RolloutStatus{Generation: 2, Phase: "baking", BakeLeftMS: 3_600_000},
+		Generations: []wire.GenStatus{
+			{Generation: 1, PID: 11, State: "draining", StartedAt: now.Add(-2*time.Hour - 5*time.Minute), Argv: []string{"./api"}},
+			{Generation: 2, PID: 12, State: "active", StartedAt: now.Add(-3 * time.Second), Steerable: true, Argv: []string{"./api"}},
+		}}
+	var b bytes.Buffer
+	if err := printStatus(&b, st, now); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"rollover in progress: yes,", "\nphase: baking gen 2 (1h left): gen 1 takes the port back if it fails\n", " 2h05m ", " 3s "} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("status lacks %q:\n%s", want, b.String())
+		}
+	}
+	w := newWatcher(time.Second, now)
+	if sum := w.summary(st, now); !strings.HasPrefix(sum, "active gen 2, rollover in progress: yes, baking gen 2 (1h left): gen 1 takes") {
+		t.Errorf("the watch's summary disagrees with status: %q", sum)
+	}
+}
+
+// The bake's line in next's output is in fmtDur's form; the other events
+// keep the coordinator's words.
+func TestEventLine(t *testing.T) {
+	for e, want := range map[wire.Event]string{
+		{Phase: wire.PhaseBaking, Generation: 3, Millis: 3_600_000}: "baking gen 3 for 1h",
+		{Phase: wire.PhaseBaking, Generation: 3, Millis: 100}:       "baking gen 3 for 100ms",
+		{Phase: wire.PhaseReady, Generation: 3, Millis: 1500}:       "ready after 1500ms",
+	} {
+		if got := eventLine(e); got != want {
+			t.Errorf("eventLine(%+v) = %q, want %q", e, got, want)
 		}
 	}
 }

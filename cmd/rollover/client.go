@@ -82,13 +82,37 @@ func (c *client) do(m wire.Msg, onEvent func(wire.Event)) (wire.Msg, error) {
 	}
 }
 
-// status asks the coordinator at path for its status.
-func status(path string) (*wire.Status, error) {
+// call sends m to the coordinator the global flags name and calls onEvent
+// for each event until the result.
+func (g *globals) call(m wire.Msg, onEvent func(wire.Event)) (wire.Msg, error) {
+	path, err := g.socketPath()
+	if err != nil {
+		return wire.Msg{}, err
+	}
+	return call(path, m, onEvent)
+}
+
+// call sends m to the coordinator at path.
+func call(path string, m wire.Msg, onEvent func(wire.Event)) (wire.Msg, error) {
 	c, err := dial(path)
+	if err != nil {
+		return wire.Msg{}, err
+	}
+	return c.do(m, onEvent)
+}
+
+// status asks the coordinator the global flags name for its status.
+func (g *globals) status() (*wire.Status, error) {
+	path, err := g.socketPath()
 	if err != nil {
 		return nil, err
 	}
-	resp, err := c.do(wire.Msg{Type: wire.TypeStatus}, nil)
+	return status(path)
+}
+
+// status asks the coordinator at path for its status.
+func status(path string) (*wire.Status, error) {
+	resp, err := call(path, wire.Msg{Type: wire.TypeStatus}, nil)
 	if err != nil {
 		return nil, err
 	}

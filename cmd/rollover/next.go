@@ -178,23 +178,15 @@ func runNext(g *globals, o *nextOpts, typ string, cmd *cobra.Command, argv []str
 		}
 		argv[0] = abs
 	}
-	socket, err := g.socketPath()
-	if err != nil {
-		return err
-	}
-	c, err := dial(socket)
-	if err != nil {
-		return err
-	}
 	req.Argv = argv
 	stdout := cmd.OutOrStdout()
 	if o.asJSON {
 		enc := json.NewEncoder(stdout)
-		_, err = c.do(req, restores(typ, socket, func(e wire.Event) { _ = enc.Encode(e) }))
+		_, err := g.call(req, restores(typ, g, func(e wire.Event) { _ = enc.Encode(e) }))
 		return err
 	}
 	p := newPhasePrinter(stdout, o.wait && isTerminal(stdout))
-	_, err = c.do(req, restores(typ, socket, p.event))
+	_, err := g.call(req, restores(typ, g, p.event))
 	p.finish()
 	if err == nil {
 		fmt.Fprintln(stdout, "done")
@@ -206,7 +198,7 @@ func runNext(g *globals, o *nextOpts, typ string, cmd *cobra.Command, argv []str
 // adds an info event naming the command line gen N runs, the previous
 // generation's, which only the coordinator knew. Its status still lists
 // gen N then; if gen N is already gone, the failure says so instead.
-func restores(typ, socket string, onEvent func(wire.Event)) func(wire.Event) {
+func restores(typ string, g *globals, onEvent func(wire.Event)) func(wire.Event) {
 	if typ != wire.TypeRollback {
 		return onEvent
 	}
@@ -215,7 +207,7 @@ func restores(typ, socket string, onEvent func(wire.Event)) func(wire.Event) {
 		if e.Phase != wire.PhaseStarted {
 			return
 		}
-		st, err := status(socket)
+		st, err := g.status()
 		if err != nil {
 			return
 		}
@@ -277,7 +269,7 @@ func (p *phasePrinter) event(e wire.Event) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if !p.live {
-		fmt.Fprintln(p.w, e.String())
+		fmt.Fprintln(p.w, eventLine(e))
 		return
 	}
 	switch {
@@ -295,16 +287,27 @@ func (p *phasePrinter) event(e wire.Event) {
 		p.drain.inflight, p.drain.conns = 0, 0
 		p.redraw()
 		fmt.Fprintln(p.w)
-		fmt.Fprintln(p.w, e.String())
+		fmt.Fprintln(p.w, eventLine(e))
 		p.drain = nil
 	default:
 		// A line of its own above the live one.
 		if p.drain != nil {
 			fmt.Fprint(p.w, "\r\x1b[K")
 		}
-		fmt.Fprintln(p.w, e.String())
+		fmt.Fprintln(p.w, eventLine(e))
 		p.redraw()
 	}
+}
+
+// eventLine is e in the coordinator's words, except the bake: a setting,
+// often seconds or an hour, written as fmtDur writes it ("baking gen 3 for
+// 1h"). The measured times (ready, drained, the report's window) stay in
+// milliseconds.
+func eventLine(e wire.Event) string {
+	if e.Phase == wire.PhaseBaking {
+		return fmt.Sprintf("baking gen %d for %s", e.Generation, fmtDur(millis(e.Millis)))
+	}
+	return e.String()
 }
 
 // redraw rewrites the live line; p.mu is held.
@@ -341,7 +344,7 @@ func (p *phasePrinter) finish() {
 func (d *drainProgress) line(now time.Time) string {
 	return fmt.Sprintf("draining gen %d: %d in flight, %d connections %s %d/%d  %s",
 		d.gen, d.inflight, d.conns, bar(d.maxConns-d.conns, d.maxConns, 20), d.conns, d.maxConns,
-		now.Sub(d.since).Round(100*time.Millisecond))
+		fmtDur(now.Sub(d.since)))
 }
 
 // bar draws done of total as [####----]; total 0 is a full bar.

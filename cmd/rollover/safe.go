@@ -132,15 +132,7 @@ prints the rest.`,
 		Args:              noArgs,
 		ValidArgsFunction: cobra.NoFileCompletions,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			socket, err := g.socketPath()
-			if err != nil {
-				return err
-			}
-			c, err := dial(socket)
-			if err != nil {
-				return err
-			}
-			if _, err := c.do(wire.Msg{Type: typ}, nil); err != nil {
+			if _, err := g.call(wire.Msg{Type: typ}, nil); err != nil {
 				return err
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), typ+": sent")

@@ -30,9 +30,10 @@ func newStatusCmd(g *globals) *cobra.Command {
 		Long: `Show the coordinator and its live generations: state (starting, ready, active,
 draining), pid, in-flight requests, open connections, requests served, whether
 the generation can be steered, uptime and command line. While a rollover is
-under way, a phase line says where it stands: the generation starting, a
-canary and its share of new connections, or a bake and which generation
-takes the port back if it fails.
+under way, a phase line says where it stands: the generation starting; a
+canary, its share of new connections and its step, with the time to the next
+step or the rollover promote it waits for; or a bake, its time left, and
+which generation takes the port back if it fails.
 
 With --watch, keep showing it every --interval until Ctrl-C: in a terminal the
 screen is redrawn in place, with a bar for each draining generation's
@@ -55,16 +56,16 @@ interval and one per rollover phase seen.`,
 			if cmd.Flags().Changed("interval") && !o.watch {
 				return usageErr("--interval goes with --watch")
 			}
-			socket, err := g.socketPath()
-			if err != nil {
-				return err
-			}
 			if o.watch {
+				socket, err := g.socketPath()
+				if err != nil {
+					return err
+				}
 				ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 				defer stop()
 				return watch(ctx, socket, o, cmd.OutOrStdout())
 			}
-			st, err := status(socket)
+			st, err := g.status()
 			if err != nil {
 				return err
 			}
@@ -95,8 +96,8 @@ func migrateReq(st *wire.Status) string {
 }
 
 func printStatus(w io.Writer, st *wire.Status, now time.Time) error {
-	fmt.Fprintf(w, "coordinator pid %d, socket %s, active gen %d, rollover in progress: %v, tcp_migrate_req=%s\n",
-		st.PID, st.Socket, st.Active, st.InProgress, migrateReq(st))
+	fmt.Fprintf(w, "coordinator pid %d, socket %s, active gen %d, rollover in progress: %s, tcp_migrate_req=%s\n",
+		st.PID, st.Socket, st.Active, yesNo(st.InProgress), migrateReq(st))
 	if p := phase(st); p != "" {
 		fmt.Fprintf(w, "phase: %s\n", p)
 	}
@@ -109,14 +110,15 @@ func printStatus(w io.Writer, st *wire.Status, now time.Time) error {
 		}
 		fmt.Fprintf(tw, "%d\t%d\t%s\t%d\t%d\t%d\t%s\t%s\t%s\n", g.Generation, g.PID, g.State,
 			g.Stats.Inflight, g.Stats.Connections, g.Stats.Requests, steer,
-			now.Sub(g.StartedAt).Round(time.Second), strings.Join(g.Argv, " "))
+			fmtAge(now.Sub(g.StartedAt)), strings.Join(g.Argv, " "))
 	}
 	return tw.Flush()
 }
 
 // phase says where the rollover under way stands, from what the status
-// holds: a canary's weight, a bake, a generation starting or ready, or the
-// old one leaving the port. "" when none is under way.
+// holds: a canary's weight and step, a bake and its time left, a
+// generation starting or ready, or the old one leaving the port. "" when
+// none is under way.
 func phase(st *wire.Status) string {
 	if !st.InProgress && st.Baking == 0 && st.CanaryWeight == 0 {
 		return ""
@@ -127,13 +129,19 @@ func phase(st *wire.Status) string {
 			old = max(old, g.Generation)
 		}
 	}
+	r := st.Rollout // nil from a coordinator before rollout status
 	switch {
 	case st.CanaryWeight > 0 && st.CanaryWeight < 100 && st.Baking > 0:
-		return fmt.Sprintf("canary: gen %d takes %d%% of new connections, gen %d the rest", st.Baking, st.CanaryWeight, st.Active)
-	case st.Baking > 0 && st.Baking == st.Active && old > 0:
-		return fmt.Sprintf("baking gen %d: gen %d takes the port back if it fails", st.Baking, old)
+		return canaryPhase(st.Baking, st.CanaryWeight, st.Active, r)
 	case st.Baking > 0 && st.Baking == st.Active:
-		return fmt.Sprintf("baking gen %d", st.Baking)
+		s := fmt.Sprintf("baking gen %d", st.Baking)
+		if r != nil && r.Phase == "baking" {
+			s += fmt.Sprintf(" (%s left)", fmtDur(millis(r.BakeLeftMS)))
+		}
+		if old > 0 {
+			s += fmt.Sprintf(": gen %d takes the port back if it fails", old)
+		}
+		return s
 	}
 	for _, g := range st.Generations {
 		switch g.State {
@@ -147,6 +155,26 @@ func phase(st *wire.Status) string {
 		return fmt.Sprintf("handing over: gen %d leaves the port to gen %d", old, st.Active)
 	}
 	return "rolling over"
+}
+
+// canaryPhase is a canary's share of new connections, its step, and what
+// comes next: the next step or 100% in so long, or a promote it waits for.
+func canaryPhase(n, weight, old int, r *wire.RolloutStatus) string {
+	step := ""
+	if r != nil && r.Steps > 1 {
+		step = fmt.Sprintf(" step %d/%d", r.Step, r.Steps)
+	}
+	s := fmt.Sprintf("canary%s: gen %d takes %d%% of new connections, gen %d the rest", step, n, weight, old)
+	switch {
+	case r == nil || r.Step == 0:
+	case r.Waiting:
+		s += "; waiting for rollover promote (to 100%) or rollover abort"
+	case r.Step < r.Steps:
+		s += "; next step in " + fmtDur(millis(r.StepLeftMS))
+	default:
+		s += "; 100% in " + fmtDur(millis(r.StepLeftMS))
+	}
+	return s
 }
 
 // isTerminal reports whether w is a terminal.
@@ -188,15 +216,7 @@ coordinator exits. stop returns once it has.`,
 		Args:              noArgs,
 		ValidArgsFunction: cobra.NoFileCompletions,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			socket, err := g.socketPath()
-			if err != nil {
-				return err
-			}
-			c, err := dial(socket)
-			if err != nil {
-				return err
-			}
-			if _, err := c.do(wire.Msg{Type: wire.TypeStop}, nil); err != nil {
+			if _, err := g.call(wire.Msg{Type: wire.TypeStop}, nil); err != nil {
 				return err
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), "stopped: every generation drained")

@@ -314,13 +314,25 @@ func yesNo(b bool) string {
 	return "no"
 }
 
-// fmtDur is 12ms below a second, 1.3s above.
+// fmtDur is a duration as a person reads it, and the only way the CLI
+// writes one: 12ms below a second, else to a tenth of a second without
+// zero units: 1.3s, 5s, 1m30s, 1h, 1h0m5s.
 func fmtDur(d time.Duration) string {
 	if d < time.Second {
 		return fmt.Sprintf("%dms", d.Milliseconds())
 	}
-	return fmt.Sprintf("%.1fs", d.Seconds())
+	s := d.Round(100 * time.Millisecond).String()
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = strings.TrimSuffix(s, "0m")
+	}
+	return s
 }
+
+// millis is a wire field in milliseconds as a duration.
+func millis(ms int64) time.Duration { return time.Duration(ms) * time.Millisecond }
 
 // fmtAge is 12s, 4m03s, 2h05m.
 func fmtAge(d time.Duration) string {

@@ -165,10 +165,13 @@ type (
 		reply chan bool
 	}
 	// evPhase: the rollover in progress reached phase (weight: a canary's
-	// share of new connections).
+	// share of new connections; step of steps: its step below 100%, which
+	// ends at until, or waits for a promote or an abort when until is zero).
 	evPhase struct {
-		phase  phase
-		weight int
+		phase       phase
+		weight      int
+		step, steps int
+		until       time.Time
 	}
 	// evRelease: the bake began; g, the old generation, is steered away and
 	// drains its connections, but keeps its listener for a rollback.
@@ -386,6 +389,10 @@ type rollState struct {
 	phase     phase
 	weight    int       // the share of new connections its canary gets
 	bakeUntil time.Time // the end of its bake
+	// step of steps is its canary's step below 100%, which ends at
+	// stepUntil (zero: it waits for a promote or an abort).
+	step, steps int
+	stepUntil   time.Time
 }
 
 // machine is the coordinator's state. Only step writes it.
@@ -476,7 +483,7 @@ func (m *machine) stepRollover(ev event) {
 			m.watch(e.g, nil)
 		}
 	case evPhase:
-		m.phase(e.phase, e.weight)
+		m.phase(e)
 	case evRelease:
 		if e.g.state != stateGone {
 			e.g.state, e.g.released = stateDraining, true
@@ -781,14 +788,15 @@ func (m *machine) control(c cause) error {
 }
 
 // phase records where the rollover in progress stands.
-func (m *machine) phase(p phase, weight int) {
+func (m *machine) phase(e evPhase) {
 	if m.roll == nil {
 		return
 	}
-	m.roll.phase, m.roll.told = p, false
-	if p == phaseCanary {
-		m.roll.weight = weight
-		m.fx.metrics.CanaryWeight.Set(float64(weight))
+	m.roll.phase, m.roll.told = e.phase, false
+	m.roll.step, m.roll.steps, m.roll.stepUntil = e.step, e.steps, e.until
+	if e.phase == phaseCanary {
+		m.roll.weight = e.weight
+		m.fx.metrics.CanaryWeight.Set(float64(e.weight))
 	}
 }
 
@@ -1065,6 +1073,12 @@ func (m *machine) status() wire.Status {
 		st.Rollout = &wire.RolloutStatus{Generation: r.g.n, Phase: r.phase.String(), Weight: r.weight}
 		if r.phase == phaseCanary {
 			st.CanaryWeight = r.weight
+			st.Rollout.Step, st.Rollout.Steps = r.step, r.steps
+			if r.step > 0 && r.stepUntil.IsZero() {
+				st.Rollout.Waiting = true
+			} else if r.step > 0 {
+				st.Rollout.StepLeftMS = max(0, r.stepUntil.Sub(m.fx.now()).Milliseconds())
+			}
 		}
 		if r.phase == phaseBaking {
 			st.Rollout.BakeLeftMS = max(0, r.bakeUntil.Sub(m.fx.now()).Milliseconds())

@@ -434,10 +434,13 @@ func TestMachine(t *testing.T) {
 			if err := <-reply; err == nil || !strings.Contains(err.Error(), "no canary or bake") {
 				t.Fatalf("promote with no rollover: %v", err)
 			}
-			b := w.begin(rolloverReq{canary: []int{10}})
-			w.m.step(evPhase{phase: phaseCanary, weight: 10})
+			b := w.begin(rolloverReq{canary: []int{10, 50}, step: 5 * time.Second})
+			w.m.step(evPhase{phase: phaseCanary, weight: 10, step: 1, steps: 2, until: w.now.Add(5 * time.Second)})
+			w.now = w.now.Add(2 * time.Second)
 			if st := w.status(); st.CanaryWeight != 10 || testutil.ToFloat64(w.m.fx.metrics.CanaryWeight) != 10 {
 				t.Fatalf("canary weight: %+v", st)
+			} else if r := st.Rollout; r == nil || r.Step != 1 || r.Steps != 2 || r.StepLeftMS != 3000 || r.Waiting {
+				t.Fatalf("a stepping canary's status: %+v", r)
 			}
 			w.m.step(evControl{what: causeAbort, reply: reply})
 			if err := <-reply; err != nil {
@@ -523,8 +526,9 @@ func TestMachine(t *testing.T) {
 			if err := <-reply; err == nil {
 				t.Fatal("promote accepted before the canary began")
 			}
-			w.m.step(evPhase{phase: phaseCanary, weight: 10})
-			if st := w.status(); st.Rollout == nil || st.Rollout.Phase != "canary" || st.Rollout.Weight != 10 || st.CanaryWeight != 10 {
+			w.m.step(evPhase{phase: phaseCanary, weight: 10, step: 1, steps: 1})
+			if st := w.status(); st.Rollout == nil || st.Rollout.Phase != "canary" || st.Rollout.Weight != 10 || st.CanaryWeight != 10 ||
+				!st.Rollout.Waiting || st.Rollout.StepLeftMS != 0 {
 				t.Fatalf("status in the canary: %+v", st.Rollout)
 			}
 			w.m.step(evControl{what: causePromote, reply: reply})

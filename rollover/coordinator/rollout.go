@@ -398,13 +398,17 @@ func (r *rollout) plan(ready genView) (plan, error) {
 // step and judges it there, until the last step passes or a promote.
 func (r *rollout) canary(p plan) error {
 	c, g, prev := r.c, r.g, r.prev
-	for _, w := range p.steps {
+	for i, w := range p.steps {
 		if err := c.steerTo(g, r.ready, w, p.rule); err != nil {
 			c.pinTo(prev, r.was)
 			c.post(evDrain{g: g})
 			return fmt.Errorf("gen %d failed the canary steering at %d%%: %v", g.n, w, err)
 		}
-		c.post(evPhase{phase: phaseCanary, weight: w})
+		var until time.Time // zero: the step waits for a promote or an abort
+		if r.req.step > 0 {
+			until = time.Now().Add(r.req.step)
+		}
+		c.post(evPhase{phase: phaseCanary, weight: w, step: i + 1, steps: len(p.steps), until: until})
 		r.emit(wire.Event{Phase: wire.PhaseCanary, Generation: g.n, Weight: w})
 		if r.req.step == 0 {
 			r.emit(wire.Event{Phase: wire.PhaseInfo, Generation: g.n, Text: fmt.Sprintf("canary waits at %d%%: rollover promote, or rollover abort", w)})

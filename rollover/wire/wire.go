@@ -417,6 +417,14 @@ type RolloutStatus struct {
 	Weight int `json:"weight,omitempty"`
 	// BakeLeftMS is what is left of the bake.
 	BakeLeftMS int64 `json:"bake_left_ms,omitempty"`
+	// Step of Steps numbers a canary's step among its steps below 100%,
+	// from 1 (0: the canary is at 100%, or none). The step ends in
+	// StepLeftMS and the next one begins (after the last, 100%), unless it
+	// is Waiting: then it holds until rollover promote or rollover abort.
+	Step       int   `json:"step,omitempty"`
+	Steps      int   `json:"steps,omitempty"`
+	StepLeftMS int64 `json:"step_left_ms,omitempty"`
+	Waiting    bool  `json:"waiting,omitempty"`
 }
 
 // GenStatus is one live generation.
