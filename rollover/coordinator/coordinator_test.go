@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/procfs"
 
 	"github.com/rollover-sh/rollover/rollover/wire"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 func phases(events []wire.Event) []string {
@@ -452,7 +453,7 @@ func TestStop(t *testing.T) {
 		t.Errorf("the request in flight during stop failed: %v", err)
 	}
 	for _, pid := range []int{pid1, pid2} {
-		if !gone(pid) {
+		if !testproc.Gone(pid) {
 			t.Errorf("pid %d is still there after stop", pid)
 		}
 	}
