@@ -435,6 +435,33 @@ func (r *rig) mustGet(path string) (gen, pid int) {
 	return gen, pid
 }
 
+// answer is what a request that get sent brought back.
+type answer struct {
+	gen, pid int
+	err      error
+}
+
+// slowAcrossNext sends the slow request path to generation 1, waits until it
+// is in flight there, and rolls over to a new generation in mode ready. It
+// returns where the request's answer will come, and the new generation's pid.
+func (r *rig) slowAcrossNext(path string) (slow <-chan answer, pid2 int) {
+	r.t.Helper()
+	ch := make(chan answer, 1)
+	go func() {
+		gen, pid, err := r.get(path)
+		ch <- answer{gen, pid, err}
+	}()
+	r.waitFor(5*time.Second, "the slow request in flight on gen 1", func() bool {
+		g := genOf(r.status(), 1)
+		return g != nil && g.Stats.Inflight == 1
+	})
+	events, res := r.next(r.argv("ready"))
+	if !res.OK {
+		r.t.Fatalf("next: %s", res.Error)
+	}
+	return ch, eventOf(events, wire.PhaseStarted).PID
+}
+
 // --- processes ---
 
 // A test that may crash its process (a panic in the coordinator) runs alone
