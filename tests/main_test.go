@@ -97,6 +97,25 @@ func helperCommand(t *testing.T, ctx context.Context, prefix []string, name stri
 	return cmd, out
 }
 
+// unshareArgs returns the command prefix that runs a program in a fresh
+// network namespace, or skips/fails when namespaces are unavailable.
+func unshareArgs(t *testing.T) []string {
+	t.Helper()
+	needTool(t, "ip")
+	unshare := needTool(t, "unshare")
+	prefix := []string{unshare, "-n", "--"}
+	if os.Geteuid() != 0 {
+		prefix = []string{unshare, "-Urn", "--"}
+	}
+	if out, err := exec.Command(prefix[0], append(prefix[1:], "true")...).CombinedOutput(); err != nil {
+		if inCI() {
+			t.Fatalf("network namespaces are unavailable in CI: %v: %s", err, out)
+		}
+		t.Skipf("skipping: cannot create a network namespace (%v: %s)", err, bytes.TrimSpace(out))
+	}
+	return prefix
+}
+
 // helperScenario decodes into sc the scenario that the test which made
 // this helper's network namespace put in the variable env; without it, the
 // helper is not a test of its own, and skips, saying which tests run it.

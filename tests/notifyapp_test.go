@@ -92,18 +92,13 @@ func TestNotifyAppRollover(t *testing.T) {
 	}
 }
 
-// TestNotifyAppReadyListen runs the same Python app with --ready=listen, no
-// namespace and no load: the coordinator sees it listen, and a rollover
-// moves new connections to the new version.
-func TestNotifyAppReadyListen(t *testing.T) {
-	dir := shortDir(t)
-	foreignLeaveNothing(t, dir)
-	argv, addr := notifyApp(t, dir)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+// startForeign is startForeignCoordinator for a test outside a namespace:
+// it fails t when the coordinator does not start, and at cleanup kills
+// what is left and checks the coordinator's output.
+func startForeign(t *testing.T, ctx context.Context, rolloverBin, dir string, flags, argv []string) (*foreignCoordinator, *syncBuffer) {
+	t.Helper()
 	out := &syncBuffer{}
-	co, err := startForeignCoordinator(ctx, filepath.Join(bin, "rollover"), dir,
-		[]string{"--ready=listen", "--addr", addr}, argv("v1"), out)
+	co, err := startForeignCoordinator(ctx, rolloverBin, dir, flags, argv, out)
 	if err != nil {
 		t.Fatalf("start: %v\n%s", err, out.String())
 	}
@@ -114,6 +109,19 @@ func TestNotifyAppReadyListen(t *testing.T) {
 			t.Logf("coordinator log:\n%s", tailLines(out.String(), 60))
 		}
 	})
+	return co, out
+}
+
+// TestNotifyAppReadyListen runs the same Python app with --ready=listen, no
+// namespace and no load: the coordinator sees it listen, and a rollover
+// moves new connections to the new version.
+func TestNotifyAppReadyListen(t *testing.T) {
+	dir := shortDir(t)
+	foreignLeaveNothing(t, dir)
+	argv, addr := notifyApp(t, dir)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	co, _ := startForeign(t, ctx, filepath.Join(bin, "rollover"), dir, []string{"--ready=listen", "--addr", addr}, argv("v1"))
 	sc := foreignScenario{VersionHeader: "X-Notifyapp-Version", Body: "notifyapp {v} pid "}
 	url := "http://" + addr + "/"
 
@@ -173,18 +181,7 @@ func TestNotifyAppNotSteerable(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	out := &syncBuffer{}
-	co, err := startForeignCoordinator(ctx, rolloverBin, dir, []string{"--ready=notify", "--addr", addr}, nondumpable("v1"), out)
-	if err != nil {
-		t.Fatalf("start: %v\n%s", err, out.String())
-	}
-	t.Cleanup(func() {
-		co.kill()
-		checkOutput(t, "coordinator", out.String())
-		if t.Failed() {
-			t.Logf("coordinator log:\n%s", tailLines(out.String(), 60))
-		}
-	})
+	co, out := startForeign(t, ctx, rolloverBin, dir, []string{"--ready=notify", "--addr", addr}, nondumpable("v1"))
 	g1 := foreignGen(t, co.started, 1)
 	// The kernel refuses a non-dumpable process's fds, in /proc as to
 	// pidfd_getfd: the reason names it and what would allow it.

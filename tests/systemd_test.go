@@ -2,11 +2,9 @@ package tests
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -675,15 +673,7 @@ func envWithout(key string) []string {
 
 // ctlStatus runs `rollover status --json` against socket.
 func ctlStatus(ctx context.Context, socket string) (wire.Status, error) {
-	var st wire.Status
-	cmd := exec.CommandContext(ctx, filepath.Join(bin, "rollover"), "status", "--json", "--socket", socket)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		return st, fmt.Errorf("rollover status: %v: %s", err, bytes.TrimSpace(stderr.Bytes()))
-	}
-	return st, json.Unmarshal(out, &st)
+	return harness.Status(ctx, filepath.Join(bin, "rollover"), socket)
 }
 
 // waitStatus polls the coordinator's status until ok, for 30s at most, and
