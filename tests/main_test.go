@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // bin holds the binaries built for this run.
@@ -140,18 +141,6 @@ func freePort(t testing.TB) int {
 	return p
 }
 
-// shortDir is a private directory with a short path (Unix socket paths are
-// limited to 108 bytes), removed at cleanup.
-func shortDir(t testing.TB) string {
-	t.Helper()
-	d, err := os.MkdirTemp("", "ro")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
-}
-
 // syncBuffer collects a process's output for the race and panic check.
 type syncBuffer struct {
 	mu sync.Mutex
@@ -203,7 +192,7 @@ func startServiceLog(t *testing.T, cfg harness.Config, out *syncBuffer, stopped 
 	if cfg.App == "" {
 		cfg.App = filepath.Join(bin, "demoapp")
 	}
-	cfg.Dir = shortDir(t)
+	cfg.Dir = testproc.ShortDir(t)
 	cfg.Log = out
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

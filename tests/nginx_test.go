@@ -56,7 +56,7 @@ func TestNginxRollover(t *testing.T) {
 			name = "keep-alive"
 		}
 		t.Run(name, func(t *testing.T) {
-			dir := shortDir(t)
+			dir := testproc.ShortDir(t)
 			foreignLeaveNothing(t, dir)
 			addr := testproc.FreeAddr(t)
 			var confs [2]string

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // notifyApp copies testdata/notifyapp.py into dir, so that dir is in its
@@ -51,7 +52,7 @@ const notifyWarmUp = 500 * time.Millisecond
 // reaches a generation before its READY=1 (none waits out a warm-up), none
 // is reset on the hand-over, and every client request succeeds.
 func TestNotifyAppRollover(t *testing.T) {
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	foreignLeaveNothing(t, dir)
 	argv, addr := notifyApp(t, dir)
 	sc := foreignScenario{
@@ -116,7 +117,7 @@ func startForeign(t *testing.T, ctx context.Context, rolloverBin, dir string, fl
 // namespace and no load: the coordinator sees it listen, and a rollover
 // moves new connections to the new version.
 func TestNotifyAppReadyListen(t *testing.T) {
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	foreignLeaveNothing(t, dir)
 	argv, addr := notifyApp(t, dir)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -165,7 +166,7 @@ func TestNotifyAppReadyListen(t *testing.T) {
 // so once per generation, status shows steerable=false with the reason,
 // and the rollover still works, its hand-over left to tcp_migrate_req.
 func TestNotifyAppNotSteerable(t *testing.T) {
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	foreignLeaveNothing(t, dir)
 	argv, addr := notifyApp(t, dir)
 	nondumpable := func(v string) []string { return append(argv(v), "nondumpable") }

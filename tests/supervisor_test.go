@@ -33,7 +33,7 @@ func TestSupervisord(t *testing.T) {
 	defer cancel()
 	before := binProcesses()
 
-	sock := shortDir(t) // sockets: short paths
+	sock := testproc.ShortDir(t) // sockets: short paths
 	logs := t.TempDir()
 	ctl := filepath.Join(sock, "ctl.sock")
 	addr := testproc.FreeAddr(t)

@@ -196,7 +196,7 @@ func TestSystemdTemplateTwoInstances(t *testing.T) {
 		t.Fatal(err)
 	}
 	svc := unitSection(t, string(raw), "Service")
-	runtimeDir := shortDir(t) // stands in for /run: the CLI finds $XDG_RUNTIME_DIR/rollover/NAME.sock
+	runtimeDir := testproc.ShortDir(t) // stands in for /run: the CLI finds $XDG_RUNTIME_DIR/rollover/NAME.sock
 	env := append(os.Environ(), "XDG_RUNTIME_DIR="+runtimeDir)
 	expand := func(line, instance string, vars map[string]string) []string {
 		var out []string
@@ -419,7 +419,7 @@ func unitSeconds(t *testing.T, kv map[string]string, key string) time.Duration {
 // (NotifyAccess=main). The generations never see systemd's socket.
 func TestCoordinatorNotifiesSystemd(t *testing.T) {
 	t.Run("path", func(t *testing.T) {
-		testNotify(t, filepath.Join(shortDir(t), "notify.sock"))
+		testNotify(t, filepath.Join(testproc.ShortDir(t), "notify.sock"))
 	})
 	t.Run("abstract", func(t *testing.T) {
 		b := make([]byte, 8)
@@ -436,7 +436,7 @@ func testNotify(t *testing.T, notifyAddr string) {
 	sd := listenNotify(t, notifyAddr)
 	before := binProcesses()
 
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	socket := filepath.Join(dir, "ctl.sock")
 	addr := testproc.FreeAddr(t)
 	cmd := exec.Command(filepath.Join(bin, "rollover"), "start", "--socket", socket,

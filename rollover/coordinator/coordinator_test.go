@@ -580,11 +580,7 @@ func TestSecondCoordinatorRefused(t *testing.T) {
 }
 
 func TestStaleSocketReplaced(t *testing.T) {
-	dir, err := os.MkdirTemp("", "rt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
+	dir := testproc.ShortDir(t)
 	sock := filepath.Join(dir, "c.sock")
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
 	if err != nil {
@@ -620,11 +616,7 @@ func TestStaleSocketReplaced(t *testing.T) {
 }
 
 func TestSocketPathIsNotASocket(t *testing.T) {
-	dir, err := os.MkdirTemp("", "rt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
+	dir := testproc.ShortDir(t)
 	path := filepath.Join(dir, "c.sock")
 	if err := os.WriteFile(path, []byte("keep me"), 0o600); err != nil {
 		t.Fatal(err)

@@ -481,11 +481,7 @@ func inChild(t *testing.T) bool {
 		return true
 	}
 	tag := randomTag()
-	dir, err := os.MkdirTemp("", "rt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := testproc.ShortDir(t)
 	strays := &rig{t: t, tag: tag, logs: &logSink{}}
 	t.Cleanup(strays.killStrays) // generations of a child that died
 	return testproc.InChild(t, testproc.Child{Env: []string{envChildTag + "=" + tag, envChildDir + "=" + dir}})
