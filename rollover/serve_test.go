@@ -410,12 +410,7 @@ type fakeCoordinator struct {
 // of a fake coordinator that answers the hello with welcome.
 func listenCoordinator(t *testing.T, gen int, secret string, welcome wire.Msg) <-chan *fakeCoordinator {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "ra")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	sock := filepath.Join(dir, "c.sock")
+	sock := filepath.Join(testproc.ShortDir(t), "c.sock")
 	ln, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)

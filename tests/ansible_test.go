@@ -218,7 +218,7 @@ func TestAnsibleRollout(t *testing.T) {
 // runs it again: nothing changes.
 func TestAnsibleRole(t *testing.T) {
 	needTool(t, "ansible-playbook")
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	root := filepath.Join(dir, "root")
 	inv := writeInventory(t, dir, "hosts.yml", map[string]map[string]any{
 		"stage": {"ansible_connection": "local", "ansible_python_interpreter": python3(t)},
@@ -285,7 +285,7 @@ func TestAnsibleRole(t *testing.T) {
 func TestAnsibleLint(t *testing.T) {
 	lint := needTool(t, "ansible-lint")
 	doc := needTool(t, "ansible-doc")
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	for _, c := range [][]string{
 		{lint, "--offline", "--strict", "--profile", "production", "-p", "install.yml", "rollout.yml", "roles/rollover"},
 		{doc, "-M", "roles/rollover/library", "rollover_next"},
@@ -331,7 +331,7 @@ func startFleet(t *testing.T, n int) *ansibleFleet {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &ansibleFleet{dir: shortDir(t), addr: "127.0.0.1:" + strconv.Itoa(port)}
+	f := &ansibleFleet{dir: testproc.ShortDir(t), addr: "127.0.0.1:" + strconv.Itoa(port)}
 	for i := 1; i <= n; i++ {
 		h := &ansibleHost{name: fmt.Sprintf("h%d", i), netns: fmt.Sprintf("ro%d-h%d", os.Getpid(), i), addr: f.addr, log: &syncBuffer{}}
 		addNetns(t, ip, h.netns)

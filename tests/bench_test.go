@@ -17,6 +17,7 @@ import (
 
 	"github.com/rollover-sh/rollover/tests/harness"
 	"github.com/rollover-sh/rollover/tests/load"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // startApp runs demoapp standalone (library) or with -plain (net/http only)
@@ -111,7 +112,7 @@ func medianF(xs []float64) float64 {
 // startBenchService starts a coordinator with demoapp v1 (cfg with this
 // run's binaries and a private directory) and stops it at the end.
 func startBenchService(b *testing.B, cfg harness.Config) *harness.Service {
-	cfg.Rollover, cfg.App, cfg.Dir = filepath.Join(bin, "rollover"), filepath.Join(bin, "demoapp"), shortDir(b)
+	cfg.Rollover, cfg.App, cfg.Dir = filepath.Join(bin, "rollover"), filepath.Join(bin, "demoapp"), testproc.ShortDir(b)
 	svc, err := harness.Start(context.Background(), cfg)
 	if err != nil {
 		b.Fatal(err)

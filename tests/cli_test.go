@@ -125,7 +125,7 @@ func TestCLIHelp(t *testing.T) {
 // stdout; no coordinator: exit 3. Global flags go before or after the
 // command.
 func TestCLIUsageErrors(t *testing.T) {
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	nosock := filepath.Join(dir, "none.sock")
 	cases := []struct {
 		args []string
@@ -465,7 +465,7 @@ func TestThirdSignalKills(t *testing.T) {
 	out := &syncBuffer{}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	co, err := startForeignCoordinator(ctx, filepath.Join(bin, "rollover"), shortDir(t),
+	co, err := startForeignCoordinator(ctx, filepath.Join(bin, "rollover"), testproc.ShortDir(t),
 		[]string{"--ready=listen", "--addr", addr, "--drain-timeout", "1m", "--kill-grace", "1m"},
 		[]string{"/usr/bin/env", "ROLLOVER_TEST_BIN=" + bin, "IGNORE_TERM_HELPER_ADDR=" + addr, exe, "-test.run=^TestIgnoreTermHelper$", "-test.count=1"}, out)
 	if err != nil {
@@ -570,7 +570,7 @@ func TestIgnoreTermHelper(t *testing.T) {
 // naming --metrics-addr, and leaves no socket (nor state file) behind.
 func TestFailedStartLeavesNoSocket(t *testing.T) {
 	svc := startService(t, harness.Config{Metrics: true})
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	sock := filepath.Join(dir, "two.sock")
 	port := freePort(t)
 	_, stderr, code := rolloverCLI(t, nil, "start", "--socket", sock, "--metrics-addr", svc.MetricsAddr, "--",
@@ -599,7 +599,7 @@ func TestFailedStartLeavesNoSocket(t *testing.T) {
 // distinct --name (so distinct sockets under $XDG_RUNTIME_DIR/rollover)
 // and distinct --metrics-addr; each CLI command reaches its own by name.
 func TestTwoCoordinatorsByName(t *testing.T) {
-	runtimeDir := shortDir(t)
+	runtimeDir := testproc.ShortDir(t)
 	env := []string{"XDG_RUNTIME_DIR=" + runtimeDir}
 	type coord struct {
 		name, addr, metrics string

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // bin holds the binaries built for this run.
@@ -97,6 +98,25 @@ func helperCommand(t *testing.T, ctx context.Context, prefix []string, name stri
 	return cmd, out
 }
 
+// unshareArgs returns the command prefix that runs a program in a fresh
+// network namespace, or skips/fails when namespaces are unavailable.
+func unshareArgs(t *testing.T) []string {
+	t.Helper()
+	needTool(t, "ip")
+	unshare := needTool(t, "unshare")
+	prefix := []string{unshare, "-n", "--"}
+	if os.Geteuid() != 0 {
+		prefix = []string{unshare, "-Urn", "--"}
+	}
+	if out, err := exec.Command(prefix[0], append(prefix[1:], "true")...).CombinedOutput(); err != nil {
+		if inCI() {
+			t.Fatalf("network namespaces are unavailable in CI: %v: %s", err, out)
+		}
+		t.Skipf("skipping: cannot create a network namespace (%v: %s)", err, bytes.TrimSpace(out))
+	}
+	return prefix
+}
+
 // helperScenario decodes into sc the scenario that the test which made
 // this helper's network namespace put in the variable env; without it, the
 // helper is not a test of its own, and skips, saying which tests run it.
@@ -119,18 +139,6 @@ func freePort(t testing.TB) int {
 		t.Fatal(err)
 	}
 	return p
-}
-
-// shortDir is a private directory with a short path (Unix socket paths are
-// limited to 108 bytes), removed at cleanup.
-func shortDir(t testing.TB) string {
-	t.Helper()
-	d, err := os.MkdirTemp("", "ro")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
 }
 
 // syncBuffer collects a process's output for the race and panic check.
@@ -184,7 +192,7 @@ func startServiceLog(t *testing.T, cfg harness.Config, out *syncBuffer, stopped 
 	if cfg.App == "" {
 		cfg.App = filepath.Join(bin, "demoapp")
 	}
-	cfg.Dir = shortDir(t)
+	cfg.Dir = testproc.ShortDir(t)
 	cfg.Log = out
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

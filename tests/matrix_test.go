@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // The failure matrix end to end: under load, every bad deploy fails with one
@@ -21,7 +22,7 @@ func TestFailureMatrixUnderLoad(t *testing.T) {
 	svc := startService(t, harness.Config{ReadyTimeout: 2 * time.Second})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	notExec := filepath.Join(dir, "not-executable")
 	if err := os.WriteFile(notExec, []byte("#!/bin/sh\n"), 0o644); err != nil {
 		t.Fatal(err)

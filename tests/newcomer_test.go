@@ -137,7 +137,7 @@ func TestRollbackNamesCommandLine(t *testing.T) {
 // 2 (usage) from every command, whether it comes from --socket,
 // $ROLLOVER_SOCKET or $XDG_RUNTIME_DIR, and nothing is started.
 func TestSocketPathTooLong(t *testing.T) {
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	long := filepath.Join(dir, strings.Repeat("s", 120)+".sock")
 	app := filepath.Join(bin, "demoapp")
 	commands := [][]string{
@@ -199,7 +199,7 @@ func TestMetricsAddrErrors(t *testing.T) {
 		{"127.0.0.1:-1", 2, `rollover: --metrics-addr 127.0.0.1:-1: "-1" is not a port`, false},
 		{held.Addr().String(), 1, "rollover: metrics: listen on " + held.Addr().String() + ": address already in use (" + hint, true},
 	} {
-		sock := filepath.Join(shortDir(t), "ctl.sock")
+		sock := filepath.Join(testproc.ShortDir(t), "ctl.sock")
 		_, stderr, code := rolloverCLI(t, nil, append([]string{"start", "--socket", sock, "--metrics-addr", tc.addr}, app...)...)
 		if code != tc.code || !strings.HasPrefix(stderr, tc.want) || strings.Count(stderr, "\n") != 1 || strings.Contains(stderr, hint) != tc.hint {
 			t.Errorf("start --metrics-addr %s: exit %d, stderr %q; want exit %d, one line %q…, the hint: %v", tc.addr, code, stderr, tc.code, tc.want, tc.hint)
@@ -216,7 +216,7 @@ func TestFailedStartSaysItOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer held.Close()
-	sock := filepath.Join(shortDir(t), "ctl.sock")
+	sock := filepath.Join(testproc.ShortDir(t), "ctl.sock")
 	_, stderr, code := rolloverCLI(t, nil, "start", "--socket", sock, "--metrics-addr", "", "--",
 		filepath.Join(bin, "demoapp"), "-addr", held.Addr().String())
 	lines := strings.Split(strings.TrimSpace(stderr), "\n")

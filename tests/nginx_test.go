@@ -56,7 +56,7 @@ func TestNginxRollover(t *testing.T) {
 			name = "keep-alive"
 		}
 		t.Run(name, func(t *testing.T) {
-			dir := shortDir(t)
+			dir := testproc.ShortDir(t)
 			foreignLeaveNothing(t, dir)
 			addr := testproc.FreeAddr(t)
 			var confs [2]string
@@ -554,24 +554,19 @@ func (c *foreignCoordinator) pids() []int {
 
 // cli runs `rollover CMD --socket S ARGS...`.
 func (c *foreignCoordinator) cli(ctx context.Context, args ...string) (stdout, stderr string, err error) {
-	full := append([]string{args[0], "--socket", c.socket}, args[1:]...)
-	cmd := exec.CommandContext(ctx, c.rollover, full...)
-	var o, e bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &o, &e
-	err = cmd.Run()
-	if err != nil {
-		err = fmt.Errorf("rollover %s: %v: %s", args[0], err, bytes.TrimSpace(e.Bytes()))
+	stdout, stderr, code, err := harness.CLI(ctx, c.rollover, c.socket, args...)
+	if err == nil && code != 0 {
+		err = fmt.Errorf("exit status %d", code)
 	}
-	return o.String(), e.String(), err
+	if err != nil {
+		err = fmt.Errorf("rollover %s: %v: %s", args[0], err, strings.TrimSpace(stderr))
+	}
+	return stdout, stderr, err
 }
 
 func (c *foreignCoordinator) status(ctx context.Context) (wire.Status, error) {
-	var st wire.Status
-	out, _, err := c.cli(ctx, "status", "--json")
+	st, err := harness.Status(ctx, c.rollover, c.socket)
 	if err != nil {
-		return st, err
-	}
-	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		return st, err
 	}
 	c.mu.Lock()

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // notifyApp copies testdata/notifyapp.py into dir, so that dir is in its
@@ -51,7 +52,7 @@ const notifyWarmUp = 500 * time.Millisecond
 // reaches a generation before its READY=1 (none waits out a warm-up), none
 // is reset on the hand-over, and every client request succeeds.
 func TestNotifyAppRollover(t *testing.T) {
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	foreignLeaveNothing(t, dir)
 	argv, addr := notifyApp(t, dir)
 	sc := foreignScenario{
@@ -92,18 +93,13 @@ func TestNotifyAppRollover(t *testing.T) {
 	}
 }
 
-// TestNotifyAppReadyListen runs the same Python app with --ready=listen, no
-// namespace and no load: the coordinator sees it listen, and a rollover
-// moves new connections to the new version.
-func TestNotifyAppReadyListen(t *testing.T) {
-	dir := shortDir(t)
-	foreignLeaveNothing(t, dir)
-	argv, addr := notifyApp(t, dir)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+// startForeign is startForeignCoordinator for a test outside a namespace:
+// it fails t when the coordinator does not start, and at cleanup kills
+// what is left and checks the coordinator's output.
+func startForeign(t *testing.T, ctx context.Context, rolloverBin, dir string, flags, argv []string) (*foreignCoordinator, *syncBuffer) {
+	t.Helper()
 	out := &syncBuffer{}
-	co, err := startForeignCoordinator(ctx, filepath.Join(bin, "rollover"), dir,
-		[]string{"--ready=listen", "--addr", addr}, argv("v1"), out)
+	co, err := startForeignCoordinator(ctx, rolloverBin, dir, flags, argv, out)
 	if err != nil {
 		t.Fatalf("start: %v\n%s", err, out.String())
 	}
@@ -114,6 +110,19 @@ func TestNotifyAppReadyListen(t *testing.T) {
 			t.Logf("coordinator log:\n%s", tailLines(out.String(), 60))
 		}
 	})
+	return co, out
+}
+
+// TestNotifyAppReadyListen runs the same Python app with --ready=listen, no
+// namespace and no load: the coordinator sees it listen, and a rollover
+// moves new connections to the new version.
+func TestNotifyAppReadyListen(t *testing.T) {
+	dir := testproc.ShortDir(t)
+	foreignLeaveNothing(t, dir)
+	argv, addr := notifyApp(t, dir)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	co, _ := startForeign(t, ctx, filepath.Join(bin, "rollover"), dir, []string{"--ready=listen", "--addr", addr}, argv("v1"))
 	sc := foreignScenario{VersionHeader: "X-Notifyapp-Version", Body: "notifyapp {v} pid "}
 	url := "http://" + addr + "/"
 
@@ -157,7 +166,7 @@ func TestNotifyAppReadyListen(t *testing.T) {
 // so once per generation, status shows steerable=false with the reason,
 // and the rollover still works, its hand-over left to tcp_migrate_req.
 func TestNotifyAppNotSteerable(t *testing.T) {
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	foreignLeaveNothing(t, dir)
 	argv, addr := notifyApp(t, dir)
 	nondumpable := func(v string) []string { return append(argv(v), "nondumpable") }
@@ -173,18 +182,7 @@ func TestNotifyAppNotSteerable(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	out := &syncBuffer{}
-	co, err := startForeignCoordinator(ctx, rolloverBin, dir, []string{"--ready=notify", "--addr", addr}, nondumpable("v1"), out)
-	if err != nil {
-		t.Fatalf("start: %v\n%s", err, out.String())
-	}
-	t.Cleanup(func() {
-		co.kill()
-		checkOutput(t, "coordinator", out.String())
-		if t.Failed() {
-			t.Logf("coordinator log:\n%s", tailLines(out.String(), 60))
-		}
-	})
+	co, out := startForeign(t, ctx, rolloverBin, dir, []string{"--ready=notify", "--addr", addr}, nondumpable("v1"))
 	g1 := foreignGen(t, co.started, 1)
 	// The kernel refuses a non-dumpable process's fds, in /proc as to
 	// pidfd_getfd: the reason names it and what would allow it.

@@ -39,6 +39,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // The protocol matrix: each protocol a real service speaks, served by
@@ -141,7 +142,7 @@ func TestProtocolMatrix(t *testing.T) {
 func TestProtocolMatrixIPv6Off(t *testing.T) {
 	needTool(t, "ss")
 	prefix := unshareArgs(t)
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	cmd, out := helperCommand(t, ctx, prefix, "TestProtocolIPv6OffHelper", 3*time.Minute, envProtoHelper+"="+dir)
@@ -279,7 +280,7 @@ func writeCerts(t *testing.T) certFiles {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	c := certFiles{cert: filepath.Join(dir, "cert.pem"), key: filepath.Join(dir, "key.pem"), pool: x509.NewCertPool()}
 	if err := os.WriteFile(c.cert, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
 		t.Fatal(err)
@@ -319,7 +320,7 @@ func runProtoCase(t *testing.T, pc protoCase, certs certFiles, listenAll bool) (
 	out := &syncBuffer{}
 	cfg.Rollover = filepath.Join(bin, "rollover")
 	cfg.App = filepath.Join(bin, "protoapp")
-	cfg.Dir = shortDir(t)
+	cfg.Dir = testproc.ShortDir(t)
 	cfg.Log = out
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()

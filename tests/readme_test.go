@@ -25,6 +25,7 @@ import (
 	"github.com/rollover-sh/rollover/rollover/coordinator"
 	"github.com/rollover-sh/rollover/rollover/wire"
 	"github.com/rollover-sh/rollover/tests/harness"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // readmeBlocks are the README's fenced code blocks.
@@ -276,7 +277,7 @@ type readmeSession struct {
 // the demo app, and runs everything in dir with env added.
 func newReadmeSession(t *testing.T, norm *readmeNorm, env []string, apps ...string) *readmeSession {
 	t.Helper()
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	if err := os.Mkdir(filepath.Join(dir, "bin"), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -552,7 +553,7 @@ func readmeCLISamples(t *testing.T, got map[string]string, quoted *[]string) {
 	norm := newReadmeNorm()
 	got, quoted = norm.later(got, quoted)
 	defer norm.flush()
-	runtimeDir := shortDir(t)
+	runtimeDir := testproc.ShortDir(t)
 	s := newReadmeSession(t, norm, []string{"XDG_RUNTIME_DIR=" + runtimeDir}, "api", "api-v2")
 	port, err := harness.FreePort()
 	if err != nil {

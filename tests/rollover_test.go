@@ -161,7 +161,7 @@ func TestSlowRequestsSurviveRollover(t *testing.T) {
 
 // Bad input gets one clear line and the exit code the README documents.
 func TestBadInput(t *testing.T) {
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	nosock := filepath.Join(dir, "none.sock")
 	public := filepath.Join(dir, "pub")
 	if err := os.Mkdir(public, 0o777); err != nil {

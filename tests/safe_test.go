@@ -32,6 +32,7 @@ import (
 	"github.com/rollover-sh/rollover/rollover/wire"
 	"github.com/rollover-sh/rollover/tests/harness"
 	"github.com/rollover-sh/rollover/tests/load"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // The tests' load: safeClients keep-alive clients, safeClients with a new
@@ -585,7 +586,7 @@ func TestSafeKillInBake(t *testing.T) {
 	prefix := unshareArgs(t)
 	for _, mr := range []int{0, 1} {
 		t.Run(fmt.Sprintf("tcp_migrate_req=%d", mr), func(t *testing.T) {
-			sc := killScenario{Dir: shortDir(t), MigrateReq: mr}
+			sc := killScenario{Dir: testproc.ShortDir(t), MigrateReq: mr}
 			raw, _ := json.Marshal(sc)
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			defer cancel()

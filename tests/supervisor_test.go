@@ -33,7 +33,7 @@ func TestSupervisord(t *testing.T) {
 	defer cancel()
 	before := binProcesses()
 
-	sock := shortDir(t) // sockets: short paths
+	sock := testproc.ShortDir(t) // sockets: short paths
 	logs := t.TempDir()
 	ctl := filepath.Join(sock, "ctl.sock")
 	addr := testproc.FreeAddr(t)
@@ -263,13 +263,9 @@ func supervisorProgram(t *testing.T, addr, ctl, logFile string) string {
 		t.Fatalf("%s sets stdout_logfile; the test sets its own", supervisorPath)
 	}
 	// supervisord's SIGKILL must only ever end a coordinator that hangs.
-	argv := strings.Fields(kv["command"])
-	dash := indexOf(argv, "--")
-	if len(argv) < 3 || argv[1] != "start" || dash < 0 {
-		t.Fatalf("%s: command=%q, want `rollover start … -- CMD`", supervisorPath, kv["command"])
-	}
-	drain := durationFlag(t, argv[2:dash], "drain-timeout", coordinator.DefaultDrainTimeout)
-	kill := durationFlag(t, argv[2:dash], "kill-grace", coordinator.DefaultKillGrace)
+	flags := startCommand(t, supervisorPath+": command", kv["command"])[2:]
+	drain := durationFlag(t, flags, "drain-timeout", coordinator.DefaultDrainTimeout)
+	kill := durationFlag(t, flags, "kill-grace", coordinator.DefaultKillGrace)
 	if wait, err := strconv.Atoi(kv["stopwaitsecs"]); err != nil || time.Duration(wait)*time.Second <= drain+kill {
 		t.Errorf("%s: stopwaitsecs=%q, want more than --drain-timeout + --kill-grace = %v", supervisorPath, kv["stopwaitsecs"], drain+kill)
 	}

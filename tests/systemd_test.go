@@ -2,16 +2,17 @@ package tests
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
+	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -23,6 +24,7 @@ import (
 
 	"github.com/rollover-sh/rollover/rollover/coordinator"
 	"github.com/rollover-sh/rollover/rollover/wire"
+	"github.com/rollover-sh/rollover/tests/harness"
 	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
@@ -84,10 +86,25 @@ func TestSystemdUnitVerifies(t *testing.T) {
 	systemdVerify(t, analyze, broken, broken, good, good)
 
 	svc := unitSection(t, unit, "Service")
-	for key, want := range map[string]string{
+	startFlags, reloadFlags := checkService(t, svc, nil)
+	if s, r := flagValue(startFlags, "name"), flagValue(reloadFlags, "name"); s == "" || s != r {
+		t.Errorf("ExecStart --name %q and ExecReload --name %q: the reload would miss the coordinator", s, r)
+	}
+}
+
+// checkService checks what every shipped unit's [Service] section needs: the
+// settings a coordinator relies on (and those in extra), `rollover start …
+// -- CMD` and `rollover next … --wait` command lines that parse with the real
+// binary, and timeouts that leave the coordinator time to drain. It returns
+// the flags of both command lines.
+func checkService(t *testing.T, svc, extra map[string]string) (startFlags, reloadFlags []string) {
+	t.Helper()
+	settings := map[string]string{
 		"Type": "notify", "NotifyAccess": "main", "KillMode": "mixed", "KillSignal": "SIGTERM",
 		"RuntimeDirectory": "rollover", "RuntimeDirectoryMode": "0700",
-	} {
+	}
+	maps.Copy(settings, extra)
+	for key, want := range settings {
 		if got := svc[key]; got != want {
 			t.Errorf("%s=%q, want %q", key, got, want)
 		}
@@ -96,26 +113,19 @@ func TestSystemdUnitVerifies(t *testing.T) {
 	// Both command lines parse with the real binary: flags are parsed in
 	// order, so a trailing -h exits 0 only if every flag before it is known
 	// and well formed.
-	start := strings.Fields(svc["ExecStart"])
+	start := startCommand(t, "ExecStart", svc["ExecStart"])
 	reload := strings.Fields(svc["ExecReload"])
-	if len(start) < 3 || start[1] != "start" || len(reload) < 2 || reload[1] != "next" {
-		t.Fatalf("ExecStart=%q, ExecReload=%q: want `rollover start …` and `rollover next …`", svc["ExecStart"], svc["ExecReload"])
+	if len(reload) < 2 || reload[1] != "next" {
+		t.Fatalf("ExecReload=%q: want `rollover next …`", svc["ExecReload"])
 	}
-	dash := indexOf(start, "--")
-	if dash < 0 || dash == len(start)-1 {
-		t.Fatalf("ExecStart=%q has no `-- CMD`", svc["ExecStart"])
-	}
-	startFlags, reloadFlags := start[2:dash], reload[2:]
-	for _, argv := range [][]string{start[:dash], reload} {
+	startFlags, reloadFlags = start[2:], reload[2:]
+	for _, argv := range [][]string{start, reload} {
 		cmd := exec.Command(argv[0], append(argv[1:], "-h")...)
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Errorf("%s -h: %v (a flag the binary does not take?)\n%s", strings.Join(argv, " "), err, out)
 		}
 	}
-	if s, r := flagValue(startFlags, "name"), flagValue(reloadFlags, "name"); s == "" || s != r {
-		t.Errorf("ExecStart --name %q and ExecReload --name %q: the reload would miss the coordinator", s, r)
-	}
-	if indexOf(reloadFlags, "--wait") < 0 {
+	if !slices.Contains(reloadFlags, "--wait") {
 		t.Errorf("ExecReload=%q: without --wait, `systemctl reload` returns before the old generation drained", svc["ExecReload"])
 	}
 
@@ -132,6 +142,173 @@ func TestSystemdUnitVerifies(t *testing.T) {
 	if st := unitSeconds(t, svc, "TimeoutStartSec"); st <= ready+bake+grace+drain+kill {
 		t.Errorf("TimeoutStartSec=%v (it bounds ExecReload too), want more than ready + bake + grace + drain + kill = %v", st, ready+bake+grace+drain+kill)
 	}
+	return startFlags, reloadFlags
+}
+
+// templatePath is the shipped template unit, one coordinator per instance.
+const templatePath = "../deploy/systemd/rollover@.service"
+
+// The template passes `systemd-analyze verify` for an instance, and its
+// settings and timeouts match the single unit's.
+func TestSystemdTemplateVerifies(t *testing.T) {
+	analyze := needTool(t, "systemd-analyze")
+	raw, err := os.ReadFile(templatePath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unit := strings.ReplaceAll(string(raw), "/usr/local/bin/rollover ", filepath.Join(bin, "rollover")+" ")
+	dir := t.TempDir()
+	envDir := filepath.Join(dir, "etc")
+	if err := os.Mkdir(envDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	unit = strings.ReplaceAll(unit, "/etc/rollover/%i.env", filepath.Join(envDir, "%i.env"))
+	if err := os.WriteFile(filepath.Join(envDir, "web.env"), []byte("ROLLOVER_METRICS_ADDR=127.0.0.1:9755\nROLLOVER_COMMAND="+filepath.Join(bin, "demoapp")+" -addr :8081\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tmpl := filepath.Join(dir, "rollover@.service")
+	if err := os.WriteFile(tmpl, []byte(unit), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	broken := filepath.Join(dir, "rollover-broken@.service")
+	if err := os.WriteFile(broken, []byte(strings.Replace(unit, "[Service]\n", "[Service]\nKillMode=not-a-kill-mode\n", 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	systemdVerify(t, analyze, filepath.Join(dir, "rollover-broken@web.service"), "rollover-broken@",
+		filepath.Join(dir, "rollover@web.service"), "rollover@")
+
+	svc := unitSection(t, unit, "Service")
+	startFlags, reloadFlags := checkService(t, svc, map[string]string{"RuntimeDirectoryPreserve": "yes"})
+	if s, r := flagValue(startFlags, "name"), flagValue(reloadFlags, "name"); s != "%i" || r != "%i" {
+		t.Errorf("ExecStart --name %q, ExecReload --name %q: want %%i in both", s, r)
+	}
+	if m := flagValue(startFlags, "metrics-addr"); m != "${ROLLOVER_METRICS_ADDR}" {
+		t.Errorf("--metrics-addr %q: each instance needs its own, from its environment file", m)
+	}
+}
+
+// Two instances of the template's command lines, as systemd would expand
+// them (%i, ${VAR} as one word, $VAR split on spaces), run side by side:
+// each reloads on its own, and each stops with exit 0.
+func TestSystemdTemplateTwoInstances(t *testing.T) {
+	raw, err := os.ReadFile(templatePath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := unitSection(t, string(raw), "Service")
+	runtimeDir := testproc.ShortDir(t) // stands in for /run: the CLI finds $XDG_RUNTIME_DIR/rollover/NAME.sock
+	env := append(os.Environ(), "XDG_RUNTIME_DIR="+runtimeDir)
+	expand := func(line, instance string, vars map[string]string) []string {
+		var out []string
+		for _, w := range strings.Fields(strings.ReplaceAll(line, "%i", instance)) {
+			switch {
+			case w == "/usr/local/bin/rollover":
+				out = append(out, filepath.Join(bin, "rollover"))
+			case strings.HasPrefix(w, "${") && strings.HasSuffix(w, "}"):
+				out = append(out, vars[w[2:len(w)-1]])
+			case strings.HasPrefix(w, "$"):
+				out = append(out, strings.Fields(vars[w[1:]])...)
+			default:
+				out = append(out, w)
+			}
+		}
+		return out
+	}
+	type instance struct {
+		name   string
+		vars   map[string]string
+		cmd    *exec.Cmd
+		out    *syncBuffer
+		exited chan struct{}
+		err    error
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var insts []*instance
+	for _, name := range []string{"api", "web"} {
+		app := freePort(t)
+		metrics := freePort(t)
+		in := &instance{name: name, out: &syncBuffer{}, exited: make(chan struct{}), vars: map[string]string{
+			"ROLLOVER_METRICS_ADDR": "127.0.0.1:" + strconv.Itoa(metrics),
+			"ROLLOVER_COMMAND":      filepath.Join(bin, "demoapp") + " -addr 127.0.0.1:" + strconv.Itoa(app) + " -version " + name,
+		}}
+		argv := expand(svc["ExecStart"], name, in.vars)
+		// A short drain-grace keeps the test quick; the rest is the unit's.
+		argv = append(argv[:2], append([]string{"--drain-grace", "100ms"}, argv[2:]...)...)
+		in.cmd = exec.Command(argv[0], argv[1:]...)
+		in.cmd.Env = env
+		in.cmd.Stdout, in.cmd.Stderr = in.out, in.out
+		if err := in.cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		go func() { in.err = in.cmd.Wait(); close(in.exited) }()
+		socket := filepath.Join(runtimeDir, "rollover", name+".sock")
+		t.Cleanup(func() {
+			st, _ := ctlStatus(context.Background(), socket)
+			select {
+			case <-in.exited:
+			default:
+				_ = in.cmd.Process.Kill()
+				<-in.exited
+			}
+			var pids []int
+			for _, g := range st.Generations {
+				pids = append(pids, g.PID)
+				_ = syscall.Kill(g.PID, syscall.SIGKILL)
+			}
+			if left := harness.WaitGone(pids, 5*time.Second); len(left) > 0 {
+				t.Errorf("generations of %s left: %v", name, left)
+			}
+			checkOutput(t, name, in.out.String())
+			if t.Failed() {
+				t.Logf("rollover@%s:\n%s", name, tailLines(in.out.String(), 30))
+			}
+		})
+		insts = append(insts, in)
+	}
+	for _, in := range insts {
+		testproc.WaitFor(t, 20*time.Second, "rollover@"+in.name+" active", func() bool {
+			st, err := ctlStatus(ctx, filepath.Join(runtimeDir, "rollover", in.name+".sock"))
+			return err == nil && st.Active == 1
+		})
+	}
+	for _, in := range insts {
+		reload := expand(svc["ExecReload"], in.name, in.vars)
+		cmd := exec.CommandContext(ctx, reload[0], reload[1:]...)
+		cmd.Env = env
+		if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "gen 2 active") {
+			t.Errorf("ExecReload of rollover@%s: %v\n%s", in.name, err, out)
+		}
+	}
+	for _, in := range insts {
+		if err := in.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-in.exited:
+		case <-ctx.Done():
+			t.Fatalf("rollover@%s did not stop", in.name)
+		}
+		var ee *exec.ExitError
+		if in.err != nil && !errors.As(in.err, &ee) {
+			t.Fatal(in.err)
+		}
+		if in.err != nil {
+			t.Errorf("rollover@%s stopped with %v, want exit 0", in.name, in.err)
+		}
+	}
+}
+
+// startCommand splits the command line `rollover start FLAGS -- CMD` that
+// the setting key holds and returns it without `-- CMD`.
+func startCommand(t *testing.T, key, line string) []string {
+	t.Helper()
+	argv := strings.Fields(line)
+	dash := slices.Index(argv, "--")
+	if len(argv) < 3 || argv[1] != "start" || dash < 0 || dash == len(argv)-1 {
+		t.Fatalf("%s=%q: want `rollover start … -- CMD`", key, line)
+	}
+	return argv[:dash]
 }
 
 // envProblem skips outside CI and fails in CI.
@@ -191,15 +368,6 @@ func unitSection(t *testing.T, unit, name string) map[string]string {
 	return kv
 }
 
-func indexOf(s []string, x string) int {
-	for i, v := range s {
-		if v == x {
-			return i
-		}
-	}
-	return -1
-}
-
 // flagValue returns the value of --name or --name=value in args.
 func flagValue(args []string, name string) string {
 	for i, a := range args {
@@ -251,7 +419,7 @@ func unitSeconds(t *testing.T, kv map[string]string, key string) time.Duration {
 // (NotifyAccess=main). The generations never see systemd's socket.
 func TestCoordinatorNotifiesSystemd(t *testing.T) {
 	t.Run("path", func(t *testing.T) {
-		testNotify(t, filepath.Join(shortDir(t), "notify.sock"))
+		testNotify(t, filepath.Join(testproc.ShortDir(t), "notify.sock"))
 	})
 	t.Run("abstract", func(t *testing.T) {
 		b := make([]byte, 8)
@@ -268,7 +436,7 @@ func testNotify(t *testing.T, notifyAddr string) {
 	sd := listenNotify(t, notifyAddr)
 	before := binProcesses()
 
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	socket := filepath.Join(dir, "ctl.sock")
 	addr := testproc.FreeAddr(t)
 	cmd := exec.Command(filepath.Join(bin, "rollover"), "start", "--socket", socket,
@@ -474,7 +642,7 @@ func checkNoNotifySocket(t *testing.T, pid, n int) {
 		t.Errorf("generation %d's environment: %v", n, err)
 		return
 	}
-	if indexOf(env, fmt.Sprintf("ROLLOVER_GENERATION=%d", n)) < 0 {
+	if !slices.Contains(env, fmt.Sprintf("ROLLOVER_GENERATION=%d", n)) {
 		t.Errorf("pid %d has no ROLLOVER_GENERATION=%d: not generation %d's environment?", pid, n, n)
 	}
 	for _, kv := range env {
@@ -505,15 +673,7 @@ func envWithout(key string) []string {
 
 // ctlStatus runs `rollover status --json` against socket.
 func ctlStatus(ctx context.Context, socket string) (wire.Status, error) {
-	var st wire.Status
-	cmd := exec.CommandContext(ctx, filepath.Join(bin, "rollover"), "status", "--json", "--socket", socket)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		return st, fmt.Errorf("rollover status: %v: %s", err, bytes.TrimSpace(stderr.Bytes()))
-	}
-	return st, json.Unmarshal(out, &st)
+	return harness.Status(ctx, filepath.Join(bin, "rollover"), socket)
 }
 
 // waitStatus polls the coordinator's status until ok, for 30s at most, and

@@ -31,7 +31,7 @@ type pane struct {
 // person's shell, waits out a command that handles Ctrl-C itself.
 func startPane(t *testing.T, width, height int, shellCmd string) *pane {
 	t.Helper()
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	p := &pane{t: t, tmux: needTool(t, "tmux"), sock: filepath.Join(dir, "tmux")}
 	conf := filepath.Join(dir, "tmux.conf")
 	if err := os.WriteFile(conf, []byte("set -g default-shell "+needTool(t, "bash")+"\n"), 0o644); err != nil {
@@ -292,7 +292,7 @@ func TestStatusWatchPlain(t *testing.T) {
 // once, the second forces it; the coordinator exits 1 and its generation is
 // gone.
 func TestCtrlCInTmux(t *testing.T) {
-	dir := shortDir(t)
+	dir := testproc.ShortDir(t)
 	socket := filepath.Join(dir, "ctl.sock")
 	addr := testproc.FreeAddr(t)
 	argv := []string{filepath.Join(bin, "rollover"), "start", "--socket", socket, "--metrics-addr", "",

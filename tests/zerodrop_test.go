@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -34,25 +33,6 @@ func (s stressRun) name() string {
 		mode = "keep-alive"
 	}
 	return fmt.Sprintf("%s/tcp_migrate_req=%d", mode, s.migrateReq)
-}
-
-// unshareArgs returns the command prefix that runs a program in a fresh
-// network namespace, or skips/fails when namespaces are unavailable.
-func unshareArgs(t *testing.T) []string {
-	t.Helper()
-	needTool(t, "ip")
-	unshare := needTool(t, "unshare")
-	prefix := []string{unshare, "-n", "--"}
-	if os.Geteuid() != 0 {
-		prefix = []string{unshare, "-Urn", "--"}
-	}
-	if out, err := exec.Command(prefix[0], append(prefix[1:], "true")...).CombinedOutput(); err != nil {
-		if inCI() {
-			t.Fatalf("network namespaces are unavailable in CI: %v: %s", err, out)
-		}
-		t.Skipf("skipping: cannot create a network namespace (%v: %s)", err, bytes.TrimSpace(out))
-	}
-	return prefix
 }
 
 func (s stressRun) run(t *testing.T) harness.Report {

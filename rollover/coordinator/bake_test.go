@@ -37,15 +37,7 @@ func TestBakeRollsBackAnExit(t *testing.T) {
 		t.Errorf("report event %+v, want a rolled-back report of gen 2 replacing gen 1", rep)
 	}
 	r.activeIs(1, pid1)
-	if got := testutil.ToFloat64(r.c.metrics.Rollbacks.WithLabelValues("exited")); got != 1 {
-		t.Errorf("rollbacks{exited} = %v, want 1", got)
-	}
-	if got := rollovers(t, r.c, "rolled_back"); got != 1 {
-		t.Errorf("rollovers{result=\"rolled_back\"} = %v, want 1", got)
-	}
-	if got := rollovers(t, r.c, "failed"); got != 0 {
-		t.Errorf("rollovers{result=\"failed\"} = %v, want 0: a rollback counts once, as rolled_back", got)
-	}
+	countedOnce(t, r.c, "exited", "rolled_back")
 	// Gen 1 serves keep-alive again and a clean rollover still works.
 	events, res = r.next(r.argv("ready"))
 	if !res.OK {
@@ -107,15 +99,7 @@ func TestBakeRollsBackOnHealth(t *testing.T) {
 	if failed == 0 || failed > 200 {
 		t.Errorf("%d requests failed: want some (gen 2 took traffic) and few", failed)
 	}
-	if got := testutil.ToFloat64(r.c.metrics.Rollbacks.WithLabelValues("health")); got != 1 {
-		t.Errorf("rollbacks{health} = %v, want 1", got)
-	}
-	if got := rollovers(t, r.c, "rolled_back"); got != 1 {
-		t.Errorf("rollovers{result=\"rolled_back\"} = %v, want 1", got)
-	}
-	if got := rollovers(t, r.c, "failed"); got != 0 {
-		t.Errorf("rollovers{result=\"failed\"} = %v, want 0: a rollback counts once, as rolled_back", got)
-	}
+	countedOnce(t, r.c, "health", "rolled_back")
 }
 
 // A canary takes its share of new connections, waits, and goes to 100% on
@@ -178,13 +162,20 @@ func TestCanaryPromoteAndAbort(t *testing.T) {
 	if _, canary := share(200); canary != 0 {
 		t.Errorf("after abort, %d of 200 new connections reached the aborted canary", canary)
 	}
-	if got := testutil.ToFloat64(r.c.metrics.Rollbacks.WithLabelValues("abort")); got != 1 {
-		t.Errorf("rollbacks{abort} = %v, want 1", got)
+	countedOnce(t, r.c, "abort", "aborted")
+}
+
+// countedOnce checks that the one rollback of a rollover is counted once:
+// in rollbacks{reason} and in rollovers{result}, and not as failed.
+func countedOnce(t *testing.T, c *Coordinator, reason, result string) {
+	t.Helper()
+	if got := testutil.ToFloat64(c.metrics.Rollbacks.WithLabelValues(reason)); got != 1 {
+		t.Errorf("rollbacks{%s} = %v, want 1", reason, got)
 	}
-	if got := rollovers(t, r.c, "aborted"); got != 1 {
-		t.Errorf("rollovers{result=\"aborted\"} = %v, want 1", got)
+	if got := rollovers(t, c, result); got != 1 {
+		t.Errorf("rollovers{result=%q} = %v, want 1", result, got)
 	}
-	if got := rollovers(t, r.c, "failed"); got != 0 {
-		t.Errorf("rollovers{result=\"failed\"} = %v, want 0: a rollback counts once, as aborted", got)
+	if got := rollovers(t, c, "failed"); got != 0 {
+		t.Errorf("rollovers{result=\"failed\"} = %v, want 0: a rollback counts once, as %s", got, result)
 	}
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/procfs"
 
 	"github.com/rollover-sh/rollover/rollover/wire"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 func phases(events []wire.Event) []string {
@@ -385,28 +386,9 @@ func TestRestartCrashingActive(t *testing.T) {
 func TestSlowRequestDuringRollover(t *testing.T) {
 	r := startRig(t, "ready", Config{})
 	_, pid1 := r.mustGet("/")
-
-	type answer struct {
-		gen, pid int
-		err      error
-	}
 	// Longer than the 1s that Serve gives Shutdown: only a real drain (wait
 	// for the connections, then Shutdown) lets it finish.
-	slow := make(chan answer, 1)
-	go func() {
-		gen, pid, err := r.get("/slow?d=1500ms")
-		slow <- answer{gen, pid, err}
-	}()
-	r.waitFor(5*time.Second, "the slow request in flight on gen 1", func() bool {
-		g := genOf(r.status(), 1)
-		return g != nil && g.Stats.Inflight == 1
-	})
-
-	events, res := r.next(r.argv("ready"))
-	if !res.OK {
-		t.Fatalf("next: %s", res.Error)
-	}
-	pid2 := eventOf(events, wire.PhaseStarted).PID
+	slow, pid2 := r.slowAcrossNext("/slow?d=1500ms")
 	select {
 	case a := <-slow:
 		if a.err != nil || a.gen != 1 || a.pid != pid1 {
@@ -423,23 +405,7 @@ func TestStop(t *testing.T) {
 	r := startRig(t, "ready", Config{})
 	_, pid1 := r.mustGet("/")
 	// Leave gen 1 draining a request while gen 2 is active.
-	slow := make(chan error, 1)
-	go func() {
-		gen, _, err := r.get("/slow?d=1500ms")
-		if err == nil && gen != 1 {
-			err = io.ErrUnexpectedEOF
-		}
-		slow <- err
-	}()
-	r.waitFor(5*time.Second, "the slow request in flight on gen 1", func() bool {
-		g := genOf(r.status(), 1)
-		return g != nil && g.Stats.Inflight == 1
-	})
-	events, res := r.next(r.argv("ready"))
-	if !res.OK {
-		t.Fatalf("next: %s", res.Error)
-	}
-	pid2 := eventOf(events, wire.PhaseStarted).PID
+	slow, pid2 := r.slowAcrossNext("/slow?d=1500ms")
 
 	_, res, err := call(r.sock, wire.Msg{Type: wire.TypeStop}, 20*time.Second)
 	if err != nil || !res.OK {
@@ -448,11 +414,11 @@ func TestStop(t *testing.T) {
 	if err := r.wait(10 * time.Second); err != nil {
 		t.Fatalf("Run returned %v after stop, want nil", err)
 	}
-	if err := <-slow; err != nil {
-		t.Errorf("the request in flight during stop failed: %v", err)
+	if a := <-slow; a.err != nil || a.gen != 1 {
+		t.Errorf("the request in flight during stop: gen %d, err %v; want a 200 from gen 1", a.gen, a.err)
 	}
 	for _, pid := range []int{pid1, pid2} {
-		if !gone(pid) {
+		if !testproc.Gone(pid) {
 			t.Errorf("pid %d is still there after stop", pid)
 		}
 	}
@@ -614,11 +580,7 @@ func TestSecondCoordinatorRefused(t *testing.T) {
 }
 
 func TestStaleSocketReplaced(t *testing.T) {
-	dir, err := os.MkdirTemp("", "rt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
+	dir := testproc.ShortDir(t)
 	sock := filepath.Join(dir, "c.sock")
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
 	if err != nil {
@@ -654,11 +616,7 @@ func TestStaleSocketReplaced(t *testing.T) {
 }
 
 func TestSocketPathIsNotASocket(t *testing.T) {
-	dir, err := os.MkdirTemp("", "rt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
+	dir := testproc.ShortDir(t)
 	path := filepath.Join(dir, "c.sock")
 	if err := os.WriteFile(path, []byte("keep me"), 0o600); err != nil {
 		t.Fatal(err)

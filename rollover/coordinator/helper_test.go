@@ -1,7 +1,6 @@
 package coordinator
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"crypto/rand"
@@ -14,7 +13,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"regexp"
@@ -27,10 +25,11 @@ import (
 	"time"
 
 	"github.com/prometheus/procfs"
+	"go.uber.org/goleak"
 
 	"github.com/rollover-sh/rollover/rollover"
 	"github.com/rollover-sh/rollover/rollover/wire"
-	"go.uber.org/goleak"
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // The test binary doubles as a generation (the helper-process pattern of
@@ -239,7 +238,7 @@ func newRig(t *testing.T, mode string, cfg Config) *rig {
 	r := &rig{
 		t:    t,
 		sock: filepath.Join(dir, "c.sock"),
-		addr: "127.0.0.1:" + strconv.Itoa(freePort(t)),
+		addr: testproc.FreeAddr(t),
 		tag:  cmp.Or(os.Getenv(envChildTag), randomTag()),
 		logs: &logSink{},
 		ran:  make(chan struct{}),
@@ -320,19 +319,7 @@ func (r *rig) argv(mode string, settings ...string) []string {
 
 func (r *rig) waitFor(timeout time.Duration, what string, cond func() bool) {
 	r.t.Helper()
-	waitFor(r.t, timeout, what, cond)
-}
-
-// waitFor polls cond until it holds, failing the test after timeout.
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testproc.WaitFor(r.t, timeout, what, cond)
 }
 
 // --- the control socket, spoken as the CLI speaks it ---
@@ -448,71 +435,56 @@ func (r *rig) mustGet(path string) (gen, pid int) {
 	return gen, pid
 }
 
+// answer is what a request that get sent brought back.
+type answer struct {
+	gen, pid int
+	err      error
+}
+
+// slowAcrossNext sends the slow request path to generation 1, waits until it
+// is in flight there, and rolls over to a new generation in mode ready. It
+// returns where the request's answer will come, and the new generation's pid.
+func (r *rig) slowAcrossNext(path string) (slow <-chan answer, pid2 int) {
+	r.t.Helper()
+	ch := make(chan answer, 1)
+	go func() {
+		gen, pid, err := r.get(path)
+		ch <- answer{gen, pid, err}
+	}()
+	r.waitFor(5*time.Second, "the slow request in flight on gen 1", func() bool {
+		g := genOf(r.status(), 1)
+		return g != nil && g.Stats.Inflight == 1
+	})
+	events, res := r.next(r.argv("ready"))
+	if !res.OK {
+		r.t.Fatalf("next: %s", res.Error)
+	}
+	return ch, eventOf(events, wire.PhaseStarted).PID
+}
+
 // --- processes ---
 
 // A test that may crash its process (a panic in the coordinator) runs alone
 // in a child test process. The child tags its generations with the parent's
 // tag, so the parent can find any it left behind.
 const (
-	envChild    = "ROLLOVER_TEST_CHILD"
 	envChildTag = "ROLLOVER_TEST_CHILD_TAG"
 	envChildDir = "ROLLOVER_TEST_CHILD_DIR"
 )
 
 // inChild reports whether this process is the child that runs t. In the
-// parent it runs the child, fails t if the child fails or leaves a process
-// behind, and returns false.
+// parent it runs the child (testproc.InChild), fails t if the child fails or
+// leaves a generation behind, and returns false.
 func inChild(t *testing.T) bool {
 	t.Helper()
-	if os.Getenv(envChild) == t.Name() {
+	if testproc.IsChild(t) {
 		return true
 	}
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	tag := randomTag()
-	dir, err := os.MkdirTemp("", "rt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, exe, "-test.run=^"+regexp.QuoteMeta(t.Name())+"$", "-test.count=1", "-test.v", "-test.timeout=50s")
-	cmd.Env = append(os.Environ(), envChild+"="+t.Name(), envChildTag+"="+tag, envChildDir+"="+dir)
-	cmd.WaitDelay = 5 * time.Second
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	dir := testproc.ShortDir(t)
 	strays := &rig{t: t, tag: tag, logs: &logSink{}}
 	t.Cleanup(strays.killStrays) // generations of a child that died
-	err = cmd.Wait()
-	switch {
-	case err != nil:
-		t.Fatalf("child test process: %v\n%s", err, out.Bytes())
-	case !strings.Contains(out.String(), "--- PASS: "+t.Name()+" "):
-		t.Fatalf("child test process did not run %s:\n%s", t.Name(), out.Bytes())
-	}
-	if !gone(cmd.Process.Pid) {
-		t.Errorf("child test process %d still there", cmd.Process.Pid)
-	}
-	if testing.Verbose() {
-		t.Logf("child test process:\n%s", out.Bytes())
-	}
-	return false
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	return testproc.InChild(t, testproc.Child{Env: []string{envChildTag + "=" + tag, envChildDir + "=" + dir}})
 }
 
 func randomTag() string {
@@ -521,14 +493,9 @@ func randomTag() string {
 	return hex.EncodeToString(b)
 }
 
-// gone reports whether no process (zombies included) has pid.
-func gone(pid int) bool {
-	return errors.Is(syscall.Kill(pid, 0), syscall.ESRCH)
-}
-
 func (r *rig) waitGone(pid int, timeout time.Duration) {
 	r.t.Helper()
-	r.waitFor(timeout, fmt.Sprintf("pid %d to be gone", pid), func() bool { return gone(pid) })
+	r.waitFor(timeout, fmt.Sprintf("pid %d to be gone", pid), func() bool { return testproc.Gone(pid) })
 }
 
 // tagged returns the live processes whose command line carries this rig's
@@ -572,7 +539,7 @@ func (r *rig) pids() []int {
 func (r *rig) assertNoneLeft() {
 	r.t.Helper()
 	for _, pid := range r.pids() {
-		if !gone(pid) {
+		if !testproc.Gone(pid) {
 			r.t.Errorf("generation pid %d is still there (alive or not reaped)", pid)
 		}
 	}

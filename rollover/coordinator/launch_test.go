@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/prometheus/procfs"
+
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // TestListeningTree: --ready=listen sees a listener that a grandchild of
@@ -20,7 +22,7 @@ func TestListeningTree(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	addr := testproc.FreeAddr(t)
 	// The shell waits for the app rather than exec it: the app is its child.
 	sh := exec.Command("sh", "-c", `"$@"; exit $?`, "sh", exe, genArg, envMode+"=ready", envAddr+"="+addr)
 	sh.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -47,7 +49,7 @@ func TestListeningTree(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "the shell's child to listen on "+addr, func() bool { return listening(fs, sh.Process.Pid, ip, port) })
+	testproc.WaitFor(t, 10*time.Second, "the shell's child to listen on "+addr, func() bool { return listening(fs, sh.Process.Pid, ip, port) })
 	if kids := family(fs, sh.Process.Pid); len(kids) < 2 {
 		t.Errorf("family(%d) = %v, want the shell and its child", sh.Process.Pid, kids)
 	}

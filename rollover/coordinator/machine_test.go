@@ -132,6 +132,21 @@ func (w *fakeWorld) start() *gen {
 	return b.g
 }
 
+// baking begins a rollover and takes its new generation through ready to
+// active, judged by the health rule.
+func (w *fakeWorld) baking(rule *wire.Health) began {
+	b := w.begin(rolloverReq{})
+	if b.err != nil {
+		w.t.Fatalf("begin: %v", b.err)
+	}
+	w.m.step(evReady{g: b.g, lib: true, steerable: true})
+	w.m.step(evWatch{g: b.g, rule: rule})
+	if err := w.activate(b.g, false); err != nil {
+		w.t.Fatalf("activate: %v", err)
+	}
+	return b
+}
+
 func TestMachine(t *testing.T) {
 	errBoom := errors.New("exit status 3")
 	for _, tc := range []struct {
@@ -404,10 +419,7 @@ func TestMachine(t *testing.T) {
 		}},
 		{"a rollback drains a live new generation; after the bake a crash restarts", func(t *testing.T, w *fakeWorld) {
 			g1 := w.start()
-			b := w.begin(rolloverReq{})
-			w.m.step(evReady{g: b.g, lib: true, steerable: true})
-			w.m.step(evWatch{g: b.g, rule: &wire.Health{MinRequests: 1, MaxErrorRatio: 0.5}})
-			_ = w.activate(b.g, false)
+			b := w.baking(&wire.Health{MinRequests: 1, MaxErrorRatio: 0.5})
 			w.m.step(evRelease{g: g1})
 			w.m.step(evRollback{g: b.g, prev: g1, cause: causeHealth, reply: make(chan struct{})})
 			if got := w.states(); got != "1:active 2:draining" || !w.didAny("order 2") {
@@ -417,10 +429,7 @@ func TestMachine(t *testing.T) {
 			w.outcomes(t, map[string]float64{"ok": 1, "rolled_back": 1})
 			// A clean bake: judging stops, and the active one's exit is a
 			// crash again.
-			b3 := w.begin(rolloverReq{})
-			w.m.step(evReady{g: b3.g, lib: true, steerable: true})
-			w.m.step(evWatch{g: b3.g, rule: &wire.Health{MinRequests: 1, MaxErrorRatio: 0.5}})
-			_ = w.activate(b3.g, false)
+			b3 := w.baking(&wire.Health{MinRequests: 1, MaxErrorRatio: 0.5})
 			w.m.step(evWatch{g: b3.g})
 			w.m.step(evExited{g: b3.g, err: errBoom})
 			if st := w.status(); st.ActiveExits != 1 {
@@ -496,10 +505,7 @@ func TestMachine(t *testing.T) {
 		}},
 		{"the bake ends only if the new generation is still there", func(t *testing.T, w *fakeWorld) {
 			g1 := w.start()
-			b := w.begin(rolloverReq{})
-			w.m.step(evReady{g: b.g, lib: true, steerable: true})
-			w.m.step(evWatch{g: b.g, rule: &wire.Health{MinRequests: 20, MaxErrorRatio: 0.1}})
-			_ = w.activate(b.g, false)
+			b := w.baking(&wire.Health{MinRequests: 20, MaxErrorRatio: 0.1})
 			w.m.step(evRelease{g: g1, until: w.now.Add(5 * time.Second)})
 			w.now = w.now.Add(2 * time.Second)
 			if st := w.status(); st.Rollout == nil || st.Rollout.Phase != "baking" || st.Rollout.BakeLeftMS != 3000 || st.Baking != 2 {

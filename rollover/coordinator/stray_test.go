@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
 // startStray runs a standalone copy of a generation (no coordinator) on
@@ -61,7 +63,7 @@ func TestStrayRefusedAtRollover(t *testing.T) {
 	if st := r.status(); st.Active != 1 || st.InProgress {
 		t.Fatalf("after the refusal: %+v", st)
 	}
-	if gone(pid1) {
+	if testproc.Gone(pid1) {
 		t.Fatal("gen 1 is gone")
 	}
 }
@@ -81,7 +83,7 @@ func TestStrayRefusedAtStart(t *testing.T) {
 		}
 	}
 	for _, p := range r.pids() {
-		if !gone(p) {
+		if !testproc.Gone(p) {
 			t.Errorf("generation pid %d is still there", p)
 		}
 	}

@@ -240,8 +240,15 @@ func (s *Service) PIDs() []int {
 // CLI runs the rollover binary with args against this service's socket and
 // returns its stdout, stderr and exit code.
 func (s *Service) CLI(ctx context.Context, args ...string) (stdout, stderr string, code int, err error) {
-	full := append([]string{args[0], "--socket", s.Socket}, args[1:]...)
-	cmd := exec.CommandContext(ctx, s.cfg.Rollover, full...)
+	return CLI(ctx, s.cfg.Rollover, s.Socket, args...)
+}
+
+// CLI runs the rollover binary at path with args against the control socket
+// and returns its stdout, stderr and exit code; err only when it could not
+// run.
+func CLI(ctx context.Context, path, socket string, args ...string) (stdout, stderr string, code int, err error) {
+	full := append([]string{args[0], "--socket", socket}, args[1:]...)
+	cmd := exec.CommandContext(ctx, path, full...)
 	var o, e bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &o, &e
 	err = cmd.Run()
@@ -254,8 +261,14 @@ func (s *Service) CLI(ctx context.Context, args ...string) (stdout, stderr strin
 
 // Status runs `rollover status --json`.
 func (s *Service) Status(ctx context.Context) (wire.Status, error) {
+	return Status(ctx, s.cfg.Rollover, s.Socket)
+}
+
+// Status runs `rollover status --json` with the rollover binary at path
+// against the control socket: for coordinators that a Service did not start.
+func Status(ctx context.Context, path, socket string) (wire.Status, error) {
 	var st wire.Status
-	out, errOut, code, err := s.CLI(ctx, "status", "--json")
+	out, errOut, code, err := CLI(ctx, path, socket, "status", "--json")
 	if err != nil {
 		return st, err
 	}

@@ -2,7 +2,8 @@
 // the end-to-end suite share about processes and time: a test that runs
 // alone in a child process of the test binary (the helper-process pattern
 // of os/exec's tests), a wait for a condition with a deadline, a check that
-// a process is gone, and a free loopback port.
+// a process is gone, a free loopback port and a short directory for Unix
+// sockets.
 //
 // It lives under tests/ so that every test package of the module can import
 // it (an internal package under rollover/ would be out of reach of tests/).
@@ -49,6 +50,18 @@ func FreeAddr(t testing.TB) string {
 	}
 	defer ln.Close()
 	return ln.Addr().String()
+}
+
+// ShortDir returns a private directory with a short path (Unix socket paths
+// are limited to 108 bytes), removed at cleanup.
+func ShortDir(t testing.TB) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", "ro")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
 }
 
 // Gone reports whether no process (zombies included) has pid.
