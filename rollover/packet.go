@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rollover-sh/rollover/reuse"
+	"github.com/rollover-sh/rollover/rollover/wire"
 )
 
 // ListenPacket opens a UDP socket ("udp", "udp4" or "udp6") that shares its
@@ -237,6 +238,9 @@ func (a *agent) handOverPackets(pcs []*packetConn) {
 			drainPacketQueue(p)
 		}
 	}
+	// The counts first: an app that does not use Serve may exit as soon as
+	// Draining has ended its servers, before leave reports them.
+	_ = a.send(wire.Msg{Type: wire.TypeStats, Stats: a.stats()})
 	close(a.draining)
 	for _, p := range pcs {
 		p.stopReading()

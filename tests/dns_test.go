@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -218,11 +219,12 @@ type dnsTally struct {
 	ByRcode                 map[string]int
 	WrongGen                int
 	FirstWrong, FirstErrors []string
+	FirstUnanswered         []string // worker, sequence number and send time
 }
 
 func (d dnsTally) String() string {
-	return fmt.Sprintf("%d udp queries (%d unanswered, %d answered twice), %d tcp queries (%d failed), answers by generation %v, by rcode %v, %d from a generation the group did not point at",
-		d.UDP, d.Unanswered, d.Twice, d.TCP, d.TCPFailed, d.ByGen, d.ByRcode, d.WrongGen)
+	return fmt.Sprintf("%d udp queries (%d unanswered %v, %d answered twice), %d tcp queries (%d failed), answers by generation %v, by rcode %v, %d from a generation the group did not point at",
+		d.UDP, d.Unanswered, d.FirstUnanswered, d.Twice, d.TCP, d.TCPFailed, d.ByGen, d.ByRcode, d.WrongGen)
 }
 
 // window is a rollover as the client's clock saw it: queries sent from
@@ -269,12 +271,15 @@ func (c *dnsClient) tally(first int, windows []window) dnsTally {
 			}
 		}
 	}
-	for _, qs := range c.udp {
-		for _, q := range qs {
+	for w, qs := range c.udp {
+		for seq, q := range qs {
 			d.UDP++
 			switch {
 			case q.answers == 0:
 				d.Unanswered++
+				if len(d.FirstUnanswered) < 10 {
+					d.FirstUnanswered = append(d.FirstUnanswered, fmt.Sprintf("q%d.w%d sent %s", seq, w, q.sent.Format("15:04:05.000000")))
+				}
 				continue
 			case q.answers > 1:
 				d.Twice++
@@ -437,4 +442,116 @@ func checkDNSLeft(t *testing.T, svc *harness.Service, gen int) {
 	if err := svc.Stop(ctx); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// since counts the queries sent at or after t0: all of them, and those that
+// got no answer, or one with another generation or rcode than want (want
+// NOERROR).
+func (c *dnsClient) since(t0 time.Time, gen int) (total, bad int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, qs := range append(slices.Clone(c.udp), c.tcp) {
+		for _, q := range qs {
+			if q.sent.Before(t0) {
+				continue
+			}
+			total++
+			if q.answers == 0 || q.gen != gen || q.rcode != dns.RcodeSuccess {
+				bad++
+			}
+		}
+	}
+	return total, bad
+}
+
+// A bad UDP deploy is rolled back in its bake with the figures of TCP's
+// (TestSafeCrashOnFirstRequest, TestSafePanickingHandlers): a build that
+// crashes on its first query loses only what it had read or queued when it
+// died, at most two queries per client; one that answers SERVFAIL to
+// everything, reported through rollover.Answer, fails its health at the
+// 20th answer and loses none. After each, gen 1 answers everything again.
+func TestDNSBadDeployRolledBack(t *testing.T) {
+	const bake = 3 * time.Second
+	const udpClients, tcpClients = 8, 2
+	svc := startDNS(t)
+	for i, mode := range []string{"crash", "servfail"} {
+		gen := i + 2
+		c := startDNSClient(t, svc.Addr, udpClients, tcpClients, time.Minute)
+		n := startNext(t, svc, []string{"--wait", "--bake", bake.String()}, append(svc.AppArgv("v2"), "-fail="+mode))
+		code := n.wait(t, bake+30*time.Second)
+		active, wasActive := n.find(wire.PhaseActive)
+		rb, rolledBack := n.find(wire.PhaseRolledBack)
+		// A crash may also come during the steering, from a query that
+		// reached the new generation's first socket before the steer of
+		// its second was verified: the rollover then fails before it was
+		// active, and gen 1 keeps the port (pinned back) as it would after
+		// a rollback.
+		failedAtSteer := !wasActive && mode == "crash" && strings.Contains(n.stderr.String(), "failed the steering verification")
+		if !rolledBack && !failedAtSteer {
+			t.Fatalf("-fail=%s: next exited %d without a rollback: %s (events %s)", mode, code, n.stderr.String(), n.phases())
+		}
+		since := rb.At
+		if failedAtSteer {
+			since = n.ended
+		}
+		testproc.WaitFor(t, 10*time.Second, "500 queries after the rollback", func() bool { n, _ := c.since(since, 1); return n >= 500 })
+		c.finish()
+		d := c.tally(1, nil)
+		after, wrong := c.since(since, 1)
+		t.Logf("-fail=%s: active %v at %s, rolled back %v at %s, failed at the steering %v; %s; after it %d of %d queries not answered NOERROR by gen 1",
+			mode, wasActive, active.At.Format("15:04:05.000000"), rolledBack, rb.At.Format("15:04:05.000000"), failedAtSteer, d, wrong, after)
+		t.Logf("next: %s", strings.TrimSpace(n.stderr.String()))
+		if code != 1 {
+			t.Errorf("-fail=%s: next exited %d, want 1", mode, code)
+		}
+		if rolledBack && rb.Generation != 1 {
+			t.Errorf("-fail=%s: rolled back to gen %d, want gen 1", mode, rb.Generation)
+		}
+		if rolledBack && rb.At.Sub(active.At) >= bake {
+			t.Errorf("-fail=%s: rolled back %v after active: not within the %v bake", mode, rb.At.Sub(active.At), bake)
+		}
+		if wrong != 0 {
+			t.Errorf("-fail=%s: %d queries sent after the rollback were not answered NOERROR by gen 1", mode, wrong)
+		}
+		if d.Twice != 0 {
+			t.Errorf("-fail=%s: %d queries answered twice", mode, d.Twice)
+		}
+		switch mode {
+		case "crash":
+			if want := fmt.Sprintf("gen %d exited", gen); !strings.Contains(n.stderr.String(), want) {
+				t.Errorf("next's error does not say %q: %s", want, n.stderr.String())
+			}
+			if lost, bound := d.Unanswered+d.TCPFailed, 2*(udpClients+tcpClients); lost > bound {
+				t.Errorf("-fail=crash: %d queries lost, over %d (two per client)", lost, bound)
+			}
+		case "servfail":
+			if want := fmt.Sprintf("gen %d failed its health", gen); !strings.Contains(n.stderr.String(), want) {
+				t.Errorf("next's error does not say %q: %s", want, n.stderr.String())
+			}
+			if d.Unanswered != 0 || d.TCPFailed != 0 {
+				t.Errorf("-fail=servfail: %d udp queries unanswered, %d tcp failed: want 0", d.Unanswered, d.TCPFailed)
+			}
+			rep, _ := n.find(wire.PhaseReport)
+			var failed uint64
+			if rep.Report != nil {
+				for _, e := range rep.Report.Errors {
+					if e.Generation == gen {
+						failed = e.FailedAnswers
+					}
+				}
+			}
+			if rep.Report == nil || !rep.Report.RolledBack || failed < 20 {
+				t.Errorf("report %v: want a rolled-back report that counts gen %d's 20 or more failed answers", rep.Report, gen)
+			}
+			// As TestSafePanickingHandlers: every bad answer a client got is
+			// one the report counts, and the health acts within moments.
+			if sf := d.ByRcode["SERVFAIL"]; sf == 0 || uint64(sf) > failed {
+				t.Errorf("-fail=servfail: the clients got %d SERVFAIL answers, the report counts %d: want 1 to the report's", sf, failed)
+			}
+			if d := rb.At.Sub(active.At); d > time.Second {
+				t.Errorf("-fail=servfail: rolled back %v after active: the health should act within moments", d)
+			}
+		}
+	}
+	checkDNSLeft(t, svc, 1)
 }

@@ -217,6 +217,40 @@ func TestPrintStatus(t *testing.T) {
 	}
 }
 
+// A generation that serves UDP shows its datagrams in status and in the
+// watch; a TCP-only status has no UDP column.
+func TestPrintStatusUDP(t *testing.T) {
+	now := time.Now()
+	st := &wire.Status{PID: 9, Socket: "/s", Active: 2, Generations: []wire.GenStatus{
+		{Generation: 1, PID: 11, State: "draining", StartedAt: now, Stats: wire.Stats{Datagrams: 120, DatagramsSent: 117, InflightPackets: 3}},
+		{Generation: 2, PID: 12, State: "active", StartedAt: now, Stats: wire.Stats{Datagrams: 40, DatagramsSent: 40, DatagramsLost: 2}},
+	}}
+	var b bytes.Buffer
+	if err := printStatus(&b, st, now); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"UDP READ/SENT/IN-FLIGHT", " 120/117/3 ", " 40/40/0 (2 lost) "} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("status lacks %q:\n%s", want, b.String())
+		}
+	}
+	w := newWatcher(time.Second, now)
+	if frame := strings.Join(w.frame(st, now), "\n"); !strings.Contains(frame, " 120/117/3 ") {
+		t.Errorf("the watch lacks gen 1's datagrams:\n%s", frame)
+	}
+	if sum := w.summary(st, now); !strings.Contains(sum, "udp 120 read, 117 sent, 3 in flight, 0 lost") {
+		t.Errorf("the watch's summary lacks gen 1's datagrams: %q", sum)
+	}
+	for i := range st.Generations {
+		st.Generations[i].Stats = wire.Stats{}
+	}
+	b.Reset()
+	_ = printStatus(&b, st, now)
+	if strings.Contains(b.String(), "UDP") {
+		t.Errorf("a status without datagrams shows a UDP column:\n%s", b.String())
+	}
+}
+
 // The bake's line in next's output is in fmtDur's form; the other events
 // keep the coordinator's words.
 func TestEventLine(t *testing.T) {

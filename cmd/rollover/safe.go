@@ -30,7 +30,7 @@ type safeOpts struct {
 func (o *safeOpts) addStart(f *pflag.FlagSet) {
 	f.DurationVar(&o.bake, "bake", coordinator.DefaultBake, "after a rollover, the old generation keeps its listener, steered away, this long and takes the port back at once if the new one exits or fails its health (0 turns the bake off)")
 	f.Uint64Var(&o.minRequests, "health-min-requests", coordinator.DefaultHealthMinRequests, "a bake's health is judged once the new generation answered `N` requests")
-	f.StringVar(&o.maxErrors, "health-max-errors", strconv.Itoa(int(100*coordinator.DefaultHealthMaxErrorRatio))+"%", "the bake fails when this `PERCENT` of the new generation's responses (at least --health-min-requests) are 5xx or panics")
+	f.StringVar(&o.maxErrors, "health-max-errors", strconv.Itoa(int(100*coordinator.DefaultHealthMaxErrorRatio))+"%", "the bake fails when this `PERCENT` of the new generation's responses (at least --health-min-requests) are 5xx or panics, or failed answers the app reported (rollover.Answer: a DNS SERVFAIL, say)")
 	f.StringVar(&o.healthURL, "health-url", "", "also GET `URL` (through the port) every 250ms during a bake or canary; two failures in a row fail it")
 }
 

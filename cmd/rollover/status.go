@@ -102,17 +102,49 @@ func printStatus(w io.Writer, st *wire.Status, now time.Time) error {
 		fmt.Fprintf(w, "phase: %s\n", p)
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tIN-FLIGHT\tCONNS\tREQUESTS\tSTEERED\tUPTIME\tCOMMAND")
+	udp := servesUDP(st)
+	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tIN-FLIGHT\tCONNS\tREQUESTS\t"+udpHeader(udp)+"STEERED\tUPTIME\tCOMMAND")
 	for _, g := range st.Generations {
 		steer := "yes"
 		if !g.Steerable {
 			steer = "no (tcp_migrate_req)"
 		}
-		fmt.Fprintf(tw, "%d\t%d\t%s\t%d\t%d\t%d\t%s\t%s\t%s\n", g.Generation, g.PID, g.State,
-			g.Stats.Inflight, g.Stats.Connections, g.Stats.Requests, steer,
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%d\t%d\t%d\t%s%s\t%s\t%s\n", g.Generation, g.PID, g.State,
+			g.Stats.Inflight, g.Stats.Connections, g.Stats.Requests, udpCell(udp, g.Stats), steer,
 			fmtAge(now.Sub(g.StartedAt)), strings.Join(g.Argv, " "))
 	}
 	return tw.Flush()
+}
+
+// servesUDP reports whether a generation of st has read datagrams: only
+// then do the tables show their UDP column.
+func servesUDP(st *wire.Status) bool {
+	for _, g := range st.Generations {
+		if g.Stats.Datagrams > 0 || g.Stats.DatagramsLost > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+func udpHeader(udp bool) string {
+	if !udp {
+		return ""
+	}
+	return "UDP READ/SENT/IN-FLIGHT\t"
+}
+
+// udpCell is a generation's datagrams read, sent and in flight, and lost
+// when any were.
+func udpCell(udp bool, s wire.Stats) string {
+	if !udp {
+		return ""
+	}
+	c := fmt.Sprintf("%d/%d/%d", s.Datagrams, s.DatagramsSent, s.InflightPackets)
+	if s.DatagramsLost > 0 {
+		c += fmt.Sprintf(" (%d lost)", s.DatagramsLost)
+	}
+	return c + "\t"
 }
 
 // phase says where the rollover under way stands, from what the status

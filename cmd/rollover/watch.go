@@ -244,14 +244,15 @@ func (w *watcher) frame(st *wire.Status, now time.Time) []string {
 	fmt.Fprintf(&b, "active gen %d   rollover in progress: %s%s   tcp_migrate_req=%s   active exits %d\n\n",
 		st.Active, yesNo(st.InProgress), bakeCanary(st), migrateReq(st), st.ActiveExits)
 	tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tIN-FLIGHT\tCONNS\tAGE\tDRAIN\tCOMMAND")
+	udp := servesUDP(st)
+	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tIN-FLIGHT\tCONNS\t"+udpHeader(udp)+"AGE\tDRAIN\tCOMMAND")
 	for _, g := range st.Generations {
 		drain := ""
 		if sg := w.gens[g.Generation]; sg != nil && g.State == "draining" {
 			drain = fmt.Sprintf("%s %d/%d", bar(sg.maxConns-g.Stats.Connections, sg.maxConns, 20), g.Stats.Connections, sg.maxConns)
 		}
-		fmt.Fprintf(tw, "%d\t%d\t%s\t%d\t%d\t%s\t%s\t%s\n", g.Generation, g.PID, g.State,
-			g.Stats.Inflight, g.Stats.Connections, fmtAge(now.Sub(g.StartedAt)), drain, strings.Join(g.Argv, " "))
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%d\t%d\t%s%s\t%s\t%s\n", g.Generation, g.PID, g.State,
+			g.Stats.Inflight, g.Stats.Connections, udpCell(udp, g.Stats), fmtAge(now.Sub(g.StartedAt)), drain, strings.Join(g.Argv, " "))
 	}
 	_ = tw.Flush()
 	fmt.Fprintf(&b, "\nLast rollovers (seen by this watch since %s; times to within %s):\n", w.since.Format("15:04:05"), w.interval)
@@ -291,6 +292,9 @@ func (w *watcher) summary(st *wire.Status, now time.Time) string {
 	for _, g := range st.Generations {
 		s := fmt.Sprintf("gen %d %s pid %d: %d in flight, %d connections, up %s", g.Generation, g.State, g.PID,
 			g.Stats.Inflight, g.Stats.Connections, fmtAge(now.Sub(g.StartedAt)))
+		if servesUDP(st) {
+			s += fmt.Sprintf(", udp %d read, %d sent, %d in flight, %d lost", g.Stats.Datagrams, g.Stats.DatagramsSent, g.Stats.InflightPackets, g.Stats.DatagramsLost)
+		}
 		if sg := w.gens[g.Generation]; sg != nil && g.State == "draining" {
 			s += fmt.Sprintf(", %d/%d left", g.Stats.Connections, sg.maxConns)
 		}

@@ -755,11 +755,13 @@ func (m *machine) judge(g *gen) {
 	if g.health == nil || g.state == stateGone || g.unhealthy || !g.health.Failing(g.stats) {
 		return
 	}
-	s := g.stats
-	bad := s.R5xx + s.Panics
-	total := s.R1xx + s.R2xx + s.R3xx + s.R4xx + bad
+	bad, total := g.stats.Judged()
+	what := "responses were 5xx or panics"
+	if g.stats.Answers > 0 {
+		what = "responses and answers were 5xx, panics or failed answers"
+	}
 	g.unhealthy = true
-	m.tell(verdict{cause: causeHealth, detail: fmt.Sprintf("%d of %d responses were 5xx or panics (%.0f%%, limit %.0f%% of at least %d)", bad, total, 100*float64(bad)/float64(total), 100*g.health.MaxErrorRatio, g.health.MinRequests)})
+	m.tell(verdict{cause: causeHealth, detail: fmt.Sprintf("%d of %d %s (%.0f%%, limit %.0f%% of at least %d)", bad, total, what, 100*float64(bad)/float64(total), 100*g.health.MaxErrorRatio, g.health.MinRequests)})
 }
 
 // tell passes v to the rollover in progress; it never blocks (the

@@ -211,6 +211,13 @@ type Stats struct {
 	FailedAnswers uint64 `json:"failed_answers,omitempty"`
 }
 
+// Judged are what a health rule counts: the bad ones (5xx, panics and
+// failed answers) of all (responses, panics and answers).
+func (s Stats) Judged() (bad, total uint64) {
+	bad = s.R5xx + s.Panics + s.FailedAnswers
+	return bad, s.R1xx + s.R2xx + s.R3xx + s.R4xx + s.R5xx + s.Panics + s.Answers
+}
+
 // Classes are the responses by status class: 1xx … 5xx.
 func (s Stats) Classes() [5]uint64 { return [5]uint64{s.R1xx, s.R2xx, s.R3xx, s.R4xx, s.R5xx} }
 
@@ -224,8 +231,7 @@ type Health struct {
 // least h.MinRequests responses that reaches h.MaxErrorRatio. Panics are
 // counted with the responses: a panicking handler may write none.
 func (h Health) Failing(s Stats) bool {
-	bad := s.R5xx + s.Panics + s.FailedAnswers
-	total := s.R1xx + s.R2xx + s.R3xx + s.R4xx + s.R5xx + s.Panics + s.Answers
+	bad, total := s.Judged()
 	return total > 0 && total >= h.MinRequests && float64(bad) >= h.MaxErrorRatio*float64(total)
 }
 
