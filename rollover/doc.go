@@ -74,6 +74,31 @@
 // coordinator's environment variables on first use: the coordinator sees a
 // generation as a process.
 //
+// UDP services (DNS, syslog, statsd, RADIUS) take a socket from
+// ListenPacket instead ("udp", "udp4", "udp6"). It joins the port's
+// reuseport group at bind(), behind the active generation's "ret 0", so it
+// gets no datagram until it is steered to; a steer is proven with a probe
+// datagram that the app never sees. On a drain the old generation reads on
+// for the grace and until its receive queue is empty (SO_MEMINFO, twice),
+// then Draining is closed and ReadFrom returns net.ErrClosed, while WriteTo
+// keeps working until every datagram read has been answered (or the drain
+// deadline); only then is the socket closed. Datagrams read, sent, in
+// flight and lost are reported per generation; an app reports an answer's
+// outcome with Answer, so that a DNS SERVFAIL counts in the bake's health as
+// an HTTP 5xx does. The pattern for github.com/miekg/dns:
+//
+//	pc, _ := rollover.ListenPacket(ctx, "udp", addr)
+//	srv := &dns.Server{PacketConn: pc, Handler: h}
+//	go func() { <-rollover.Draining(); srv.ShutdownContext(ctx) }()
+//	rollover.Ready()
+//	srv.ActivateAndServe()
+//
+// The limit: datagrams are steered one by one, each to the generation the
+// group points at when it arrives, so every flow moves to the new
+// generation at once. Request/response protocols lose nothing; protocols
+// with per-flow state over UDP (connected UDP, QUIC) break across a
+// rollover, since rollover keeps no flow table (udpgrm does).
+//
 // Without a coordinator (ROLLOVER_SOCKET unset) the same binary runs
 // standalone, and SIGTERM or SIGINT trigger the same graceful drain; that is
 // the one place the library handles signals. Apps that serve raw TCP or gRPC
