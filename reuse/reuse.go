@@ -48,13 +48,8 @@ func Config(lc *net.ListenConfig) *net.ListenConfig {
 
 // Listen is Config(nil).Listen for the networks "tcp", "tcp4" and "tcp6".
 func Listen(ctx context.Context, network, address string) (net.Listener, error) {
-	switch network {
-	case "tcp", "tcp4", "tcp6":
-	default:
-		return nil, fmt.Errorf("reuse: listen: network %q is not tcp, tcp4 or tcp6", network)
-	}
-	if !supported {
-		return nil, unsupported("listen")
+	if err := checkNetwork("listen", network, "tcp"); err != nil {
+		return nil, err
 	}
 	ln, err := Config(nil).Listen(ctx, network, address)
 	if err != nil {
@@ -68,19 +63,28 @@ func Listen(ctx context.Context, network, address string) (net.Listener, error) 
 // its port's reuseport group at bind(), so a program the group has already
 // decides at once whether it gets datagrams.
 func ListenPacket(ctx context.Context, network, address string) (net.PacketConn, error) {
-	switch network {
-	case "udp", "udp4", "udp6":
-	default:
-		return nil, fmt.Errorf("reuse: listen packet: network %q is not udp, udp4 or udp6", network)
-	}
-	if !supported {
-		return nil, unsupported("listen packet")
+	if err := checkNetwork("listen packet", network, "udp"); err != nil {
+		return nil, err
 	}
 	pc, err := (&net.ListenConfig{Control: Control}).ListenPacket(ctx, network, address)
 	if err != nil {
 		return nil, fmt.Errorf("reuse: %w", err)
 	}
 	return pc, nil
+}
+
+// checkNetwork refuses a network other than proto, proto4 and proto6, and
+// a platform without SO_REUSEPORT.
+func checkNetwork(op, network, proto string) error {
+	switch network {
+	case proto, proto + "4", proto + "6":
+	default:
+		return fmt.Errorf("reuse: %s: network %q is not %s, %[3]s4 or %[3]s6", op, network, proto)
+	}
+	if !supported {
+		return unsupported(op)
+	}
+	return nil
 }
 
 // DrainPacketQueue polls PacketQueueLen every interval (<= 0 means 1ms)

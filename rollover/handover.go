@@ -13,39 +13,59 @@ import (
 	"github.com/rollover-sh/rollover/rollover/wire"
 )
 
+// groupSocket is a listener or a UDP socket of this agent: both sit in a
+// reuseport group, and are pinned, steered and probed alike.
+type groupSocket interface {
+	addr() string // as ready reports it
+	gone() bool   // closed: out of its group
+	steer(index int) error
+	steerWeighted(weight int) error
+	probe() error // proves that the group routes to this process
+}
+
+func (l *listener) addr() string                { return l.Addr().String() }
+func (l *listener) gone() bool                  { return l.sockClosed.Load() }
+func (l *listener) steer(index int) error       { return reuse.Steer(l, index) }
+func (l *listener) steerWeighted(w int) error   { return reuse.SteerWeighted(l, w) }
+func (l *listener) probe() error                { return l.a.probe(l) }
+func (p *packetConn) addr() string              { return "udp:" + p.LocalAddr().String() }
+func (p *packetConn) gone() bool                { return p.closed.Load() }
+func (p *packetConn) steer(index int) error     { return reuse.SteerPacket(p, index) }
+func (p *packetConn) steerWeighted(w int) error { return reuse.SteerWeightedPacket(p, w) }
+func (p *packetConn) probe() error              { return p.a.probePacket(p) }
+
+// sockets returns the listeners, then the UDP sockets.
+func (a *agent) sockets() []groupSocket {
+	var out []groupSocket
+	for _, l := range a.snapshotListeners() {
+		out = append(out, l)
+	}
+	for _, p := range a.snapshotPackets() {
+		out = append(out, p)
+	}
+	return out
+}
+
 // ready pins the reuseport groups to the active generation (index 0; this
 // process when it is alone) and tells the coordinator it serves, with the
-// address of every listener.
+// address of every listener and UDP socket.
 func (a *agent) ready() error {
 	a.readyOnce.Do(func() {
 		m := wire.Msg{Type: wire.TypeReady, Steerable: true}
-		lns := a.snapshotListeners()
-		if a.cfg.naive {
-			lns = nil
+		socks := a.sockets()
+		switch {
+		case a.cfg.naive:
+			socks = nil
 			m.Steerable, m.SteerError = false, envHandover+"=naive"
-		}
-		pcs := a.snapshotPackets()
-		if a.cfg.naive {
-			pcs = nil
-		}
-		if len(lns) == 0 && len(pcs) == 0 && !a.cfg.naive {
+		case len(socks) == 0:
 			m.Steerable, m.SteerError = false, "no listener from rollover.Listen, rollover.ListenPacket or rollover.Serve"
 		}
-		for _, p := range pcs {
-			m.Addrs = append(m.Addrs, "udp:"+p.LocalAddr().String())
-			if !a.supervised() {
-				continue
-			}
-			if err := reuse.SteerPacket(p, 0); err != nil && m.Steerable {
-				m.Steerable, m.SteerError = false, err.Error()
-			}
-		}
-		for _, l := range lns {
-			m.Addrs = append(m.Addrs, l.Addr().String())
+		for _, s := range socks {
+			m.Addrs = append(m.Addrs, s.addr())
 			if !a.supervised() {
 				continue // standalone: nothing to hand over to
 			}
-			if err := reuse.Steer(l, 0); err != nil && m.Steerable {
+			if err := s.steer(0); err != nil && m.Steerable {
 				m.Steerable, m.SteerError = false, err.Error()
 			}
 		}
@@ -57,61 +77,39 @@ func (a *agent) ready() error {
 	return a.readyErr
 }
 
-// pin points every listener's group at index 0.
+// pin points every group at index 0.
 func (a *agent) pin() error {
-	for _, l := range a.snapshotListeners() {
-		if l.sockClosed.Load() {
+	for _, s := range a.sockets() {
+		if s.gone() {
 			continue
 		}
-		if err := reuse.Steer(l, 0); err != nil {
-			return err
-		}
-	}
-	for _, p := range a.snapshotPackets() {
-		if p.closed.Load() {
-			continue
-		}
-		if err := reuse.SteerPacket(p, 0); err != nil {
+		if err := s.steer(0); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// steer makes every listener's group send new connections to this process
-// (index 1, behind the old generation at 0): all of them, proven with a
-// probe connection per listener, or, for a canary weight of 1–99, that
-// share at random. One probe cannot prove a random split, so a canary step
-// is verified by the kernel's acceptance of the program on every listener;
-// the split itself is the kernel's. health, when set, is the rule this
+// steer makes every group send new connections and datagrams to this
+// process (index 1, behind the old generation at 0): all of them, proven
+// with a probe per socket, or, for a canary weight of 1–99, that share at
+// random. One probe cannot prove a random split, so a canary step is
+// verified by the kernel's acceptance of the program on every socket; the
+// split itself is the kernel's. health, when set, is the rule this
 // generation's counts are judged by from now on (see checkHealth).
 func (a *agent) steer(weight int, health *wire.Health) error {
 	a.setHealth(health)
-	for _, l := range a.snapshotListeners() {
+	for _, s := range a.sockets() {
 		if weight > 0 && weight < 100 {
-			if err := reuse.SteerWeighted(l, weight); err != nil {
+			if err := s.steerWeighted(weight); err != nil {
 				return err
 			}
 			continue
 		}
-		if err := reuse.Steer(l, 1); err != nil {
+		if err := s.steer(1); err != nil {
 			return err
 		}
-		if err := a.probe(l); err != nil {
-			return err
-		}
-	}
-	for _, p := range a.snapshotPackets() {
-		if weight > 0 && weight < 100 {
-			if err := reuse.SteerWeightedPacket(p, weight); err != nil {
-				return err
-			}
-			continue
-		}
-		if err := reuse.SteerPacket(p, 1); err != nil {
-			return err
-		}
-		if err := a.probePacket(p); err != nil {
+		if err := s.probe(); err != nil {
 			return err
 		}
 	}
