@@ -353,15 +353,15 @@ func (p *dnsperf) finish(t *testing.T) map[string]int {
 }
 
 // rollDNS rolls svc over n times under whatever load runs, each rollover
-// to demodns vN with appArgs, and returns the windows the client's clock
-// saw.
-func rollDNS(t *testing.T, svc *harness.Service, n int, appArgs ...string) []window {
+// to its app at version vN (with the service's app flags), and returns the
+// windows the client's clock saw.
+func rollDNS(t *testing.T, svc *harness.Service, n int) []window {
 	t.Helper()
 	var ws []window
 	from := 1
 	for i := range n {
 		w := window{start: time.Now(), from: from}
-		r := startNext(t, svc, nil, append(svc.AppArgv(fmt.Sprintf("v%d", i+2)), appArgs...))
+		r := startNext(t, svc, nil, svc.AppArgv(fmt.Sprintf("v%d", i+2)))
 		w.active = r.waitPhase(t, wire.PhaseActive, 30*time.Second).At
 		if code := r.wait(t, 30*time.Second); code != 0 {
 			t.Fatalf("rollover %d: next exited %d: %s", i+1, code, r.stderr.String())
@@ -420,7 +420,7 @@ func TestDNSRolloversSlowAnswers(t *testing.T) {
 	svc := startDNSConfig(t, harness.Config{AppArgs: []string{"-delay", "20ms"}, DrainGrace: time.Millisecond, Bake: -1})
 	perf := startDNSPerf(t, svc.Addr, 2*time.Minute)
 	c := startDNSClient(t, svc.Addr, 8, 2, 2*time.Minute)
-	ws := rollDNS(t, svc, 20, "-delay", "20ms")
+	ws := rollDNS(t, svc, 20)
 	c.waitAnswers(t, 21, 100)
 	c.finish()
 	checkDNS(t, c.tally(1, ws), perf.finish(t))
@@ -554,4 +554,66 @@ func TestDNSBadDeployRolledBack(t *testing.T) {
 		}
 	}
 	checkDNSLeft(t, svc, 1)
+}
+
+// pythonScript copies testdata/name into dir with the interpreter's own
+// path in its first line, so that the pid the coordinator spawns is the
+// interpreter's (no wrapper such as pyenv's shims in between).
+func pythonScript(t *testing.T, dir, name string) string {
+	t.Helper()
+	needTool(t, "python3")
+	out, err := exec.Command("python3", "-c", "import sys; print(sys.executable)").Output()
+	if err != nil {
+		t.Fatalf("python3: %v", err)
+	}
+	src, err := os.ReadFile(filepath.Join("testdata", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, body, _ := strings.Cut(string(src), "\n")
+	script := filepath.Join(dir, name)
+	if err := os.WriteFile(script, []byte("#!"+strings.TrimSpace(string(out))+"\n"+body), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return script
+}
+
+// A UDP server in Python (testdata/dnsapp.py: SO_REUSEPORT, READY=1 after a
+// warm-up, one query at a time taking 5ms, SIGTERM closes its socket) is
+// steered by the coordinator from outside, as TCP apps are: the drain
+// signal comes only once the old generation's receive queue reads empty.
+// 20 rollovers under the Go client: none of its queries unanswered, none
+// answered by a generation still warming up (every answer from the
+// generation the group pointed at when it was sent, or its predecessor
+// while that one drained), and each generation's one socket steerable.
+func TestDNSForeignApp(t *testing.T) {
+	port := freePort(t)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	svc := startService(t, harness.Config{
+		App: pythonScript(t, t.TempDir(), "dnsapp.py"), Port: port, DrainGrace: 50 * time.Millisecond, Bake: -1,
+		AppArgs:    []string{"-warmup", "0.2", "-delay", "0.005"},
+		StartFlags: []string{"--ready=notify", "--addr", addr},
+	})
+	st := waitSvcStatus(t, svc, "gen 1 steered from outside", 10*time.Second, func(st wire.Status) bool {
+		return len(st.Generations) == 1 && st.Generations[0].Steerable && st.Generations[0].Sockets == 1
+	})
+	t.Logf("gen 1: steerable %v, %d socket", st.Generations[0].Steerable, st.Generations[0].Sockets)
+	c := startDNSClient(t, svc.Addr, 8, 0, 2*time.Minute)
+	ws := rollDNS(t, svc, 20)
+	c.waitAnswers(t, 21, 20)
+	c.finish()
+	d := c.tally(1, ws)
+	t.Logf("go client: %s", d)
+	if d.UDP == 0 || d.Unanswered != 0 || d.Twice != 0 || d.WrongGen != 0 {
+		t.Errorf("%d udp queries: %d unanswered, %d answered twice, %d from a generation the group did not point at (%v): want some, and 0 of each", d.UDP, d.Unanswered, d.Twice, d.WrongGen, d.FirstWrong)
+	}
+	st = waitSvcStatus(t, svc, "gen 21 alone", 10*time.Second, func(st wire.Status) bool { return st.Active == 21 && len(st.Generations) == 1 })
+	if g := st.Generations[0]; !g.Steerable || g.Sockets != 1 {
+		t.Errorf("gen 21: steerable %v (%s), %d sockets: want steered from outside, 1 socket", g.Steerable, g.SteerError, g.Sockets)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := svc.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
 }

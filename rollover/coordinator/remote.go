@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -26,24 +27,47 @@ import (
 // now, and so is an app whose sockets cannot be taken (the reason is
 // logged once and shown in status).
 
-// remoteSocket is a listening socket of a generation's process tree.
+// remoteSocket is a listening socket, or a bound UDP socket, of a
+// generation's process tree.
 type remoteSocket struct {
 	pid, fd int    // a process that holds it, and its fd there
 	inode   uint64 // the socket
 	addr    string // local address, host:port
+	udp     bool
 }
 
-// listenersOf returns the listening TCP sockets held by pid's process tree,
-// on port (0: any), one entry per socket.
+// group names the reuseport group of s: its protocol and address.
+func (s remoteSocket) group() string {
+	if s.udp {
+		return "udp:" + s.addr
+	}
+	return s.addr
+}
+
+// listenersOf returns the listening TCP sockets and the bound UDP sockets
+// held by pid's process tree, on port (0: any), one entry per socket.
 func listenersOf(pid, port int) ([]remoteSocket, error) {
 	// Generations share the coordinator's network namespace.
 	lines, err := listenSockets(port)
 	if err != nil {
 		return nil, err
 	}
-	listening := map[uint64]string{}
+	type bound struct {
+		addr string
+		udp  bool
+	}
+	listening := map[uint64]bound{}
 	for _, l := range lines {
-		listening[l.inode] = net.JoinHostPort(l.localAddr.String(), strconv.FormatUint(l.localPort, 10))
+		listening[l.inode] = bound{addr: net.JoinHostPort(l.localAddr.String(), strconv.FormatUint(l.localPort, 10))}
+	}
+	if port != 0 { // a UDP server binds the service's port (--addr); without one, TCP alone
+		udp, err := udpSockets(port)
+		if err != nil {
+			return nil, err
+		}
+		for _, u := range udp {
+			listening[u.inode] = bound{addr: net.JoinHostPort(u.localAddr.String(), strconv.FormatUint(u.localPort, 10)), udp: true}
+		}
 	}
 	root, err := procfs.NewDefaultFS()
 	if err != nil {
@@ -73,7 +97,7 @@ func listenersOf(pid, port int) ([]remoteSocket, error) {
 				continue
 			}
 			inode, err := strconv.ParseUint(strings.TrimSuffix(s, "]"), 10, 64)
-			addr, listens := listening[inode]
+			b, listens := listening[inode]
 			if err != nil || !listens || seen[inode] {
 				continue
 			}
@@ -82,7 +106,7 @@ func listenersOf(pid, port int) ([]remoteSocket, error) {
 				continue
 			}
 			seen[inode] = true
-			out = append(out, remoteSocket{pid: p.PID, fd: fd, inode: inode, addr: addr})
+			out = append(out, remoteSocket{pid: p.PID, fd: fd, inode: inode, addr: b.addr, udp: b.udp})
 		}
 	}
 	return out, nil
@@ -95,7 +119,7 @@ func remotePlan(socks []remoteSocket) error {
 	}
 	per := map[string]int{}
 	for _, s := range socks {
-		per[s.addr]++
+		per[s.group()]++
 	}
 	for addr, n := range per {
 		if n > 1 {
@@ -219,8 +243,9 @@ func (c *Coordinator) orderRemote(ctx context.Context, g *gen, socks []remoteSoc
 	c.post(evClosedListener{g: g})
 }
 
-// queued is how many connections wait in the accept queues of socks, or
-// -1 when none of them listens any more.
+// queued is how many connections wait in the accept queues of socks, plus
+// the bytes of datagrams queued on their UDP sockets, or -1 when none of
+// them listens (or is bound) any more.
 func queued(pid int, socks []remoteSocket) int {
 	if _, err := os.Stat("/proc/" + strconv.Itoa(pid)); err != nil || len(socks) == 0 {
 		return -1 // gone
@@ -232,6 +257,13 @@ func queued(pid int, socks []remoteSocket) int {
 	lines, err := listenSockets(port)
 	if err != nil {
 		return -1
+	}
+	if slices.ContainsFunc(socks, func(s remoteSocket) bool { return s.udp }) {
+		udp, err := udpSockets(port)
+		if err != nil {
+			return -1
+		}
+		lines = append(lines, udp...)
 	}
 	n, found := 0, false
 	for _, l := range lines {

@@ -56,9 +56,35 @@ func diagListeners(family uint8, port uint16, each func(s tcpSocket)) error {
 	return diagSockets(family, tcpListen, port, each)
 }
 
+// udpClose is the state of a UDP socket that is bound and not connected: a
+// server's.
+const udpClose = 7
+
+// udpSockets returns the unconnected UDP sockets bound to port (0: any) in
+// this network namespace, from sock_diag: their local address, the bytes
+// queued on them (idiag_rqueue) and inode.
+func udpSockets(port int) ([]tcpSocket, error) {
+	var out []tcpSocket
+	var errs []error
+	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		if err := diagProto(family, unix.IPPROTO_UDP, udpClose, uint16(port), func(s tcpSocket) { out = append(out, s) }); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) == 2 {
+		return nil, fmt.Errorf("udp sockets: %w", errs[0])
+	}
+	return out, nil
+}
+
 // diagSockets calls each with every TCP socket of family in state whose
 // local port is port (0: any).
 func diagSockets(family uint8, state uint64, port uint16, each func(s tcpSocket)) error {
+	return diagProto(family, unix.IPPROTO_TCP, state, port, each)
+}
+
+// diagProto is diagSockets for protocol proto (TCP or UDP).
+func diagProto(family, proto uint8, state uint64, port uint16, each func(s tcpSocket)) error {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
 	if err != nil {
 		return fmt.Errorf("sock_diag: %w", err)
@@ -73,7 +99,7 @@ func diagSockets(family uint8, state uint64, port uint16, each func(s tcpSocket)
 	binary.NativeEndian.PutUint16(req[4:], unix.SOCK_DIAG_BY_FAMILY)
 	binary.NativeEndian.PutUint16(req[6:], unix.NLM_F_REQUEST|unix.NLM_F_DUMP)
 	r := req[unix.NLMSG_HDRLEN:]
-	r[0], r[1] = family, unix.IPPROTO_TCP
+	r[0], r[1] = family, proto
 	binary.NativeEndian.PutUint32(r[4:], 1<<state) // idiag_states
 	binary.BigEndian.PutUint16(r[8:], port)        // id.idiag_sport: the kernel skips other ports
 	if err := unix.Sendto(fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
