@@ -617,3 +617,55 @@ func TestDNSForeignApp(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// byGenSince counts the UDP answers to queries sent at or after t0, by the
+// generation that answered.
+func (c *dnsClient) byGenSince(t0 time.Time) map[int]int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := map[int]int{}
+	for _, qs := range c.udp {
+		for _, q := range qs {
+			if !q.sent.Before(t0) && q.answers > 0 {
+				out[q.gen]++
+			}
+		}
+	}
+	return out
+}
+
+// A canary at 10% sends 10% ± 3% of datagrams to the new generation (each
+// datagram is steered on its own), and promote takes it to all of them.
+func TestDNSCanary(t *testing.T) {
+	svc := startDNS(t)
+	c := startDNSClient(t, svc.Addr, 8, 0, time.Minute)
+	n := startNext(t, svc, []string{"--canary", "10%", "--bake", "100ms"}, svc.AppArgv("v2"))
+	n.waitFor(t, "canary at 10%", 30*time.Second, func(e wire.Event) bool { return e.Phase == wire.PhaseCanary && e.Weight == 10 })
+	t0 := time.Now()
+	var share map[int]int
+	testproc.WaitFor(t, 20*time.Second, "4,000 answers during the canary", func() bool { share = c.byGenSince(t0); return share[1]+share[2] >= 4000 })
+	got := float64(share[2]) / float64(share[1]+share[2])
+	t.Logf("canary 10%%: gen 2 answered %d of %d datagrams (%.1f%%), others %v", share[2], share[1]+share[2], 100*got, share)
+	if got < 0.07 || got > 0.13 || len(share) != 2 {
+		t.Errorf("gen 2 answered %.1f%% of the datagrams during its 10%% canary (%v): want 10%% ± 3%%, from gens 1 and 2 only", 100*got, share)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, errOut, code, err := svc.CLI(ctx, "promote"); err != nil || code != 0 {
+		t.Fatalf("promote: exit %d, %v: %s", code, err, errOut)
+	}
+	n.waitPhase(t, wire.PhaseActive, 30*time.Second)
+	t1 := time.Now()
+	testproc.WaitFor(t, 10*time.Second, "500 answers after the promote", func() bool { s := c.byGenSince(t1); return s[1]+s[2] >= 500 })
+	if s := c.byGenSince(t1); s[1] != 0 {
+		t.Errorf("after the promote gen 1 still answered %d of %d datagrams", s[1], s[1]+s[2])
+	}
+	if code := n.wait(t, 30*time.Second); code != 0 {
+		t.Errorf("next exited %d: %s", code, n.stderr.String())
+	}
+	c.finish()
+	if d := c.tally(1, nil); d.Unanswered != 0 || d.Twice != 0 {
+		t.Errorf("%s: want none unanswered or answered twice", d)
+	}
+	checkDNSLeft(t, svc, 2)
+}
