@@ -556,23 +556,40 @@ func TestDNSBadDeployRolledBack(t *testing.T) {
 	checkDNSLeft(t, svc, 1)
 }
 
-// pythonScript copies testdata/name into dir with the interpreter's own
-// path in its first line, so that the pid the coordinator spawns is the
-// interpreter's (no wrapper such as pyenv's shims in between).
-func pythonScript(t *testing.T, dir, name string) string {
+// copyPython copies testdata/name, and the sdnotify module it imports,
+// into dir, and returns the interpreter's own path (no wrapper such as
+// pyenv's shims, so that the pid the coordinator spawns is the server's)
+// and the copy's.
+func copyPython(t *testing.T, dir, name string) (python, script string) {
 	t.Helper()
 	needTool(t, "python3")
 	out, err := exec.Command("python3", "-c", "import sys; print(sys.executable)").Output()
 	if err != nil {
 		t.Fatalf("python3: %v", err)
 	}
-	src, err := os.ReadFile(filepath.Join("testdata", name))
+	for _, f := range []string{name, "sdnotify.py"} {
+		src, err := os.ReadFile(filepath.Join("testdata", f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, f), src, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return strings.TrimSpace(string(out)), filepath.Join(dir, name)
+}
+
+// pythonScript is copyPython with the interpreter's path in the copy's
+// first line, so that the script runs as a command of its own.
+func pythonScript(t *testing.T, dir, name string) string {
+	t.Helper()
+	python, script := copyPython(t, dir, name)
+	src, err := os.ReadFile(script)
 	if err != nil {
 		t.Fatal(err)
 	}
 	_, body, _ := strings.Cut(string(src), "\n")
-	script := filepath.Join(dir, name)
-	if err := os.WriteFile(script, []byte("#!"+strings.TrimSpace(string(out))+"\n"+body), 0o755); err != nil {
+	if err := os.WriteFile(script, []byte("#!"+python+"\n"+body), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	return script

@@ -3,7 +3,6 @@ package tests
 import (
 	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -20,20 +19,7 @@ import (
 // shims), so that the pid the coordinator spawns is the server's.
 func notifyApp(t *testing.T, dir string) (argv func(version string) []string, addr string) {
 	t.Helper()
-	needTool(t, "python3")
-	out, err := exec.Command("python3", "-c", "import sys; print(sys.executable)").Output()
-	if err != nil {
-		t.Fatalf("python3: %v", err)
-	}
-	python := strings.TrimSpace(string(out))
-	src, err := os.ReadFile("testdata/notifyapp.py")
-	if err != nil {
-		t.Fatal(err)
-	}
-	script := filepath.Join(dir, "notifyapp.py")
-	if err := os.WriteFile(script, src, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	python, script := copyPython(t, dir, "notifyapp.py")
 	port := freePort(t)
 	return func(v string) []string {
 		return []string{python, script, "127.0.0.1", strconv.Itoa(port), v, strconv.FormatFloat(notifyWarmUp.Seconds(), 'f', -1, 64)}

@@ -14,16 +14,7 @@ import struct
 import sys
 import time
 
-
-def notify(msg):
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(path)
-        s.sendall(msg.encode())
+from sdnotify import notify
 
 
 def answer(query, txt):
