@@ -51,7 +51,8 @@ var (
 	probeTimeout = time.Second
 )
 
-// ErrRefused is returned when the coordinator refuses this process's hello.
+// ErrRefused is returned when the coordinator refuses this process's hello:
+// by Ready and Serve (Listen does not wait for the coordinator's answer).
 var ErrRefused = errors.New("rollover: coordinator refused this generation")
 
 // drainOrder is what a drain was asked to do.
@@ -195,6 +196,10 @@ type agent struct {
 	// is started by the agent's own goroutines or before done, never
 	// after it.
 	wg sync.WaitGroup
+
+	helloSent  chan struct{} // closed once the first hello was sent, or failed (nil: standalone)
+	welcomed   chan struct{} // closed once it was answered (nil: standalone)
+	welcomeErr error         // its refusal or failure; set before welcomed is closed
 }
 
 // newAgent makes an agent; with a socket, it connects to the coordinator
@@ -223,14 +228,59 @@ func newAgent(cfg config) (*agent, error) {
 	// write there must fail rather than kill us with SIGPIPE: a coordinator
 	// crash must cost no request.
 	signal.Ignore(syscall.SIGPIPE)
-	conn, r, err := a.hello(wire.Msg{})
+	conn, err := a.dial()
 	if err != nil {
 		return nil, err
 	}
-	a.setConn(conn)
-	a.wg.Go(func() { a.readLoop(conn, r) })
-	a.wg.Go(a.statsLoop)
+	// The hello is sent and its welcome read on the side (a process's
+	// first JSON encoding alone takes 0.3ms): the app listens meanwhile.
+	// Its ready follows the hello on the wire, and the coordinator reads
+	// it only once it welcomed the hello. A refusal comes back from ready.
+	a.helloSent, a.welcomed = make(chan struct{}), make(chan struct{})
+	a.wg.Go(func() { a.introduce(conn) })
 	return a, nil
+}
+
+// introduce sends the first hello on conn and reads its welcome; welcomed,
+// it reports stats and serves the coordinator's commands.
+func (a *agent) introduce(conn net.Conn) {
+	r, err := a.sayHello(conn, wire.Msg{})
+	if err == nil && !a.setConn(conn) { // what is sent from now on follows the hello
+		conn.Close()
+		err = errors.New("rollover: hello: the generation is done")
+	}
+	close(a.helloSent)
+	if err == nil {
+		err = awaitWelcome(conn, r) // done, closing conn, ends it
+	}
+	a.welcomeErr = err
+	if err != nil {
+		a.setConn(nil)
+		neverDraining(err) // said now: Listen has not waited for it
+	}
+	close(a.welcomed)
+	if err == nil {
+		a.wg.Go(a.statsLoop)
+		a.readLoop(conn, r)
+	}
+}
+
+// sendHelloFirst waits until the first hello is on the wire, so that what
+// is sent next follows it.
+func (a *agent) sendHelloFirst() {
+	if a.helloSent != nil {
+		<-a.helloSent // bounded by helloTimeout
+	}
+}
+
+// welcome waits for the coordinator's answer to the first hello and
+// returns its refusal, if any.
+func (a *agent) welcome() error {
+	if a.welcomed == nil {
+		return nil // standalone
+	}
+	<-a.welcomed // bounded by helloTimeout
+	return a.welcomeErr
 }
 
 // supervised reports whether a coordinator started this generation.
@@ -252,32 +302,59 @@ func (a *agent) drainTimeout() time.Duration {
 	return DefaultDrainTimeout
 }
 
-// hello connects to the coordinator and introduces this generation; extra
-// carries the adoption fields.
+// hello connects to the coordinator, introduces this generation and waits
+// for its welcome; extra carries the adoption fields.
 func (a *agent) hello(extra wire.Msg) (net.Conn, *wire.Reader, error) {
+	conn, err := a.dial()
+	if err != nil {
+		return nil, nil, err
+	}
+	r, err := a.sayHello(conn, extra)
+	if err == nil {
+		err = awaitWelcome(conn, r)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	return conn, r, nil
+}
+
+// dial connects to the coordinator's control socket.
+func (a *agent) dial() (net.Conn, error) {
 	conn, err := net.DialTimeout("unix", a.cfg.socket, helloTimeout)
 	if err != nil {
-		return nil, nil, fmt.Errorf("rollover: connect to coordinator: %w", err)
+		return nil, fmt.Errorf("rollover: connect to coordinator: %w", err)
 	}
-	r := wire.NewReader(conn)
-	_ = conn.SetDeadline(time.Now().Add(helloTimeout))
+	return conn, nil
+}
+
+// sayHello introduces this generation on conn; on an error, it closes conn.
+func (a *agent) sayHello(conn net.Conn, extra wire.Msg) (*wire.Reader, error) {
 	hello := extra
 	hello.Type, hello.Generation, hello.PID, hello.Secret = wire.TypeHello, a.cfg.generation, os.Getpid(), a.cfg.secret
+	_ = conn.SetWriteDeadline(time.Now().Add(helloTimeout))
 	if _, err := conn.Write(wire.Encode(hello)); err != nil {
 		conn.Close()
-		return nil, nil, fmt.Errorf("rollover: hello: %w", err)
+		return nil, fmt.Errorf("rollover: hello: %w", err)
 	}
+	return wire.NewReader(conn), nil
+}
+
+// awaitWelcome reads the coordinator's answer to the hello; on a refusal
+// or an error, it closes conn.
+func awaitWelcome(conn net.Conn, r *wire.Reader) error {
+	_ = conn.SetReadDeadline(time.Now().Add(helloTimeout))
 	m, err := r.Read()
 	if err != nil {
 		conn.Close()
-		return nil, nil, fmt.Errorf("rollover: hello: %w", err)
+		return fmt.Errorf("rollover: hello: %w", err)
 	}
 	if m.Type != wire.TypeWelcome || m.Error != "" {
 		conn.Close()
-		return nil, nil, fmt.Errorf("%w: %s", ErrRefused, m.Error)
+		return fmt.Errorf("%w: %s", ErrRefused, m.Error)
 	}
-	_ = conn.SetDeadline(time.Time{})
-	return conn, r, nil
+	_ = conn.SetReadDeadline(time.Time{})
+	return nil
 }
 
 // setConn makes c the connection to the coordinator. Once the agent is

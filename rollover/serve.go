@@ -58,7 +58,10 @@ func Ready() error {
 // coordinator that is unreachable or refused this generation), nothing
 // will ever be drained, so the channel never closes: Listen, Serve, ServeTLS
 // and Ready return that error, and the first call of Draining says it on
-// stderr. An app that waits on Draining checks the error of its Listen.
+// stderr. A refusal comes back from Ready, Serve and ServeTLS only (Listen
+// does not wait for the coordinator's answer) and is said on stderr when it
+// arrives. An app that waits on Draining checks the errors of its Listen
+// and its Ready.
 func Draining() <-chan struct{} {
 	a, err := std()
 	if err != nil {

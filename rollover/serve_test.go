@@ -628,16 +628,20 @@ func freshStd(t *testing.T) *bytes.Buffer {
 }
 
 // The package-level functions report a refused hello, through a default
-// agent of the test's own.
+// agent of the test's own: Listen does not wait for the answer (the app
+// listens while the coordinator reads the hello), Ready and Serve report it.
 func TestAgentRefused(t *testing.T) {
 	listenCoordinator(t, 3, "x", wire.Msg{Error: "wrong secret for generation 3"})
 	log := freshStd(t)
-	_, err := Listen(context.Background(), "tcp", "127.0.0.1:0")
-	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "wrong secret") {
-		t.Fatalf("Listen: %v, want ErrRefused with the coordinator's reason", err)
+	ln, err := Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("Listen: %v", err)
 	}
-	if err := Ready(); !errors.Is(err, ErrRefused) {
-		t.Errorf("Ready: %v, want ErrRefused", err)
+	if err := Ready(); !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "wrong secret") {
+		t.Errorf("Ready: %v, want ErrRefused with the coordinator's reason", err)
+	}
+	if err := Serve(context.Background(), &http.Server{ReadHeaderTimeout: time.Second}, ln); !errors.Is(err, ErrRefused) {
+		t.Errorf("Serve: %v, want ErrRefused", err)
 	}
 	if isClosed(Draining()) {
 		t.Error("Draining() is closed for a refused generation")
