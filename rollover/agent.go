@@ -265,14 +265,6 @@ func (a *agent) introduce(conn net.Conn) {
 	}
 }
 
-// sendHelloFirst waits until the first hello is on the wire, so that what
-// is sent next follows it.
-func (a *agent) sendHelloFirst() {
-	if a.helloSent != nil {
-		<-a.helloSent // bounded by helloTimeout
-	}
-}
-
 // welcome waits for the coordinator's answer to the first hello and
 // returns its refusal, if any.
 func (a *agent) welcome() error {
@@ -369,7 +361,13 @@ func (a *agent) setConn(c net.Conn) bool {
 	return true
 }
 
+// send writes m to the coordinator, after the first hello: what the app
+// does before the hello is on the wire (its ready, a listener closed at
+// once, its end) waits for it rather than being dropped.
 func (a *agent) send(m wire.Msg) error {
+	if a.helloSent != nil {
+		<-a.helloSent // bounded by helloTimeout
+	}
 	a.wmu.Lock()
 	defer a.wmu.Unlock()
 	if a.conn == nil {

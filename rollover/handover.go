@@ -72,10 +72,9 @@ func (a *agent) ready() error {
 		a.mu.Lock()
 		a.readyMsg = m
 		a.mu.Unlock()
-		// Right behind the hello: the coordinator reads it once it has
-		// welcomed this generation, and drops it with the connection if
-		// it refused it.
-		a.sendHelloFirst()
+		// Right behind the hello (send waits for it): the coordinator
+		// reads it once it has welcomed this generation, and drops it
+		// with the connection if it refused it.
 		a.readyErr = a.send(m)
 		if err := a.welcome(); err != nil {
 			a.readyErr = err
