@@ -190,7 +190,7 @@ func listening(fs procfs.FS, pid int, ip net.IP, port int) bool {
 	if len(want) == 0 {
 		return false
 	}
-	for _, p := range family(fs, pid) {
+	for p := range family(fs, pid) {
 		inodes, err := socketInodes(p)
 		if err != nil {
 			continue

@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"syscall"
 	"testing"
 	"time"
@@ -50,7 +51,7 @@ func TestListeningTree(t *testing.T) {
 		t.Fatal(err)
 	}
 	testproc.WaitFor(t, 10*time.Second, "the shell's child to listen on "+addr, func() bool { return listening(fs, sh.Process.Pid, ip, port) })
-	if kids := family(fs, sh.Process.Pid); len(kids) < 2 {
+	if kids := slices.Collect(family(fs, sh.Process.Pid)); len(kids) < 2 {
 		t.Errorf("family(%d) = %v, want the shell and its child", sh.Process.Pid, kids)
 	}
 	if listening(fs, other.Process.Pid, ip, port) {

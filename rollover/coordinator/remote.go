@@ -75,7 +75,7 @@ func listenersOf(pid, port int) ([]remoteSocket, error) {
 	}
 	var out []remoteSocket
 	seen := map[uint64]bool{}
-	for _, p := range family(root, pid) {
+	for p := range family(root, pid) {
 		dir := fmt.Sprintf("/proc/%d/fd", p.PID)
 		ents, err := os.ReadDir(dir)
 		if errors.Is(err, os.ErrPermission) {

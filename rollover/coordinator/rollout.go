@@ -317,12 +317,17 @@ func (r *rollout) scanStrays(addrs []string) <-chan []stray {
 	if c.cfg.AllowForeign || len(addrs) == 0 {
 		return nil
 	}
-	ours := []int{r.g.pid}
+	// The serving generations first, the new one last: its listeners come
+	// later, so the check can stop before it (see strays).
+	var ours []int
 	if st, ok := request(c, func(ch chan wire.Status) event { return qStatus{reply: ch} }); ok {
 		for _, g := range st.Generations {
-			ours = append(ours, g.PID)
+			if g.PID != r.g.pid {
+				ours = append(ours, g.PID)
+			}
 		}
 	}
+	ours = append(ours, r.g.pid)
 	out := make(chan []stray, 1)
 	c.tasks.Go(func(context.Context) {
 		found, err := strays(addrs, ours)

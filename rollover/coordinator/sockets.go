@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"iter"
 	"net"
 	"os"
 	"slices"
@@ -212,19 +213,22 @@ func strays(addrs []string, ours []int) ([]stray, error) {
 	// The usual case, cheaply: every one of them belongs to a generation
 	// (read after the sockets, so that a new one is either there or not
 	// listening yet). Only an unknown socket takes a scan of every process.
+	// It stops at the first process that accounts for the last of them
+	// (the active generation's, read first): it runs beside the new
+	// generation's start, and every /proc read here takes CPU from it.
 	mine := map[int]bool{}
 	for _, pid := range ours {
-		for _, p := range family(fs, pid) {
+		for p := range family(fs, pid) {
 			mine[p.PID] = true
 			if inodes, err := socketInodes(p); err == nil {
 				for inode := range inodes {
 					delete(sockets, inode)
 				}
 			}
+			if len(sockets) == 0 {
+				return nil, nil
+			}
 		}
-	}
-	if len(sockets) == 0 {
-		return nil, nil
 	}
 	procs, err := fs.AllProcs()
 	if err != nil {
@@ -260,33 +264,44 @@ func overlaps(a, b net.IP) bool {
 	return a == nil || a.IsUnspecified() || b.IsUnspecified() || a.Equal(b)
 }
 
-// family is pid and its descendants, from /proc/PID/task/*/children.
-func family(fs procfs.FS, pid int) []procfs.Proc {
-	var out []procfs.Proc
-	seen := map[int]bool{}
-	next := []int{pid}
-	for len(next) > 0 && len(out) < 4096 {
-		p := next[0]
-		next = next[1:]
-		if seen[p] {
-			continue
-		}
-		seen[p] = true
-		proc, err := fs.Proc(p)
-		if err != nil {
-			continue
-		}
-		out = append(out, proc)
-		tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", p))
-		for _, t := range tasks {
-			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", p, t.Name()))
+// family is pid and its descendants, from /proc/PID/task/*/children, pid
+// first. A process's children are read only once the loop goes on past it:
+// a caller that finds what it looks for in pid itself reads no more.
+func family(fs procfs.FS, pid int) iter.Seq[procfs.Proc] {
+	return func(yield func(procfs.Proc) bool) {
+		seen := map[int]bool{}
+		next := []int{pid}
+		for len(next) > 0 && len(seen) < 4096 {
+			p := next[0]
+			next = next[1:]
+			if seen[p] {
+				continue
+			}
+			seen[p] = true
+			proc, err := fs.Proc(p)
 			if err != nil {
 				continue
 			}
-			for _, f := range strings.Fields(string(b)) {
-				if c, err := strconv.Atoi(f); err == nil {
-					next = append(next, c)
-				}
+			if !yield(proc) {
+				return
+			}
+			next = append(next, children(p)...)
+		}
+	}
+}
+
+// children are the pids of p's child processes.
+func children(p int) []int {
+	var out []int
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", p))
+	for _, t := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", p, t.Name()))
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(f); err == nil {
+				out = append(out, c)
 			}
 		}
 	}
