@@ -176,7 +176,13 @@ func (c *Coordinator) begin(req rolloverReq, emit func(wire.Event)) (*rollout, e
 	if err := req.launch.checkAddr(); err != nil {
 		return nil, err // refused before it began: not a failed rollover
 	}
+	// The report's kernel counters as the rollover begins, read while the
+	// owner spawns the new generation, not after it: /proc/net takes CPU
+	// that the new generation's start needs.
+	counters := make(chan map[string]uint64, 1)
+	go func() { counters <- kernelCounters() }()
 	b, ok := request(c, func(r chan began) event { return evBegin{req: req, reply: r} })
+	kernel := <-counters
 	if !ok {
 		return nil, ErrStopping // the owner loop is gone: Run returned
 	}
@@ -184,7 +190,7 @@ func (c *Coordinator) begin(req rolloverReq, emit func(wire.Event)) (*rollout, e
 		return nil, b.err
 	}
 	r := &rollout{c: c, req: req, out: emit, g: b.g, prev: b.prev, was: b.was, hear: b.hear, note: b.note, rel: b.reloading,
-		start: time.Now(), kernel: kernelCounters(), settled: make(chan struct{}), done: make(chan struct{})}
+		start: time.Now(), kernel: kernel, settled: make(chan struct{}), done: make(chan struct{})}
 	c.tasks.Go(r.run)
 	return r, nil
 }
