@@ -471,6 +471,33 @@ func Encode(m Msg) []byte {
 	return append(b, '\n')
 }
 
+// The types a Msg points to encode themselves, so that a process's first
+// Encode builds the encoders of Msg's own fields only, not of the whole
+// protocol (Status, Report, Event and the rest): that took 0.3-0.8ms of a
+// new generation's hello and of the CLI's request. The bytes are the same.
+func (s Stats) MarshalJSON() ([]byte, error) {
+	type plain Stats
+	return json.Marshal(plain(s))
+}
+
+// MarshalJSON: see Stats.MarshalJSON.
+func (h Health) MarshalJSON() ([]byte, error) {
+	type plain Health
+	return json.Marshal(plain(h))
+}
+
+// MarshalJSON: see Stats.MarshalJSON.
+func (e Event) MarshalJSON() ([]byte, error) {
+	type plain Event
+	return json.Marshal(plain(e))
+}
+
+// MarshalJSON: see Stats.MarshalJSON.
+func (s Status) MarshalJSON() ([]byte, error) {
+	type plain Status
+	return json.Marshal(plain(s))
+}
+
 // Decode parses one message (without its newline) and checks it.
 func Decode(line []byte) (Msg, error) {
 	var m Msg
