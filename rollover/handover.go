@@ -28,7 +28,7 @@ func (l *listener) gone() bool                  { return l.sockClosed.Load() }
 func (l *listener) steer(index int) error       { return reuse.Steer(l, index) }
 func (l *listener) steerWeighted(w int) error   { return reuse.SteerWeighted(l, w) }
 func (l *listener) probe() error                { return l.a.probe(l) }
-func (p *packetConn) addr() string              { return "udp:" + p.LocalAddr().String() }
+func (p *packetConn) addr() string              { return wire.UDPAddr + p.LocalAddr().String() }
 func (p *packetConn) gone() bool                { return p.closed.Load() }
 func (p *packetConn) steer(index int) error     { return reuse.SteerPacket(p, index) }
 func (p *packetConn) steerWeighted(w int) error { return reuse.SteerWeightedPacket(p, w) }

@@ -159,11 +159,13 @@ func (p *packetConn) SetDeadline(t time.Time) error {
 	return p.PacketConn.SetDeadline(t)
 }
 
-// Close ends the app's reads. During a hand-over the socket itself stays
-// open for the replies still to go out, and the hand-over closes it;
-// otherwise Close closes it.
+// Close ends the app's reads. During a hand-over it waits, as a listener's
+// Close does, until the queue has been read out (Draining), and the socket
+// itself stays open for the replies still to go out: the hand-over closes
+// it. Otherwise Close closes it.
 func (p *packetConn) Close() error {
 	if isClosed(p.a.ordered) && !p.a.cfg.naive {
+		<-p.a.draining
 		p.stopReading()
 		return nil
 	}

@@ -45,7 +45,7 @@ func echoPaced(pc net.PacketConn, pace, delay time.Duration) <-chan error {
 	return out
 }
 
-// rawPair binds a plain reuseport UDP socket on a fresh loopback port and
+// rawActive binds a plain reuseport UDP socket on a fresh loopback port and
 // pins the group to it (index 0), as an active generation would.
 func rawActive(t *testing.T) net.PacketConn {
 	t.Helper()
@@ -225,4 +225,41 @@ func TestPacketDrainAnswersInflight(t *testing.T) {
 	}
 	next.Close()
 	<-nextGot
+}
+
+// An app that closes its socket as soon as the drain is ordered, before
+// the grace is over, does not end its reads early: Close waits for the
+// hand-over, so that what the group routed here during the grace is read
+// and answered.
+func TestPacketCloseDuringGrace(t *testing.T) {
+	f := listenCoordinator(t, 1, "s", wire.Msg{OK: true})
+	a := newTestAgent(t, 5*time.Second)
+	pc, err := reuse.ListenPacket(context.Background(), "udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := a.registerPacket(pc, "udp4")
+	served := echo(p, 0)
+	coord := within(t, f, "hello")
+	if err := a.ready(); err != nil {
+		t.Fatal(err)
+	}
+	coord.expect(wire.TypeReady)
+	u := newUDPClient(t, p.LocalAddr().String())
+	coord.command(wire.Msg{Type: wire.TypeDrain, ID: 1, GraceMS: 300, TimeoutMS: 5000})
+	closed := make(chan struct{})
+	go func() { _ = p.Close(); close(closed) }()
+	u.send(t, 50) // during the grace: still routed here (no successor)
+	testproc.WaitFor(t, 5*time.Second, "50 answers during the grace", func() bool { none, _ := u.missing(); return len(none) == 0 })
+	if isClosed(closed) || isClosed(a.draining) {
+		t.Fatalf("Close returned %v, Draining closed %v, before the grace was over", isClosed(closed), isClosed(a.draining))
+	}
+	<-closed
+	if !isClosed(a.draining) {
+		t.Fatal("Close returned before Draining")
+	}
+	if err := <-served; !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("ReadFrom after the drain: %v, want net.ErrClosed", err)
+	}
+	coord.expect(wire.TypeClosed)
 }

@@ -134,11 +134,11 @@ func (c *dnsClient) udpWorker(conn *net.UDPConn, w int, deadline time.Time) {
 		q := new(dns.Msg)
 		q.SetQuestion(fmt.Sprintf("q%d.w%d.example.", seq, w), dns.TypeA)
 		q.Id = uint16(seq)
-		wire, _ := q.Pack()
+		raw, _ := q.Pack()
 		c.mu.Lock()
 		c.udp[w] = append(c.udp[w], dnsQuery{sent: time.Now()})
 		c.mu.Unlock()
-		if _, err := conn.WriteToUDP(wire, to); err != nil {
+		if _, err := conn.WriteToUDP(raw, to); err != nil {
 			continue
 		}
 		// Read until this query's answer, or 2s; earlier queries' late

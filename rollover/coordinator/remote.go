@@ -39,7 +39,7 @@ type remoteSocket struct {
 // group names the reuseport group of s: its protocol and address.
 func (s remoteSocket) group() string {
 	if s.udp {
-		return "udp:" + s.addr
+		return wire.UDPAddr + s.addr
 	}
 	return s.addr
 }

@@ -729,7 +729,7 @@ func (r *rollout) compute() *wire.Report {
 		rep.Errors = append(rep.Errors, wire.GenErrors{Generation: g.n, R5xx: v.stats.R5xx - min(base.R5xx, v.stats.R5xx), Panics: v.stats.Panics - min(base.Panics, v.stats.Panics),
 			FailedAnswers: v.stats.FailedAnswers - min(base.FailedAnswers, v.stats.FailedAnswers)})
 		rep.DatagramsLost += v.stats.DatagramsLost - min(base.DatagramsLost, v.stats.DatagramsLost)
-		udp = udp || v.stats.Datagrams > 0 || slices.ContainsFunc(v.addrs, func(a string) bool { return strings.HasPrefix(a, "udp:") })
+		udp = udp || v.stats.Datagrams > 0 || slices.ContainsFunc(v.addrs, func(a string) bool { return strings.HasPrefix(a, wire.UDPAddr) })
 	}
 	if now := kernelCounters(); r.kernel != nil && now != nil {
 		rep.Kernel = map[string]uint64{}

@@ -123,7 +123,9 @@ type Msg struct {
 	Adopt      bool   `json:"adopt,omitempty"`
 	State      string `json:"state,omitempty"`
 
-	// Ready: whether the generation's listeners accept BPF steering, and why not.
+	// Ready: whether the generation's listeners accept BPF steering, and
+	// why not, and the addresses it serves: host:port for a TCP listener,
+	// UDPAddr+host:port for a UDP socket.
 	Steerable  bool     `json:"steerable,omitempty"`
 	SteerError string   `json:"steer_error,omitempty"`
 	Addrs      []string `json:"addrs,omitempty"`
@@ -220,6 +222,11 @@ func (s Stats) Judged() (bad, total uint64) {
 
 // Classes are the responses by status class: 1xx … 5xx.
 func (s Stats) Classes() [5]uint64 { return [5]uint64{s.R1xx, s.R2xx, s.R3xx, s.R4xx, s.R5xx} }
+
+// UDPAddr starts the address of a UDP socket in Msg.Addrs ("udp:host:port"),
+// which is no TCP address: a TCP listener and a UDP socket on one port are
+// two reuseport groups.
+const UDPAddr = "udp:"
 
 // Health is the bake's health rule (see Msg.Health).
 type Health struct {
