@@ -513,8 +513,10 @@ func readmeQuickStart(t *testing.T, got map[string]string, quoted *[]string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.waitStatus("gen 1 gone and the request counted", func(st wire.Status) bool {
-		return len(st.Generations) == 1 && st.Generations[0].Stats.Requests == 1
+	// The sample shows the request counted and its connection closed: wait
+	// for both (the server closes it a moment after the client).
+	s.waitStatus("gen 1 gone, the request counted and its connection closed", func(st wire.Status) bool {
+		return len(st.Generations) == 1 && st.Generations[0].Stats.Requests == 1 && st.Generations[0].Stats.Connections == 0
 	})
 	status := s.must(statusArgs...)
 	got["quickstart-output"] = "$ " + shown(nextArgs...) + "\n" + next +
@@ -523,7 +525,9 @@ func readmeQuickStart(t *testing.T, got map[string]string, quoted *[]string) {
 
 	// A bake held open, then promoted; a second rollover meanwhile is refused.
 	bake := s.background(append(append([]string{"next", "--bake", "1h"}, sock...), app("v3")...)...)
-	s.waitStatus("gen 3 baking", func(st wire.Status) bool { return st.Baking == 3 && st.Active == 3 })
+	s.waitStatus("gen 3 baking, no connection open", func(st wire.Status) bool {
+		return st.Baking == 3 && st.Active == 3 && !slices.ContainsFunc(st.Generations, func(g wire.GenStatus) bool { return g.Stats.Connections != 0 })
+	})
 	got["status-bake"] = "$ rollover status\n" + s.must(statusArgs...)
 	_, refused, code := s.run(append(append([]string{"next"}, sock...), app("v4")...)...)
 	if code != 1 {
