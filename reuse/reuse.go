@@ -128,3 +128,13 @@ func pollEmpty(ctx context.Context, interval time.Duration, what string, size fu
 		}
 	}
 }
+
+// Range is the slots first, first+1, …, first+n-1 of a reuseport group,
+// for SpreadRemote and SplitRemote.
+func Range(first, n int) []int {
+	s := make([]int, max(n, 0))
+	for i := range s {
+		s[i] = first + i
+	}
+	return s
+}

@@ -72,16 +72,16 @@ func TestNginxRollover(t *testing.T) {
 				},
 				VersionHeader: "X-Nginx-Config", Body: "nginx {v}\n",
 				Rollovers: 20, Interval: 500 * time.Millisecond, Clients: 16, KeepAlive: keepAlive,
-				// The coordinator steers nginx's one reuseport socket from
-				// outside: no tcp_migrate_req needed.
+				// The coordinator steers nginx's reuseport sockets, one per
+				// worker, from outside: no tcp_migrate_req needed.
 				MigrateReq: 0,
 			}
 			rep := runForeignInNetns(t, sc)
 			// Generation 1 comes up the way it was launched, steered by
-			// the coordinator through a duplicate of its socket.
+			// the coordinator through duplicates of its workers' sockets.
 			g1 := foreignGen(t, rep.Start, 1)
-			if g1.Ready != "listen" || !g1.Steerable || g1.Sockets != 1 {
-				t.Errorf("gen 1: ready %q, steerable %v (%s), %d sockets; want listen, steered by the coordinator, 1 socket", g1.Ready, g1.Steerable, g1.SteerError, g1.Sockets)
+			if g1.Ready != "listen" || !g1.Steerable || g1.Sockets != nginxWorkers {
+				t.Errorf("gen 1: ready %q, steerable %v (%s), %d sockets; want listen, steered by the coordinator, %d sockets", g1.Ready, g1.Steerable, g1.SteerError, g1.Sockets, nginxWorkers)
 			}
 			if !keepAlive {
 				rep.check(t, sc, 0)
@@ -103,6 +103,10 @@ func TestNginxRollover(t *testing.T) {
 	}
 }
 
+// nginxWorkers is worker_processes: each worker has its own reuseport
+// socket, so a generation is that many sockets in the group.
+const nginxWorkers = 4
+
 // renderNginxConf writes dir/version.conf from testdata/nginx/nginx.conf.tmpl
 // and checks it with `nginx -t`.
 func renderNginxConf(t *testing.T, nginx, dir, version, addr string) string {
@@ -112,7 +116,7 @@ func renderNginxConf(t *testing.T, nginx, dir, version, addr string) string {
 		t.Fatal(err)
 	}
 	var b bytes.Buffer
-	if err := tmpl.Execute(&b, map[string]string{"Dir": dir, "Version": version, "Addr": addr}); err != nil {
+	if err := tmpl.Execute(&b, map[string]any{"Dir": dir, "Version": version, "Addr": addr, "Workers": nginxWorkers}); err != nil {
 		t.Fatal(err)
 	}
 	path := filepath.Join(dir, version+".conf")
@@ -233,6 +237,9 @@ func runForeignInNetns(t *testing.T, sc foreignScenario) foreignReport {
 	start := time.Now()
 	runErr := cmd.Run()
 	log, _ := os.ReadFile(sc.logPath())
+	if d := os.Getenv("ROLLOVER_TEST_KEEPLOG"); d != "" {
+		_ = os.WriteFile(filepath.Join(d, strings.ReplaceAll(sc.Name, " ", "-")+".log"), log, 0o644)
+	}
 	checkOutput(t, "coordinator", string(log))
 	checkOutput(t, "helper", out.String())
 	t.Cleanup(func() {

@@ -31,16 +31,24 @@ func notifyApp(t *testing.T, dir string) (argv func(version string) []string, ad
 // long in its accept queue.
 const notifyWarmUp = 500 * time.Millisecond
 
+// notifyWorkers is how many worker processes each generation of
+// TestNotifyAppRollover forks, each with its own socket in the group.
+const notifyWorkers = 4
+
 // TestNotifyAppRollover rolls a Python app that speaks systemd's notify
 // protocol over between two versions, under a new connection per request,
-// with tcp_migrate_req=0: --ready=notify, drained by SIGTERM. The
-// coordinator steers its socket from outside (pidfd_getfd): no connection
-// reaches a generation before its READY=1 (none waits out a warm-up), none
-// is reset on the hand-over, and every client request succeeds.
+// with tcp_migrate_req=0: --ready=notify, drained by SIGTERM. Each
+// generation is a pre-forking server of notifyWorkers workers, each binding
+// the port on its own and closing its listener at its own time on SIGTERM.
+// The coordinator steers their sockets from outside (pidfd_getfd): no
+// connection reaches a generation before its READY=1 (none waits out a
+// warm-up), none is reset on the hand-over, and every client request
+// succeeds.
 func TestNotifyAppRollover(t *testing.T) {
 	dir := testproc.ShortDir(t)
 	foreignLeaveNothing(t, dir)
-	argv, addr := notifyApp(t, dir)
+	app, addr := notifyApp(t, dir)
+	argv := func(v string) []string { return append(app(v), "dumpable", strconv.Itoa(notifyWorkers)) }
 	sc := foreignScenario{
 		Name: "notifyapp", Dir: dir, Addr: addr,
 		// --addr tells the coordinator when the old generation has left the port.
@@ -51,8 +59,8 @@ func TestNotifyAppRollover(t *testing.T) {
 	}
 	rep := runForeignInNetns(t, sc)
 	g1 := foreignGen(t, rep.Start, 1)
-	if want := "serving v1 on " + addr; g1.Ready != "notify" || g1.Notify != want || !g1.Steerable || g1.Sockets != 1 {
-		t.Errorf("gen 1: ready %q, notify_status %q, steerable %v (%s), %d sockets; want notify, %q, steered by the coordinator, 1 socket", g1.Ready, g1.Notify, g1.Steerable, g1.SteerError, g1.Sockets, want)
+	if want := "serving v1 on " + addr; g1.Ready != "notify" || g1.Notify != want || !g1.Steerable || g1.Sockets != notifyWorkers {
+		t.Errorf("gen 1: ready %q, notify_status %q, steerable %v (%s), %d sockets; want notify, %q, steered by the coordinator, %d sockets", g1.Ready, g1.Notify, g1.Steerable, g1.SteerError, g1.Sockets, want, notifyWorkers)
 	}
 	if len(rep.End.Generations) > 0 {
 		g := rep.End.Generations[len(rep.End.Generations)-1]

@@ -106,6 +106,9 @@ func printStatus(w io.Writer, st *wire.Status, now time.Time) error {
 	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tIN-FLIGHT\tCONNS\tREQUESTS\t"+udpHeader(udp)+"STEERED\tUPTIME\tCOMMAND")
 	for _, g := range st.Generations {
 		steer := "yes"
+		if g.Sockets > 1 {
+			steer = fmt.Sprintf("yes, %d sockets", g.Sockets) // one per worker, steered from outside
+		}
 		if !g.Steerable {
 			steer = "no (tcp_migrate_req)"
 		}

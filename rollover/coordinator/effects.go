@@ -18,9 +18,9 @@ const commandTimeout = 5 * time.Second
 
 // order sends g its drain order: the library's drain command, or, for an
 // app without the library, its drain signal. It returns at once.
-func (c *Coordinator) order(g *gen, conn *peerConn, remote []remoteSocket) {
+func (c *Coordinator) order(g *gen, conn *peerConn, remote, succ []remoteSocket) {
 	if conn == nil && remote != nil {
-		c.tasks.Go(func(ctx context.Context) { c.orderRemote(ctx, g, remote) })
+		c.tasks.Go(func(ctx context.Context) { c.orderRemote(ctx, g, remote, succ) })
 		return
 	}
 	if conn == nil {

@@ -65,6 +65,7 @@ type gen struct {
 	forcedConns  int64        // cut at its drain deadline
 	forcedReqs   int64
 	remote       []remoteSocket // its listening sockets, when the coordinator steers them
+	held         bool           // the coordinator holds its sockets until they leave their groups in order
 
 	// Closed once, by the owner; a closed channel says only that the
 	// moment passed, and the rest is asked for (qGen).

@@ -132,6 +132,10 @@ type (
 	}
 	// evClosedListener: g has left the port.
 	evClosedListener struct{ g *gen }
+	// evHeld: the coordinator holds g's sockets in their groups, so g has
+	// left the port only when they are let go (evClosedListener), not
+	// when it exits.
+	evHeld struct{ g *gen }
 	// evDrainTimeout: g's drain deadline passed.
 	evDrainTimeout struct{ g *gen }
 	// evSockets: the coordinator found g's listening sockets and can steer
@@ -255,6 +259,7 @@ func (evDisconnected) isEvent()   {}
 func (evActivate) isEvent()       {}
 func (evDrain) isEvent()          {}
 func (evClosedListener) isEvent() {}
+func (evHeld) isEvent()           {}
 func (evDrainTimeout) isEvent()   {}
 func (evCounted) isEvent()        {}
 func (evSockets) isEvent()        {}
@@ -359,8 +364,9 @@ type effects struct {
 	spawn func(g *gen) error
 	// order sends g its drain order (the library's drain command, or the
 	// drain signal) without blocking; conn is its control connection,
-	// remote the sockets the coordinator steers for it.
-	order func(g *gen, conn *peerConn, remote []remoteSocket)
+	// remote the sockets the coordinator steers for it, succ those of the
+	// generation it hands over to, when the coordinator steers that one.
+	order func(g *gen, conn *peerConn, remote, succ []remoteSocket)
 	// cut counts the connections g holds on port (evCounted; 0: any port),
 	// then ends it: SIGTERM to its process group, SIGKILL after the kill
 	// grace. It never blocks.
@@ -454,6 +460,8 @@ func (m *machine) step(ev event) {
 		}
 	case evClosedListener:
 		closeOnce(e.g.left)
+	case evHeld:
+		e.g.held = true
 	case evDrainTimeout:
 		m.drainTimedOut(e.g)
 	case evCounted:
@@ -853,7 +861,11 @@ func (m *machine) drain(g *gen) {
 	if m.roll != nil && m.roll.prev == g && m.roll.phase != phaseRolledBack {
 		m.roll.phase = phaseDraining
 	}
-	m.fx.order(g, g.conn, g.remote)
+	var succ []remoteSocket // the sockets of the one it hands over to, when steered from outside
+	if a := m.active; a != nil && a != g && a.n > g.n {
+		succ = a.remote
+	}
+	m.fx.order(g, g.conn, g.remote, succ)
 	m.fx.after(m.fx.drainTimeout, evDrainTimeout{g: g})
 }
 
@@ -921,7 +933,9 @@ func (m *machine) exited(g *gen, err error) {
 	g.exitErr, g.exitAt = err, now
 	g.state = stateGone
 	delete(m.gens, g.n)
-	closeOnce(g.left)
+	if !g.held {
+		closeOnce(g.left)
+	}
 	close(g.gone)
 	if g.forcedConns > 0 || g.forcedReqs > 0 {
 		m.fx.metrics.ForcedConnections.Add(float64(g.forcedConns))

@@ -45,7 +45,7 @@ func newWorld(t *testing.T) *fakeWorld {
 			w.did = append(w.did, fmt.Sprintf("spawn %d", g.n))
 			return nil
 		},
-		order: func(g *gen, conn *peerConn, _ []remoteSocket) { w.did = append(w.did, fmt.Sprintf("order %d", g.n)) },
+		order: func(g *gen, conn *peerConn, _, _ []remoteSocket) { w.did = append(w.did, fmt.Sprintf("order %d", g.n)) },
 		cut:   func(g *gen, _ int) { w.did = append(w.did, fmt.Sprintf("cut %d", g.n)) },
 		kill:  func(g *gen) { w.did = append(w.did, fmt.Sprintf("kill %d", g.n)) },
 		signal: func(g *gen, sig syscall.Signal) {

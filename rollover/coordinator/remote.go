@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"strconv"
@@ -20,12 +21,12 @@ import (
 // This file steers apps that do not link the library: the coordinator
 // finds a generation's listening sockets through procfs, takes a duplicate
 // of each with pidfd_getfd(2), attaches the group's classic-BPF program
-// through it and closes it at once. The group's program invariant is the
-// library's: "ret 0", the active generation at index 0. A generation is
-// steered this way when it has one listening socket per group (address);
-// several (nginx's workers with reuseport) are left to tcp_migrate_req for
-// now, and so is an app whose sockets cannot be taken (the reason is
-// logged once and shown in status).
+// through it and closes it at once. The invariant is the library's: the
+// active generation first in each group (index 0, or 0 to k-1 for k
+// sockets, nginx's workers with reuseport), a new one after it. An app
+// whose sockets cannot be taken is left to tcp_migrate_req (the reason is
+// logged once and shown in status), and so is one with several UDP
+// sockets per address.
 
 // remoteSocket is a listening socket, or a bound UDP socket, of a
 // generation's process tree.
@@ -112,24 +113,62 @@ func listenersOf(pid, port int) ([]remoteSocket, error) {
 	return out, nil
 }
 
-// remotePlan says whether the coordinator can steer socks, one per group.
+// remotePlan says whether the coordinator can steer socks: TCP groups of
+// any size (nginx's workers with reuseport each have their own socket), one
+// socket per UDP group.
 func remotePlan(socks []remoteSocket) error {
 	if len(socks) == 0 {
 		return errors.New("it has no listening socket the coordinator can see")
 	}
-	per := map[string]int{}
-	for _, s := range socks {
-		per[s.group()]++
-	}
-	for addr, n := range per {
-		if n > 1 {
-			return fmt.Errorf("it has %d listening sockets on %s (one per worker); the coordinator steers one per address", n, addr)
+	for addr, group := range byGroup(socks) {
+		switch n := len(group); {
+		case n > 1 && group[0].udp:
+			return fmt.Errorf("it has %d UDP sockets on %s; the coordinator steers one per UDP address", n, addr)
+		case n > maxGroup:
+			return fmt.Errorf("it has %d listening sockets on %s; the coordinator steers at most %d per address", n, addr, maxGroup)
 		}
 	}
 	return nil
 }
 
-// attach runs steer on every socket, the first error aside.
+// maxGroup bounds the sockets of one generation in one group (the
+// programs' jump tables).
+const maxGroup = 64
+
+// byGroup splits socks by their group.
+func byGroup(socks []remoteSocket) map[string][]remoteSocket {
+	out := map[string][]remoteSocket{}
+	for _, s := range socks {
+		out[s.group()] = append(out[s.group()], s)
+	}
+	return out
+}
+
+// groupSize counts the members of s's group in this network namespace:
+// the listening TCP sockets, or the bound UDP sockets, on its address.
+func groupSize(s remoteSocket) (int, error) {
+	_, p, err := net.SplitHostPort(s.addr)
+	if err != nil {
+		return 0, err
+	}
+	port, _ := strconv.Atoi(p)
+	lines, err := listenSockets(port)
+	if s.udp {
+		lines, err = udpSockets(port)
+	}
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, l := range lines {
+		if net.JoinHostPort(l.localAddr.String(), strconv.FormatUint(l.localPort, 10)) == s.addr {
+			n++
+		}
+	}
+	return n, nil
+}
+
+// attach runs steer on every socket and joins the errors.
 func attach(socks []remoteSocket, steer func(s remoteSocket) error) error {
 	var errs []error
 	for _, s := range socks {
@@ -140,21 +179,43 @@ func attach(socks []remoteSocket, steer func(s remoteSocket) error) error {
 	return errors.Join(errs...)
 }
 
-// pinRemote points the groups of socks at index 0 (their owner, alone in
-// them or the longest serving).
+// pinRemote spreads new connections over the sockets of socks, once they
+// are the first members of their groups (alone in them, or the longest
+// serving): slots 0 to k-1 for k sockets.
 func pinRemote(socks []remoteSocket) error {
-	return attach(socks, func(s remoteSocket) error { return reuse.SteerRemote(s.pid, s.fd, 0) })
+	var errs []error
+	for _, group := range byGroup(socks) {
+		s := group[0]
+		if err := reuse.SpreadRemote(s.pid, s.fd, reuse.Range(0, len(group))); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // steerRemote sends new connections to the generation that owns socks, the
-// second member of each group: weight percent of them (0: all).
+// last to join each group: weight percent of them (0: all), spread over
+// its sockets; the rest stay spread over the sockets before them.
 func steerRemote(socks []remoteSocket, weight int) error {
-	return attach(socks, func(s remoteSocket) error {
-		if weight > 0 && weight < 100 {
-			return reuse.SteerWeightedRemote(s.pid, s.fd, weight)
+	var errs []error
+	for _, group := range byGroup(socks) {
+		s, m := group[0], len(group)
+		n, err := groupSize(s)
+		if err != nil {
+			errs = append(errs, err)
+			continue
 		}
-		return reuse.SteerRemote(s.pid, s.fd, 1)
-	})
+		first := max(n-m, 0)
+		if weight > 0 && weight < 100 {
+			err = reuse.SplitRemote(s.pid, s.fd, weight, reuse.Range(0, first), reuse.Range(first, m))
+		} else {
+			err = reuse.SpreadRemote(s.pid, s.fd, reuse.Range(first, m))
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // discover finds g's listening sockets once it is ready and, if the
@@ -178,7 +239,7 @@ func (c *Coordinator) discover(g *gen, alone bool) genView {
 	if err == nil {
 		err = remotePlan(socks)
 		if err != nil && len(socks) > 0 {
-			// Several sockets per address: the group must not keep a
+			// Several UDP sockets per address: the group must not keep a
 			// program that sends everything to one member; the kernel
 			// hashes over all of them again.
 			if derr := reuse.DetachRemote(socks[0].pid, socks[0].fd); derr != nil {
@@ -189,8 +250,15 @@ func (c *Coordinator) discover(g *gen, alone bool) genView {
 	if err == nil && alone {
 		err = pinRemote(socks)
 	} else if err == nil {
-		// Prove it can be taken now, before the rollover relies on it.
-		err = attach(socks[:1], func(s remoteSocket) error { return reuse.SteerRemote(s.pid, s.fd, 0) })
+		// Prove every socket can be taken now, before the rollover relies
+		// on it, without touching the group's program.
+		err = attach(socks, func(s remoteSocket) error {
+			h, err := reuse.HoldRemote(s.pid, s.fd)
+			if err == nil {
+				h.Close()
+			}
+			return err
+		})
 	}
 	why := ""
 	if err != nil {
@@ -208,7 +276,28 @@ func (c *Coordinator) discover(g *gen, alone bool) genView {
 // then sends it its drain signal: the steer is done, so it keeps accepting
 // for the grace, then until its accept queue reads empty twice (bounded),
 // and only then is told to drain; closing a listener resets its queue.
-func (c *Coordinator) orderRemote(ctx context.Context, g *gen, socks []remoteSocket) {
+//
+// succ are the sockets of the generation it hands over to, when the
+// coordinator steers that one too. A group where g has several sockets
+// must not move them behind the program's back as g closes them (each
+// close moves the group's last socket, one of succ's, into the freed
+// slot): the coordinator holds a duplicate of each, so that g's closes
+// leave them in the group, steered away, and takes them out itself once g
+// no longer holds them, in an order that never moves a socket the program
+// sends to (reuse.Leave).
+func (c *Coordinator) orderRemote(ctx context.Context, g *gen, socks, succ []remoteSocket) {
+	held := c.hold(g, socks, succ)
+	if held != nil {
+		c.post(evHeld{g: g}) // before the drain signal, so before its exit
+	}
+	defer func() {
+		for _, hs := range held {
+			for _, h := range hs {
+				h.Close()
+			}
+		}
+		c.post(evClosedListener{g: g})
+	}()
 	t := time.NewTimer(c.cfg.DrainGrace)
 	select {
 	case <-t.C:
@@ -227,20 +316,116 @@ func (c *Coordinator) orderRemote(ctx context.Context, g *gen, socks []remoteSoc
 	}
 	c.log.Info("draining by signal", "gen", g.n, "pid", g.pid, "signal", g.launch.DrainSignal)
 	_ = g.proc.Signal(g.launch.DrainSignal)
-	// It has left the port once none of its sockets listens.
+	// It has left the port once none of its sockets listens, or, with
+	// the sockets held, once none of its processes holds them.
+	left := func() bool { return queued(g.pid, socks) < 0 }
+	if held != nil {
+		left = func() bool { return !treeHolds(g.pid, socks) }
+	}
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
-	for queued(g.pid, socks) >= 0 {
+	for !left() {
 		select {
 		case <-g.gone:
-			c.post(evClosedListener{g: g})
-			return
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+			continue
+		}
+		break
+	}
+	for addr, hs := range held {
+		c.leave(g, addr, hs, succ)
+	}
+	held = nil
+}
+
+// hold takes a duplicate of each of g's sockets in the TCP groups where it
+// has several, when the coordinator steers its successor (nil: nothing to
+// hold, or a socket could not be taken; the hand-over is then as for one
+// socket).
+func (c *Coordinator) hold(g *gen, socks, succ []remoteSocket) map[string][]*reuse.Held {
+	if succ == nil {
+		return nil
+	}
+	held := map[string][]*reuse.Held{}
+	for addr, group := range byGroup(socks) {
+		if len(group) < 2 || group[0].udp {
+			continue
+		}
+		for _, s := range group {
+			h, err := reuse.HoldRemote(s.pid, s.fd)
+			if err != nil {
+				c.log.Warn("could not hold the old generation's sockets; its workers' closes move the new generation's sockets in the group", "gen", g.n, "err", err)
+				for _, hs := range held {
+					for _, h := range hs {
+						h.Close()
+					}
+				}
+				return nil
+			}
+			held[addr] = append(held[addr], h)
 		}
 	}
-	c.post(evClosedListener{g: g})
+	if len(held) == 0 {
+		return nil
+	}
+	return held
+}
+
+// leave takes g's held sockets of the group at addr out of it, keeping
+// the program on succ's sockets there, the last to join.
+func (c *Coordinator) leave(g *gen, addr string, held []*reuse.Held, succ []remoteSocket) {
+	mine := byGroup(succ)[addr]
+	if len(mine) == 0 {
+		c.log.Warn("the new generation has no socket where the old one held several", "gen", g.n, "addr", addr)
+		return
+	}
+	n, err := groupSize(mine[0])
+	if err == nil {
+		var target netip.AddrPort
+		if target, err = probeTarget(addr); err == nil {
+			_, err = reuse.Leave(held, n, target, reuse.Range(n-len(mine), len(mine)))
+		}
+	}
+	if err != nil {
+		c.log.Warn("the old generation's sockets left the group out of order; connections may meet a closing socket", "gen", g.n, "addr", addr, "err", err)
+	}
+}
+
+// probeTarget is where a probe reaches the group at addr: addr, or
+// loopback for a wildcard.
+func probeTarget(addr string) (netip.AddrPort, error) {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return ap, err
+	}
+	ip := ap.Addr().Unmap()
+	if ip.IsUnspecified() {
+		ip = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+		if ap.Addr().Is6() && !ap.Addr().Is4In6() {
+			ip = netip.IPv6Loopback()
+		}
+	}
+	return netip.AddrPortFrom(ip, ap.Port()), nil
+}
+
+// treeHolds reports whether pid's process tree still holds one of socks.
+func treeHolds(pid int, socks []remoteSocket) bool {
+	if _, err := os.Stat("/proc/" + strconv.Itoa(pid)); err != nil || len(socks) == 0 {
+		return false
+	}
+	port := 0
+	if _, p, err := net.SplitHostPort(socks[0].addr); err == nil {
+		port, _ = strconv.Atoi(p)
+	}
+	now, err := listenersOf(pid, port)
+	if err != nil {
+		return true // cannot tell yet: the drain deadline bounds it
+	}
+	return slices.ContainsFunc(now, func(a remoteSocket) bool {
+		return slices.ContainsFunc(socks, func(b remoteSocket) bool { return a.inode == b.inode })
+	})
 }
 
 // queued is how many connections wait in the accept queues of socks, plus

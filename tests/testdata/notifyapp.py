@@ -4,7 +4,14 @@ READY=1 on $NOTIFY_SOCKET (systemd's notify protocol) and drains on SIGTERM.
 Every GET or POST gets 200, the body "notifyapp VERSION pid PID", the header
 X-Notifyapp-Version and, under a coordinator, X-Rollover-Generation.
 
-usage: notifyapp.py HOST PORT VERSION [WARMUP seconds before READY=1 [nondumpable]]
+With WORKERS above 1 it is a pre-forking server, as gunicorn's or
+Node's cluster: the first process forks WORKERS workers, each binds the port
+on its own (one socket each in the SO_REUSEPORT group) and warms up, and
+READY=1 comes once all of them are ready. On SIGTERM each worker closes its
+listener when it gets to it: worker i a little later than worker i-1, as
+workers busy with a request do.
+
+usage: notifyapp.py HOST PORT VERSION [WARMUP seconds before READY=1 [nondumpable|dumpable [WORKERS]]]
 """
 import os
 import signal
@@ -30,6 +37,7 @@ class Server(ThreadingHTTPServer):
 def main():
     host, port, version = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     warmup = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+    workers = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     if len(sys.argv) > 5 and sys.argv[5] == "nondumpable":
         # As a hardened service might: no core dumps, no ptrace, and no
         # pidfd_getfd of its sockets by an unprivileged coordinator.
@@ -37,6 +45,46 @@ def main():
         PR_SET_DUMPABLE = 4
         if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
             sys.exit("prctl(PR_SET_DUMPABLE, 0) failed")
+    if workers <= 1:
+        serve(host, port, version, warmup, ready=lambda: notify("READY=1\nSTATUS=serving %s on %s:%d" % (version, host, port)))
+        return
+    r, w = os.pipe()
+    children = []
+    for i in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            serve(host, port, version, warmup, ready=lambda: os.write(w, b"."), stagger=0.025 * i, worker=True)
+            os._exit(0)
+        children.append(pid)
+    os.close(w)
+    # The first process passes SIGTERM on to every worker, and waits for them.
+    def forward(signum, frame):
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    got = b""
+    while len(got) < workers:
+        b = os.read(r, workers)
+        if not b:
+            sys.exit("a worker exited before it was ready")
+        got += b
+    notify("READY=1\nSTATUS=serving %s on %s:%d" % (version, host, port))
+    for pid in children:
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+    notify("STOPPING=1")
+
+
+def serve(host, port, version, warmup, ready, stagger=0.0, worker=False):
     body = ("notifyapp %s pid %d\n" % (version, os.getpid())).encode()
     generation = os.environ.get("ROLLOVER_GENERATION", "")
 
@@ -92,7 +140,7 @@ def main():
     srv.socket.setblocking(True)
     if parked:
         print("notifyapp: %d connections were queued before READY=1" % parked, file=sys.stderr, flush=True)
-    notify("READY=1\nSTATUS=serving %s on %s:%d" % (version, host, port))
+    ready()
     # Accept until SIGTERM, noticing it within 50ms.
     srv.timeout = 0.05
     while not term:
@@ -101,7 +149,9 @@ def main():
     # (the kernel migrates its queue with net.ipv4.tcp_migrate_req=1), then
     # wait for the requests in flight (server_close joins their threads).
     draining.set()
-    notify("STOPPING=1")
+    time.sleep(stagger)
+    if not worker:
+        notify("STOPPING=1")
     srv.server_close()
 
 
