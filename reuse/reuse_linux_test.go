@@ -330,14 +330,7 @@ func TestSteerRemote(t *testing.T) {
 	got := make(chan string)
 	go acceptLoop(a, "A", got)
 	go acceptLoop(b, "B", got)
-	raw, err := b.(*net.TCPListener).SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var fd int
-	if err := raw.Control(func(f uintptr) { fd = int(f) }); err != nil {
-		t.Fatal(err)
-	}
+	fd := fdOf(t, b)
 	for _, want := range []struct {
 		index int
 		name  string

@@ -178,6 +178,24 @@ func TestMachine(t *testing.T) {
 				t.Errorf("rollovers ok = %v, want 1 (counted once)", got)
 			}
 		}},
+		{"a generation whose sockets the coordinator holds leaves the port when they are let go, not at its exit", func(t *testing.T, w *fakeWorld) {
+			g1 := w.start()
+			w.m.step(evHeld{g: g1})
+			w.m.step(evExited{g: g1})
+			if !isDone(g1.gone) || isDone(g1.left) {
+				t.Fatalf("after its exit: gone %v, left %v; want gone, not left while its sockets are held", isDone(g1.gone), isDone(g1.left))
+			}
+			w.m.step(evClosedListener{g: g1})
+			if !isDone(g1.left) {
+				t.Fatal("held sockets let go, but left is open")
+			}
+			g2 := newGen(2, Launch{Argv: []string{"/bin/true"}})
+			w.m.gens[2] = g2
+			w.m.step(evExited{g: g2})
+			if !isDone(g2.left) {
+				t.Fatal("a generation not held: its exit did not close left")
+			}
+		}},
 		{"a rollover hands over and drains the old generation", func(t *testing.T, w *fakeWorld) {
 			g1 := w.start()
 			b := w.begin(rolloverReq{launch: Launch{Argv: []string{"/bin/echo", "v2"}}})
