@@ -9,7 +9,7 @@ BINDIR  ?= $(PREFIX)/bin
 DATADIR ?= $(PREFIX)/share
 INSTALL ?= install
 
-.PHONY: all build test unit fuzz bench demo lint readme clean install uninstall
+.PHONY: all build test unit fuzz bench soak demo lint readme clean install uninstall
 
 all: build
 
@@ -63,6 +63,11 @@ unit:
 fuzz:
 	$(GO) test -run='^$$' -fuzz=FuzzDecode -fuzztime=200000x ./rollover/wire/
 	$(GO) test -run='^$$' -fuzz=FuzzReader -fuzztime=500x ./rollover/wire/
+
+# The long runs: TestZeroDrop with its hundred rollovers in every variant
+# (make test gives the tcp_migrate_req=1 ones 40).
+soak:
+	ROLLOVER_SOAK=1 $(GO) test -race -count=1 -timeout 30m -run 'TestZeroDrop' -v ./tests/
 
 # Rewrite the README's sample outputs from real runs (make test checks them).
 readme:
