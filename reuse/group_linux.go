@@ -103,19 +103,41 @@ func splitProgram(weight int, from, to []int) ([]unix.SockFilter, error) {
 // skfNetOff is SKF_NET_OFF: loads relative to the network header.
 const skfNetOff = uint32(1<<32 - 0x100000)
 
-// probeProgram sends a connection from source port port to index, and
-// every other one as rest does. The network header is IPv4 (20 bytes, no
-// options: loopback) or IPv6 (40), told apart by its version.
+// probeProgram sends a connection from loopback port port (127.0.0.1 or
+// ::1) to index, and every other one as rest does. The network header is
+// IPv4 (20 bytes, no options: loopback) or IPv6 (40), told apart by its
+// version; the source address is checked too, so that a client elsewhere
+// with the same port goes where rest sends it.
 func probeProgram(port uint16, index int, rest []unix.SockFilter) []unix.SockFilter {
+	const restAt = 18 // the first instruction of rest
+	ld := func(size uint16, off uint32) unix.SockFilter {
+		return unix.SockFilter{Code: unix.BPF_LD | size | unix.BPF_ABS, K: skfNetOff + off}
+	}
+	// jeq k, else to rest; pc is the jump's own index.
+	jeq := func(pc int, k uint32) unix.SockFilter {
+		return unix.SockFilter{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: k, Jt: 0, Jf: uint8(restAt - pc - 1)}
+	}
 	return append([]unix.SockFilter{
-		{Code: unix.BPF_LD | unix.BPF_B | unix.BPF_ABS, K: skfNetOff},
-		{Code: unix.BPF_ALU | unix.BPF_RSH | unix.BPF_K, K: 4},
-		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: 6, Jt: 2, Jf: 0},
-		{Code: unix.BPF_LD | unix.BPF_H | unix.BPF_ABS, K: skfNetOff + 20},
-		{Code: unix.BPF_JMP | unix.BPF_JA, K: 1},
-		{Code: unix.BPF_LD | unix.BPF_H | unix.BPF_ABS, K: skfNetOff + 40},
-		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: uint32(port), Jt: 0, Jf: 1},
-		{Code: unix.BPF_RET | unix.BPF_K, K: uint32(index)},
+		0: ld(unix.BPF_B, 0),
+		1: {Code: unix.BPF_ALU | unix.BPF_RSH | unix.BPF_K, K: 4},
+		2: {Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: 6, Jt: 4, Jf: 0}, // IPv6 at 7
+		// IPv4: source 127.0.0.1, source port at 20.
+		3: ld(unix.BPF_W, 12),
+		4: jeq(4, 0x7f000001),
+		5: ld(unix.BPF_H, 20),
+		6: {Code: unix.BPF_JMP | unix.BPF_JA, K: 9}, // to 16
+		// IPv6: source ::1, source port at 40.
+		7:  ld(unix.BPF_W, 8),
+		8:  jeq(8, 0),
+		9:  ld(unix.BPF_W, 12),
+		10: jeq(10, 0),
+		11: ld(unix.BPF_W, 16),
+		12: jeq(12, 0),
+		13: ld(unix.BPF_W, 20),
+		14: jeq(14, 1),
+		15: ld(unix.BPF_H, 40),
+		16: jeq(16, uint32(port)),
+		17: {Code: unix.BPF_RET | unix.BPF_K, K: uint32(index)},
 	}, rest...)
 }
 
@@ -187,19 +209,50 @@ func (h *Held) attach(prog []unix.SockFilter) error {
 	return nil
 }
 
-// pending reports whether a connection waits in h's accept queue, waiting
-// up to d for one.
-func (h *Held) pending(d time.Duration) bool {
-	fds := []unix.PollFd{{Fd: int32(h.fd), Events: unix.POLLIN}}
-	n, err := unix.Poll(fds, int(d.Milliseconds()))
-	return err == nil && n > 0 && fds[0].Revents&unix.POLLIN != 0
+// takeProbe waits up to d for the probe from port to wait in one of held,
+// accepts it and says which; anything else accepted on the way (an older
+// probe) is closed.
+func takeProbe(held []*Held, port uint16, d time.Duration) (int, bool) {
+	fds := make([]unix.PollFd, len(held))
+	for i, h := range held {
+		fds[i] = unix.PollFd{Fd: int32(h.fd), Events: unix.POLLIN}
+	}
+	for deadline := time.Now().Add(d); time.Now().Before(deadline); {
+		for i := range fds {
+			fds[i].Revents = 0
+		}
+		n, err := unix.Poll(fds, int(time.Until(deadline).Milliseconds())+1)
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			return 0, false
+		}
+		if n <= 0 {
+			continue
+		}
+		for i, f := range fds {
+			if f.Revents&unix.POLLIN == 0 {
+				continue
+			}
+			nfd, sa, err := unix.Accept4(held[i].fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+			if err != nil {
+				continue
+			}
+			unix.Close(nfd)
+			if sockaddrPort(sa) == port {
+				return i, true
+			}
+		}
+	}
+	return 0, false
 }
 
-// take accepts one waiting connection and closes it.
-func (h *Held) take() {
-	if nfd, _, err := unix.Accept4(h.fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC); err == nil {
-		unix.Close(nfd)
+func sockaddrPort(sa unix.Sockaddr) uint16 {
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return uint16(a.Port)
+	case *unix.SockaddrInet6:
+		return uint16(a.Port)
 	}
+	return 0
 }
 
 // indices finds the index of each held socket in its group of n sockets,
@@ -222,20 +275,23 @@ func indices(held []*Held, n int, target netip.AddrPort, keep []int) ([]int, err
 		if slices.Contains(keep, i) {
 			continue
 		}
-		err := probeDial(target, func(port uint16) error {
+		port, err := probeDial(target, func(port uint16) error {
 			return held[0].attach(probeProgram(port, i, rest))
 		})
 		if err != nil {
 			return at, err
 		}
-		for j, h := range held {
-			if at[j] < 0 && h.pending(0) {
-				h.take()
-				at[j] = i
-				found++
-				break
-			}
+		// Every slot outside keep is held, so the probe waits in one of
+		// them: under load the handshake may end a moment after connect.
+		j, ok := takeProbe(held, port, 200*time.Millisecond)
+		if !ok {
+			return at, fmt.Errorf("reuse: probe: no held socket took the probe for slot %d", i)
 		}
+		if at[j] >= 0 {
+			return at, fmt.Errorf("reuse: probe: the held socket at slot %d took the probe for slot %d too", at[j], i)
+		}
+		at[j] = i
+		found++
 	}
 	if found < len(held) {
 		return at, fmt.Errorf("reuse: probe: found %d of %d held sockets in a group of %d", found, len(held), n)
@@ -244,42 +300,39 @@ func indices(held []*Held, n int, target netip.AddrPort, keep []int) ([]int, err
 }
 
 // probeDial connects to target from a loopback port of its own, once
-// before has seen that port, and closes the connection.
-func probeDial(target netip.AddrPort, before func(port uint16) error) error {
-	family, src := unix.AF_INET, unix.Sockaddr(&unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}})
-	var dst unix.Sockaddr = &unix.SockaddrInet4{Addr: target.Addr().As4(), Port: int(target.Port())}
-	if target.Addr().Is6() && !target.Addr().Is4In6() {
+// before has seen that port, closes the connection and returns the port.
+func probeDial(target netip.AddrPort, before func(port uint16) error) (uint16, error) {
+	family := unix.AF_INET
+	src := unix.Sockaddr(&unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}})
+	var dst unix.Sockaddr
+	if a := target.Addr(); a.Is4() || a.Is4In6() {
+		dst = &unix.SockaddrInet4{Addr: a.Unmap().As4(), Port: int(target.Port())}
+	} else {
 		family, src = unix.AF_INET6, &unix.SockaddrInet6{Addr: netip.IPv6Loopback().As16()}
-		dst = &unix.SockaddrInet6{Addr: target.Addr().As16(), Port: int(target.Port())}
+		dst = &unix.SockaddrInet6{Addr: a.As16(), Port: int(target.Port())}
 	}
 	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("reuse: probe: %w", err)
+		return 0, fmt.Errorf("reuse: probe: %w", err)
 	}
 	defer unix.Close(fd)
 	// A connect that hangs (a full queue) gives up after a second.
 	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &unix.Timeval{Sec: 1})
 	if err := unix.Bind(fd, src); err != nil {
-		return fmt.Errorf("reuse: probe: bind: %w", err)
+		return 0, fmt.Errorf("reuse: probe: bind: %w", err)
 	}
 	sa, err := unix.Getsockname(fd)
 	if err != nil {
-		return fmt.Errorf("reuse: probe: %w", err)
+		return 0, fmt.Errorf("reuse: probe: %w", err)
 	}
-	port := 0
-	switch a := sa.(type) {
-	case *unix.SockaddrInet4:
-		port = a.Port
-	case *unix.SockaddrInet6:
-		port = a.Port
-	}
-	if err := before(uint16(port)); err != nil {
-		return err
+	port := sockaddrPort(sa)
+	if err := before(port); err != nil {
+		return 0, err
 	}
 	if err := unix.Connect(fd, dst); err != nil {
-		return fmt.Errorf("reuse: probe: connect to %s: %w", target, err)
+		return 0, fmt.Errorf("reuse: probe: connect to %s: %w", target, err)
 	}
-	return nil
+	return port, nil
 }
 
 // Leave takes held out of their group of n sockets, once their owners

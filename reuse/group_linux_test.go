@@ -35,8 +35,12 @@ func fdOf(t *testing.T, ln net.Listener) int {
 // group listens n times on one fresh port: listener i at index i. Each
 // accepted connection gets one byte and is named on got (when got is read).
 func group(t *testing.T, n int) ([]net.Listener, chan string) {
+	return groupOn(t, "127.0.0.1:0", n)
+}
+
+func groupOn(t *testing.T, addr string, n int) ([]net.Listener, chan string) {
 	t.Helper()
-	lns := []net.Listener{listen(t, "127.0.0.1:0")}
+	lns := []net.Listener{listen(t, addr)}
 	for len(lns) < n {
 		lns = append(lns, listen(t, lns[0].Addr().String()))
 	}
@@ -112,7 +116,20 @@ func TestSpreadRemote(t *testing.T) {
 // the new sockets' slots (L2, L3) must be tracked through the moves. L4,
 // last, must go first: closing another one would move it.
 func TestLeave(t *testing.T) {
-	lns, got := group(t, 5)
+	for _, addr := range []string{"127.0.0.1:0", "[::1]:0"} {
+		t.Run(addr, func(t *testing.T) {
+			if ln, err := net.Listen("tcp", addr); err != nil {
+				t.Skipf("no %s here: %v", addr, err)
+			} else {
+				ln.Close()
+			}
+			testLeave(t, addr)
+		})
+	}
+}
+
+func testLeave(t *testing.T, on string) {
+	lns, got := groupOn(t, on, 5)
 	addr := lns[0].Addr().String()
 	target := netip.MustParseAddrPort(addr)
 	pid := os.Getpid()

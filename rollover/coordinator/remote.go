@@ -229,10 +229,20 @@ func (c *Coordinator) discover(g *gen, alone bool) genView {
 	}
 	var socks []remoteSocket
 	var err error
-	// Ready may come a moment before the listen (notify): look briefly.
-	for deadline := time.Now().Add(time.Second); ; {
-		if socks, err = listenersOf(g.pid, port); err != nil || len(socks) > 0 || time.Now().After(deadline) {
+	// Ready may come a moment before the listen (notify), and with
+	// --ready=listen the first of several workers' sockets makes it ready:
+	// look until two looks 20ms apart agree (bounded).
+	for deadline, seen := time.Now().Add(time.Second), -1; ; {
+		if socks, err = listenersOf(g.pid, port); err != nil || time.Now().After(deadline) {
 			break
+		}
+		if len(socks) > 0 && len(socks) == seen {
+			break
+		}
+		if len(socks) > 0 {
+			seen = len(socks)
+			time.Sleep(20 * time.Millisecond)
+			continue
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -337,7 +347,6 @@ func (c *Coordinator) orderRemote(ctx context.Context, g *gen, socks, succ []rem
 	for addr, hs := range held {
 		c.leave(g, addr, hs, succ)
 	}
-	held = nil
 }
 
 // hold takes a duplicate of each of g's sockets in the TCP groups where it
@@ -374,7 +383,9 @@ func (c *Coordinator) hold(g *gen, socks, succ []remoteSocket) map[string][]*reu
 }
 
 // leave takes g's held sockets of the group at addr out of it, keeping
-// the program on succ's sockets there, the last to join.
+// the program on succ's sockets there, the last to join, and spreads new
+// connections over all of them where they are now. The held sockets are
+// closed whatever happens (the caller closes them too).
 func (c *Coordinator) leave(g *gen, addr string, held []*reuse.Held, succ []remoteSocket) {
 	mine := byGroup(succ)[addr]
 	if len(mine) == 0 {
@@ -385,7 +396,10 @@ func (c *Coordinator) leave(g *gen, addr string, held []*reuse.Held, succ []remo
 	if err == nil {
 		var target netip.AddrPort
 		if target, err = probeTarget(addr); err == nil {
-			_, err = reuse.Leave(held, n, target, reuse.Range(n-len(mine), len(mine)))
+			var keep []int
+			if keep, err = reuse.Leave(held, n, target, reuse.Range(n-len(mine), len(mine))); err == nil {
+				err = reuse.SpreadRemote(mine[0].pid, mine[0].fd, keep)
+			}
 		}
 	}
 	if err != nil {
