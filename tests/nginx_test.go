@@ -151,6 +151,10 @@ type foreignScenario struct {
 	// body starts with Body, "{v}" replaced by the version.
 	VersionHeader string `json:"version_header"`
 	Body          string `json:"body"`
+	// Spread: after the rollovers, this many new connections, each
+	// answered by the process that accepted it (its body ends "pid N"),
+	// tallied in the report's Spread.
+	Spread int `json:"spread,omitempty"`
 }
 
 func (sc foreignScenario) reportPath() string { return filepath.Join(sc.Dir, "report.json") }
@@ -177,6 +181,9 @@ type foreignReport struct {
 	Versions         map[string]int64 `json:"versions"`
 	ObserverFailures int64            `json:"observer_failures"`
 	ObserverSamples  []string         `json:"observer_samples,omitempty"`
+
+	Spread     map[string]int `json:"spread,omitempty"` // answers by "pid N", see foreignScenario.Spread
+	SpreadErrs int            `json:"spread_errors,omitempty"`
 
 	PIDs      []int    `json:"pids"`                // every generation's pid seen
 	Lingering []string `json:"lingering,omitempty"` // old generations' processes alive after the load stopped
@@ -386,6 +393,7 @@ func (sc foreignScenario) run(ctx context.Context, logf func(string, ...any)) (r
 	if ctx.Err() != nil {
 		return fail("interrupted")
 	}
+	rep.Spread, rep.SpreadErrs = sc.spread(ctx, url)
 	rep.End, err = co.status(ctx)
 	if err != nil {
 		return fail("status: %v", err)
@@ -426,6 +434,39 @@ func (sc foreignScenario) run(ctx context.Context, logf func(string, ...any)) (r
 		time.Sleep(20 * time.Millisecond)
 	}
 	return rep
+}
+
+// spread makes sc.Spread requests, each on a new connection, from 8
+// clients, and counts the answers by the pid that ends their body.
+func (sc foreignScenario) spread(ctx context.Context, url string) (map[string]int, int) {
+	if sc.Spread == 0 {
+		return nil, 0
+	}
+	var mu sync.Mutex
+	tally, errs := map[string]int{}, 0
+	next := make(chan struct{}, sc.Spread)
+	for range sc.Spread {
+		next <- struct{}{}
+	}
+	close(next)
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for range next {
+				_, body, err := foreignGet(ctx, url, sc.VersionHeader)
+				_, pid, ok := strings.Cut(strings.TrimSpace(body), " pid ")
+				mu.Lock()
+				if err != nil || !ok {
+					errs++
+				} else {
+					tally["pid "+pid]++
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return tally, errs
 }
 
 // probe checks that a new connection reaches version.
