@@ -182,7 +182,7 @@ type foreignReport struct {
 	ObserverFailures int64            `json:"observer_failures"`
 	ObserverSamples  []string         `json:"observer_samples,omitempty"`
 
-	Spread     map[string]int `json:"spread,omitempty"` // answers by "pid N", see foreignScenario.Spread
+	Spread     map[string]int `json:"spread,omitempty"` // answers by "vN pid N", see foreignScenario.Spread
 	SpreadErrs int            `json:"spread_errors,omitempty"`
 
 	PIDs      []int    `json:"pids"`                // every generation's pid seen
@@ -437,7 +437,8 @@ func (sc foreignScenario) run(ctx context.Context, logf func(string, ...any)) (r
 }
 
 // spread makes sc.Spread requests, each on a new connection, from 8
-// clients, and counts the answers by the pid that ends their body.
+// clients, and counts the answers by version and the pid that ends their
+// body ("v1 pid 1234").
 func (sc foreignScenario) spread(ctx context.Context, url string) (map[string]int, int) {
 	if sc.Spread == 0 {
 		return nil, 0
@@ -453,13 +454,13 @@ func (sc foreignScenario) spread(ctx context.Context, url string) (map[string]in
 	for range 8 {
 		wg.Go(func() {
 			for range next {
-				_, body, err := foreignGet(ctx, url, sc.VersionHeader)
+				version, body, err := foreignGet(ctx, url, sc.VersionHeader)
 				_, pid, ok := strings.Cut(strings.TrimSpace(body), " pid ")
 				mu.Lock()
 				if err != nil || !ok {
 					errs++
 				} else {
-					tally["pid "+pid]++
+					tally[version+" pid "+pid]++
 				}
 				mu.Unlock()
 			}

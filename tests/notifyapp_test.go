@@ -213,3 +213,58 @@ func TestNotifyAppNotSteerable(t *testing.T) {
 		t.Errorf("%d lines say the coordinator cannot steer, want one per generation (2):\n%s", n, log)
 	}
 }
+
+// TestNotifyAppWorkersCanary holds a canary at 30% between two
+// generations of the 4-worker Python app: new connections split 30/70
+// (± 3 sigma) between the generations, and within each generation over all
+// four workers. Then promote finishes the rollover.
+func TestNotifyAppWorkersCanary(t *testing.T) {
+	dir := testproc.ShortDir(t)
+	foreignLeaveNothing(t, dir)
+	app, addr := notifyApp(t, dir)
+	argv := func(v string) []string { return append(app(v), "dumpable", strconv.Itoa(notifyWorkers)) }
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	co, _ := startForeign(t, ctx, filepath.Join(bin, "rollover"), dir, []string{"--ready=notify", "--addr", addr}, argv("v1"))
+	if g1 := foreignGen(t, co.started, 1); !g1.Steerable || g1.Sockets != notifyWorkers {
+		t.Fatalf("gen 1: steerable %v (%s), %d sockets; want steered, %d", g1.Steerable, g1.SteerError, g1.Sockets, notifyWorkers)
+	}
+	next := make(chan error, 1)
+	go func() {
+		_, _, err := co.cli(ctx, append([]string{"next", "--canary", "30%", "--bake", "0s", "--"}, argv("v2")...)...)
+		next <- err
+	}()
+	testproc.WaitFor(t, 30*time.Second, "the canary waiting at 30%", func() bool {
+		st, err := co.status(ctx)
+		return err == nil && st.Rollout != nil && st.Rollout.Phase == "canary" && st.Rollout.Weight == 30 && st.Rollout.Waiting
+	})
+	const n = 2000
+	sc := foreignScenario{VersionHeader: "X-Notifyapp-Version", Body: "notifyapp {v} pid ", Spread: n}
+	byPID, errs := sc.spread(ctx, "http://"+addr+"/")
+	if errs > 0 {
+		t.Errorf("%d of %d requests failed during the canary", errs, n)
+	}
+	answers, workers := map[string]int{}, map[string]int{}
+	for key, c := range byPID {
+		v, _, _ := strings.Cut(key, " ")
+		answers[v] += c
+		workers[v]++
+	}
+	sigma := math.Sqrt(n * 0.3 * 0.7)
+	if d := math.Abs(float64(answers["v2"]) - 0.3*n); d > 3*sigma || answers["v1"]+answers["v2"] != n-errs {
+		t.Errorf("during the 30%% canary: answers by version %v of %d; want v2 %.0f ± %.0f", answers, n, 0.3*n, 3*sigma)
+	}
+	if workers["v1"] != notifyWorkers || workers["v2"] != notifyWorkers {
+		t.Errorf("during the canary, %v workers answered per version (%v); want all %d of each", workers, byPID, notifyWorkers)
+	}
+	t.Logf("30%% canary over two generations of %d workers: %v", notifyWorkers, byPID)
+	if _, _, err := co.cli(ctx, "promote"); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-next; err != nil {
+		t.Fatalf("next after promote: %v", err)
+	}
+	if err := co.stop(ctx); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+}
