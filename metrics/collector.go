@@ -29,6 +29,9 @@ type GenSample struct {
 	Command string
 	State   string
 	Stats   wire.Stats // as the generation last reported them
+	// Instances is how many of its processes serve now (--instances; 1
+	// for a generation of one process).
+	Instances int
 }
 
 // Sample is what the coordinator knows at scrape time.
@@ -82,6 +85,7 @@ var (
 	descAnswers      = prometheus.NewDesc("rollover_answers_total", "Answers the app reported outside net/http (rollover.Answer), by result; failed ones count against the bake's health as 5xx do.", []string{"generation", "result"}, nil)
 	descUDPErrors    = prometheus.NewDesc("rollover_udp_receive_errors_total", "Datagrams the kernel dropped on receive in the coordinator's network namespace (/proc/net/snmp Udp InErrors, RcvbufErrors included), all sockets.", nil, nil)
 	descUDPRcvbuf    = prometheus.NewDesc("rollover_udp_receive_buffer_errors_total", "Datagrams the kernel dropped for a full receive buffer in the coordinator's network namespace (/proc/net/snmp Udp RcvbufErrors), all sockets.", nil, nil)
+	descInstances    = prometheus.NewDesc("rollover_instances", "Processes of the generation that serve now (--instances; 1 for a generation of one process).", []string{"generation"}, nil)
 	descMigrate      = prometheus.NewDesc("rollover_migrate_req_enabled", "1 when net.ipv4.tcp_migrate_req is on in the coordinator's network namespace.", nil, nil)
 )
 
@@ -147,7 +151,7 @@ func (c *Coordinator) Describe(ch chan<- *prometheus.Desc) {
 	for _, m := range c.instruments() {
 		m.Describe(ch)
 	}
-	for _, d := range []*prometheus.Desc{descInfo, descState, descInflight, descConns, descRequests, descResponses, descPanics, descActive, descMigrate,
+	for _, d := range []*prometheus.Desc{descInfo, descState, descInflight, descConns, descRequests, descResponses, descPanics, descActive, descMigrate, descInstances,
 		descDatagrams, descSent, descInflightPkts, descLost, descAnswers, descUDPErrors, descUDPRcvbuf} {
 		ch <- d
 	}
@@ -173,6 +177,7 @@ func (c *Coordinator) Collect(ch chan<- prometheus.Metric) {
 	for _, g := range s.Generations {
 		n := strconv.Itoa(g.N)
 		ch <- prometheus.MustNewConstMetric(descInfo, prometheus.GaugeValue, 1, n, strconv.Itoa(g.PID), g.Command)
+		ch <- prometheus.MustNewConstMetric(descInstances, prometheus.GaugeValue, float64(g.Instances), n)
 		for _, st := range c.states {
 			ch <- prometheus.MustNewConstMetric(descState, prometheus.GaugeValue, b2f(st == g.State), n, st)
 		}

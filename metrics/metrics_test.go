@@ -31,7 +31,7 @@ func sample(gens ...GenSample) func() (Sample, bool) {
 func TestCoordinatorMetricsLintAndValues(t *testing.T) {
 	c := NewCoordinator(sample(
 		GenSample{N: 1, PID: 100, Command: "./api -v1", State: "draining", Stats: wire.Stats{Inflight: 3, Connections: 4, Requests: 10}},
-		GenSample{N: 2, PID: 200, Command: "./api -v2", State: "active", Stats: wire.Stats{Inflight: 1, Connections: 2, Requests: 5}},
+		GenSample{N: 2, PID: 200, Command: "./api -v2", State: "active", Stats: wire.Stats{Inflight: 1, Connections: 2, Requests: 5}, Instances: 3},
 	), testLabels)
 	c.Rollovers.WithLabelValues("ok").Inc()
 	c.Ready.Observe(0.2)
@@ -52,6 +52,10 @@ rollover_inflight_requests{generation="2"} 1
 # HELP rollover_active_generation The generation receiving new connections; 0 when none.
 # TYPE rollover_active_generation gauge
 rollover_active_generation 2
+# HELP rollover_instances Processes of the generation that serve now (--instances; 1 for a generation of one process).
+# TYPE rollover_instances gauge
+rollover_instances{generation="1"} 0
+rollover_instances{generation="2"} 3
 # HELP rollover_generation_state 1 for the state the generation is in, 0 for the others.
 # TYPE rollover_generation_state gauge
 rollover_generation_state{generation="1",state="active"} 0
@@ -70,7 +74,7 @@ rollover_rollovers_total{result="ok"} 1
 rollover_rollovers_total{result="rolled_back"} 0
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
-		"rollover_inflight_requests", "rollover_active_generation", "rollover_generation_state", "rollover_rollovers_total"); err != nil {
+		"rollover_inflight_requests", "rollover_active_generation", "rollover_instances", "rollover_generation_state", "rollover_rollovers_total"); err != nil {
 		t.Error(err)
 	}
 }

@@ -246,7 +246,10 @@ func TestPacketCloseDuringGrace(t *testing.T) {
 	}
 	coord.expect(wire.TypeReady)
 	u := newUDPClient(t, p.LocalAddr().String())
-	coord.command(wire.Msg{Type: wire.TypeDrain, ID: 1, GraceMS: 300, TimeoutMS: 5000})
+	// A grace long enough that the datagrams below are sent within it on
+	// a loaded machine (go test runs packages side by side): at 300ms
+	// they once came after it, and were lost as they should be.
+	coord.command(wire.Msg{Type: wire.TypeDrain, ID: 1, GraceMS: 2000, TimeoutMS: 5000})
 	closed := make(chan struct{})
 	go func() { _ = p.Close(); close(closed) }()
 	u.send(t, 50) // during the grace: still routed here (no successor)

@@ -105,13 +105,13 @@ func TestCLIHelp(t *testing.T) {
 	}
 	// The flags a command takes are in its help.
 	start, _, _ := rolloverCLI(t, nil, "start", "--help")
-	for _, f := range []string{"--ready-timeout", "--drain-timeout", "--drain-grace", "--kill-grace", "--metrics-addr", "--log-format", "--ready", "--addr", "--drain-signal", "--adopt-wait", "--adopt-timeout"} {
+	for _, f := range []string{"--ready-timeout", "--drain-timeout", "--drain-grace", "--kill-grace", "--metrics-addr", "--log-format", "--ready", "--addr", "--drain-signal", "--instances", "--adopt-wait", "--adopt-timeout"} {
 		if !strings.Contains(start, "      "+f+" ") {
 			t.Errorf("start --help does not list %s", f)
 		}
 	}
 	next, _, _ := rolloverCLI(t, nil, "next", "--help")
-	for _, f := range []string{"--wait", "--json", "--expect-generation", "--ready", "--addr", "--drain-signal"} {
+	for _, f := range []string{"--wait", "--json", "--expect-generation", "--ready", "--addr", "--drain-signal", "--instances"} {
 		if !strings.Contains(next, "      "+f+" ") {
 			t.Errorf("next --help does not list %s", f)
 		}
@@ -151,6 +151,9 @@ func TestCLIUsageErrors(t *testing.T) {
 		{[]string{"start", "--log-format", "xml", "--", "true"}, 2, "--log-format must be text or json"},
 		{[]string{"start", "--metrics-addr", "9754", "--", "true"}, 2, "--metrics-addr must be HOST:PORT"},
 		{[]string{"start", "--ready", "sometimes", "--", "true"}, 2, "--ready must be library, notify or listen"},
+		{[]string{"start", "--instances", "65", "--", "true"}, 2, "--instances must be 1 to 64, not 65"},
+		{[]string{"start", "--instances", "4", "--", "true"}, 2, "--instances 4 needs --ready=notify or --ready=listen"},
+		{[]string{"next", "--instances", "-1"}, 2, "--instances must be 1 to 64, not -1"},
 		{[]string{"next", "--expect-generation", "-3"}, 2, "--expect-generation must be a generation number"},
 		{[]string{"next", "--addr", "8080"}, 2, "--addr must be HOST:PORT"},
 		{[]string{"status", "--interval", "1s"}, 2, "--interval goes with --watch"},

@@ -155,6 +155,9 @@ type foreignScenario struct {
 	// answered by the process that accepted it (its body ends "pid N"),
 	// tallied in the report's Spread.
 	Spread int `json:"spread,omitempty"`
+	// KillInstance: then SIGKILL one instance of the active generation
+	// (--instances) under keep-alive clients (the report's Kill).
+	KillInstance bool `json:"kill_instance,omitempty"`
 }
 
 func (sc foreignScenario) reportPath() string { return filepath.Join(sc.Dir, "report.json") }
@@ -184,6 +187,7 @@ type foreignReport struct {
 
 	Spread     map[string]int `json:"spread,omitempty"` // answers by "vN pid N", see foreignScenario.Spread
 	SpreadErrs int            `json:"spread_errors,omitempty"`
+	Kill       *instanceKill  `json:"kill,omitempty"`
 
 	PIDs      []int    `json:"pids"`                // every generation's pid seen
 	Lingering []string `json:"lingering,omitempty"` // old generations' processes alive after the load stopped
@@ -394,6 +398,9 @@ func (sc foreignScenario) run(ctx context.Context, logf func(string, ...any)) (r
 		return fail("interrupted")
 	}
 	rep.Spread, rep.SpreadErrs = sc.spread(ctx, url)
+	if sc.KillInstance {
+		rep.Kill = sc.killInstance(ctx, co, url)
+	}
 	rep.End, err = co.status(ctx)
 	if err != nil {
 		return fail("status: %v", err)

@@ -62,16 +62,7 @@ func TestNotifyAppRollover(t *testing.T) {
 	rep := runForeignInNetns(t, sc)
 	// The last generation's workers share new connections evenly: each
 	// takes a quarter of them, within 3 sigma (binomial).
-	if len(rep.Spread) != notifyWorkers || rep.SpreadErrs > 0 {
-		t.Errorf("after the rollovers, %d new connections were answered by %d processes (%v, %d failed); want %d workers", sc.Spread, len(rep.Spread), rep.Spread, rep.SpreadErrs, notifyWorkers)
-	}
-	p := 1.0 / notifyWorkers
-	sigma := math.Sqrt(float64(sc.Spread) * p * (1 - p))
-	for pid, n := range rep.Spread {
-		if math.Abs(float64(n)-float64(sc.Spread)*p) > 3*sigma {
-			t.Errorf("%s answered %d of %d new connections; want %.0f ± %.0f", pid, n, sc.Spread, float64(sc.Spread)*p, 3*sigma)
-		}
-	}
+	checkSpread(t, "after the rollovers", rep.Spread, rep.SpreadErrs, sc.Spread, notifyWorkers)
 	t.Logf("the last generation's workers, by new connections: %v", rep.Spread)
 	g1 := foreignGen(t, rep.Start, 1)
 	if want := "serving v1 on " + addr; g1.Ready != "notify" || g1.Notify != want || !g1.Steerable || g1.Sockets != notifyWorkers {

@@ -200,13 +200,13 @@ func TestPrintStatus(t *testing.T) {
 		Rollout: &wire.RolloutStatus{Generation: 2, Phase: "baking", BakeLeftMS: 3_600_000},
 		Generations: []wire.GenStatus{
 			{Generation: 1, PID: 11, State: "draining", StartedAt: now.Add(-2*time.Hour - 5*time.Minute), Argv: []string{"./api"}},
-			{Generation: 2, PID: 12, State: "active", StartedAt: now.Add(-3 * time.Second), Steerable: true, Sockets: 4, Argv: []string{"nginx"}},
+			{Generation: 2, PID: 12, State: "active", StartedAt: now.Add(-3 * time.Second), Steerable: true, Sockets: 4, Instances: 4, Serving: 3, Argv: []string{"nginx"}},
 		}}
 	var b bytes.Buffer
 	if err := printStatus(&b, st, now); err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"rollover in progress: yes,", "\nphase: baking gen 2 (1h left): gen 1 takes the port back if it fails\n", " 2h05m ", " 3s ", " yes, 4 sockets ", " no (tcp_migrate_req) "} {
+	for _, want := range []string{"rollover in progress: yes,", "\nphase: baking gen 2 (1h left): gen 1 takes the port back if it fails\n", " 2h05m ", " 3s ", " yes, 4 sockets ", " no (tcp_migrate_req) ", " active, 3/4 instances "} {
 		if !strings.Contains(b.String(), want) {
 			t.Errorf("status lacks %q:\n%s", want, b.String())
 		}

@@ -22,6 +22,7 @@ import (
 // generation's).
 type launchOpts struct {
 	ready, addr, drainSignal string
+	instances                int
 }
 
 func (l *launchOpts) add(f *pflag.FlagSet, next bool) {
@@ -34,6 +35,7 @@ func (l *launchOpts) add(f *pflag.FlagSet, next bool) {
 	f.StringVar(&l.ready, "ready", "", "how the app reports ready (`MODE`): library (links github.com/rollover-sh/rollover), notify (READY=1 on $NOTIFY_SOCKET), listen (listens on --addr) (default "+dflt("library")+")")
 	f.StringVar(&l.addr, "addr", "", "`HOST:PORT` the app listens on; needed by --ready=listen, and tells when an app without the library has left the port")
 	f.StringVar(&l.drainSignal, "drain-signal", "", "`SIGNAL` that makes an app without the library drain; nginx wants SIGQUIT (default "+dflt("SIGTERM")+")")
+	f.IntVar(&l.instances, "instances", 0, "`N` processes per generation, each binding the port on its own with $ROLLOVER_INSTANCE set to 0..N-1; new connections spread over them (apps without the library; default "+dflt("1")+")")
 }
 
 func (l *launchOpts) resolve() (coordinator.Launch, error) {
@@ -55,7 +57,10 @@ func (l *launchOpts) resolve() (coordinator.Launch, error) {
 			return out, usageErr("--addr must be HOST:PORT, not %q", l.addr)
 		}
 	}
-	out.Ready, out.Addr = l.ready, l.addr
+	if l.instances < 0 || l.instances > 64 {
+		return out, usageErr("--instances must be 1 to 64, not %d", l.instances)
+	}
+	out.Ready, out.Addr, out.Instances = l.ready, l.addr, l.instances
 	return out, nil
 }
 
@@ -165,7 +170,7 @@ func runNext(g *globals, o *nextOpts, typ string, cmd *cobra.Command, argv []str
 		if err != nil {
 			return err
 		}
-		req.Ready, req.Addr = launch.Ready, launch.Addr
+		req.Ready, req.Addr, req.Instances = launch.Ready, launch.Addr, launch.Instances
 		if launch.DrainSignal != 0 {
 			req.DrainSignal = wire.Signal(launch.DrainSignal)
 		}

@@ -137,7 +137,7 @@ func runStart(ctx context.Context, g *globals, o *startOpts, cmd *cobra.Command,
 	cfg := coordinator.Config{
 		Argv: argv, Socket: socket, ReadyTimeout: o.readyTimeout, DrainTimeout: o.drainTimeout,
 		DrainGrace: o.drainGrace, KillGrace: o.killGrace, Log: log, AdoptWait: o.adoptWait, AdoptTimeout: o.adoptTimeout,
-		Ready: launch.Ready, Addr: launch.Addr, DrainSignal: launch.DrainSignal, Notify: systemdNotifier(log),
+		Ready: launch.Ready, Addr: launch.Addr, DrainSignal: launch.DrainSignal, Instances: launch.Instances, Notify: systemdNotifier(log),
 		AllowForeign: o.allowForeign,
 	}
 	if err := o.safe.startConfig(cmd.Flags(), &cfg); err != nil {

@@ -112,11 +112,20 @@ func printStatus(w io.Writer, st *wire.Status, now time.Time) error {
 		if !g.Steerable {
 			steer = "no (tcp_migrate_req)"
 		}
-		fmt.Fprintf(tw, "%d\t%d\t%s\t%d\t%d\t%d\t%s%s\t%s\t%s\n", g.Generation, g.PID, g.State,
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%d\t%d\t%d\t%s%s\t%s\t%s\n", g.Generation, g.PID, stateCell(g),
 			g.Stats.Inflight, g.Stats.Connections, g.Stats.Requests, udpCell(udp, g.Stats), steer,
 			fmtAge(now.Sub(g.StartedAt)), strings.Join(g.Argv, " "))
 	}
 	return tw.Flush()
+}
+
+// stateCell is a generation's state, with how many of its instances serve
+// when it runs several (--instances): "active, 3/4 instances".
+func stateCell(g wire.GenStatus) string {
+	if g.Instances == 0 {
+		return g.State
+	}
+	return fmt.Sprintf("%s, %d/%d instances", g.State, g.Serving, g.Instances)
 }
 
 // servesUDP reports whether a generation of st has read datagrams: only

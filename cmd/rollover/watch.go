@@ -251,7 +251,7 @@ func (w *watcher) frame(st *wire.Status, now time.Time) []string {
 		if sg := w.gens[g.Generation]; sg != nil && g.State == "draining" {
 			drain = fmt.Sprintf("%s %d/%d", bar(sg.maxConns-g.Stats.Connections, sg.maxConns, 20), g.Stats.Connections, sg.maxConns)
 		}
-		fmt.Fprintf(tw, "%d\t%d\t%s\t%d\t%d\t%s%s\t%s\t%s\n", g.Generation, g.PID, g.State,
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%d\t%d\t%s%s\t%s\t%s\n", g.Generation, g.PID, stateCell(g),
 			g.Stats.Inflight, g.Stats.Connections, udpCell(udp, g.Stats), fmtAge(now.Sub(g.StartedAt)), drain, strings.Join(g.Argv, " "))
 	}
 	_ = tw.Flush()
@@ -290,7 +290,7 @@ func (w *watcher) frame(st *wire.Status, now time.Time) []string {
 func (w *watcher) summary(st *wire.Status, now time.Time) string {
 	parts := []string{fmt.Sprintf("active gen %d, rollover in progress: %s%s", st.Active, yesNo(st.InProgress), bakeCanary(st))}
 	for _, g := range st.Generations {
-		s := fmt.Sprintf("gen %d %s pid %d: %d in flight, %d connections, up %s", g.Generation, g.State, g.PID,
+		s := fmt.Sprintf("gen %d %s pid %d: %d in flight, %d connections, up %s", g.Generation, stateCell(g), g.PID,
 			g.Stats.Inflight, g.Stats.Connections, fmtAge(now.Sub(g.StartedAt)))
 		if servesUDP(st) {
 			s += fmt.Sprintf(", udp %d read, %d sent, %d in flight, %d lost", g.Stats.Datagrams, g.Stats.DatagramsSent, g.Stats.InflightPackets, g.Stats.DatagramsLost)

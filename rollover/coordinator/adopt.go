@@ -87,6 +87,7 @@ func (c *Coordinator) adopt() bool {
 		g.pid, g.secret, g.start, g.proc = sg.PID, sg.Secret, sg.Start, proc
 		g.adopting = true
 		g.wasActive = sg.N == s.Active
+		g.instances = sg.Launch.Instances // as far as we know: its supervisor told our predecessor
 		waiting = append(waiting, g)
 	}
 	if len(waiting) == 0 {

@@ -419,7 +419,7 @@ func (e *lossError) Error() string {
 
 // cliRequest reads a next or rollback request.
 func cliRequest(m wire.Msg) (rolloverReq, error) {
-	req := rolloverReq{launch: Launch{Argv: m.Argv, Ready: m.Ready, Addr: m.Addr, DrainSignal: syscall.Signal(m.DrainSignal)},
+	req := rolloverReq{launch: Launch{Argv: m.Argv, Ready: m.Ready, Addr: m.Addr, DrainSignal: syscall.Signal(m.DrainSignal), Instances: m.Instances},
 		expect: m.ExpectGeneration, rollback: m.Type == wire.TypeRollback, healthURL: m.HealthURL, wait: m.Wait}
 	if m.Bake != "" {
 		d, err := time.ParseDuration(m.Bake)

@@ -76,6 +76,7 @@ type Config struct {
 	Ready       string
 	Addr        string
 	DrainSignal syscall.Signal
+	Instances   int // processes per generation (0: 1)
 
 	// Bake is how long the old generation keeps its listener, steered
 	// away, after a rollover, so that the rollover can be rolled back at
@@ -133,7 +134,7 @@ type Coordinator struct {
 
 // New validates cfg and opens the control socket.
 func New(cfg Config) (*Coordinator, error) {
-	launch := Launch{Argv: cfg.Argv, Ready: cfg.Ready, Addr: cfg.Addr, DrainSignal: cfg.DrainSignal}.withDefaults(Launch{})
+	launch := Launch{Argv: cfg.Argv, Ready: cfg.Ready, Addr: cfg.Addr, DrainSignal: cfg.DrainSignal, Instances: cfg.Instances}.withDefaults(Launch{})
 	if err := launch.check(); err != nil {
 		return nil, err
 	}
@@ -174,6 +175,7 @@ func New(cfg Config) (*Coordinator, error) {
 		after:        c.after,
 		save:         c.save,
 		restart:      c.restart,
+		repin:        func(g *gen) { c.tasks.Go(func(context.Context) { c.repin(g) }) },
 		notify:       c.notify,
 		drainTimeout: cfg.DrainTimeout,
 	})

@@ -108,19 +108,22 @@ func (c *Coordinator) restart() { c.rollAgain("restart") }
 // watchReady makes g ready the way its launch says; the library's ready
 // message arrives on the control socket instead.
 func (c *Coordinator) watchReady(g *gen) {
-	switch g.launch.Ready {
-	case ReadyNotify:
+	switch {
+	case g.launch.Ready == ReadyNotify || g.launch.supervised():
 		c.tasks.Go(func(context.Context) {
 			g.notify.read(func(kv map[string]string) {
 				if st, ok := kv["STATUS"]; ok {
 					c.post(evNotifyStatus{g: g, text: st})
+				}
+				if n, ok := instanceCount(kv); ok {
+					c.post(evInstances{g: g, serving: n, exited: kv[notifyExited]})
 				}
 				if kv["READY"] == "1" {
 					c.post(evReady{g: g})
 				}
 			})
 		})
-	case ReadyListen:
+	case g.launch.Ready == ReadyListen:
 		c.tasks.Go(func(context.Context) { // bounded by the ready timeout and the exit
 			if waitListening(g.pid, g.launch.Addr, true, c.cfg.ReadyTimeout, g.gone) {
 				c.post(evReady{g: g})

@@ -39,7 +39,7 @@ type gen struct {
 	// WaitDelay). Nil for an adopted one, which is not our child.
 	end    context.CancelFunc
 	tail   *tail
-	notify *notifySocket // ReadyNotify only
+	notify *notifySocket // ReadyNotify, or a supervisor of instances
 	exe    fileID        // the program file, as it was at spawn
 
 	// owner: other goroutines learn them through a genView (qGen)
@@ -64,6 +64,7 @@ type gen struct {
 	killed       bool         // by its drain deadline or a forced stop
 	forcedConns  int64        // cut at its drain deadline
 	forcedReqs   int64
+	instances    int            // of its instances, how many serve now (supervised)
 	remote       []remoteSocket // its listening sockets, when the coordinator steers them
 	held         bool           // the coordinator holds its sockets until they leave their groups in order
 
@@ -91,6 +92,18 @@ func newGen(n int, l Launch) *gen {
 		g.steerErr = "the app does not link the rollover library (--ready=" + l.Ready + ")"
 	}
 	return g
+}
+
+// serving is how many of g's processes serve now: its supervisor's count
+// of its instances, or 1 for one process. Owner only.
+func (g *gen) serving() int {
+	switch {
+	case g.state == stateGone:
+		return 0
+	case g.launch.supervised():
+		return g.instances
+	}
+	return 1
 }
 
 // port is the port g serves (0: unknown): from its listeners' addresses,
@@ -204,8 +217,20 @@ func (s *spawner) spawn(g *gen) error {
 		path = abs
 	}
 	g.exe = identify(path)
+	args := g.launch.Argv[1:]
+	if g.launch.supervised() {
+		// N instances under the rollover binary's supervisor, which says
+		// READY=1 once all of them are ready.
+		self, err := os.Executable()
+		if err != nil {
+			return fmt.Errorf("%w: --instances: cannot find the rollover binary to supervise the instances: %v", ErrCommand, err)
+		}
+		a := instancesArgs{n: g.launch.Instances, ready: g.launch.Ready, addr: g.launch.Addr, drain: g.launch.DrainSignal,
+			argv: append([]string{path}, g.launch.Argv[1:]...)}
+		path, args = self, a.args()
+	}
 	notifyPath := ""
-	if g.launch.Ready == ReadyNotify {
+	if g.launch.Ready == ReadyNotify || g.launch.supervised() {
 		ns, err := openNotify(filepath.Dir(s.socket), g.n)
 		if err != nil {
 			return err
@@ -213,8 +238,11 @@ func (s *spawner) spawn(g *gen) error {
 		g.notify, notifyPath = ns, ns.path
 	}
 	ctx, end := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, path, g.launch.Argv[1:]...)
+	cmd := exec.CommandContext(ctx, path, args...)
 	cmd.Args[0] = g.launch.Argv[0]
+	if g.launch.supervised() {
+		cmd.Args[0] = "rollover"
+	}
 	cmd.Env = childEnv(s.socket, g.n, g.secret, notifyPath, s.adoptTimeout)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	// Polite first: SIGTERM to the whole group. Past WaitDelay, exec kills

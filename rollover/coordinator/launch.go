@@ -37,6 +37,9 @@ type Launch struct {
 	Ready       string         // ReadyLibrary (default), ReadyNotify or ReadyListen
 	Addr        string         // host:port the app listens on; required for ReadyListen
 	DrainSignal syscall.Signal // for apps without the library; default SIGTERM
+	// Instances is how many processes the generation runs, each binding
+	// the port on its own (default 1; see Supervise).
+	Instances int `json:",omitempty"`
 }
 
 // withDefaults fills l's empty fields from base.
@@ -52,6 +55,12 @@ func (l Launch) withDefaults(base Launch) Launch {
 	}
 	if l.DrainSignal == 0 {
 		l.DrainSignal = base.DrainSignal
+	}
+	if l.Instances == 0 {
+		l.Instances = base.Instances
+	}
+	if l.Instances == 0 {
+		l.Instances = 1
 	}
 	if l.Ready == "" {
 		l.Ready = ReadyLibrary
@@ -83,8 +92,17 @@ func (l Launch) checkMode() error {
 	if l.Ready == ReadyListen && l.Addr == "" {
 		return fmt.Errorf("%w: --ready=listen needs --addr host:port, the address the app listens on", ErrUsage)
 	}
+	switch {
+	case l.Instances < 0 || l.Instances > maxGroup:
+		return fmt.Errorf("%w: --instances must be 1 to %d, not %d", ErrUsage, maxGroup, l.Instances)
+	case l.Instances > 1 && l.Ready == ReadyLibrary:
+		return fmt.Errorf("%w: --instances %d needs --ready=notify or --ready=listen: an app that links the library runs one process per generation for now", ErrUsage, l.Instances)
+	}
 	return nil
 }
+
+// supervised reports whether l runs under a supervisor of its instances.
+func (l Launch) supervised() bool { return l.Instances > 1 }
 
 // checkAddr checks --addr, resolving its host.
 func (l Launch) checkAddr() error {
@@ -115,7 +133,10 @@ type notifySocket struct {
 }
 
 func openNotify(dir string, n int) (*notifySocket, error) {
-	path := filepath.Join(dir, fmt.Sprintf("gen%d.notify", n))
+	return openNotifyAt(filepath.Join(dir, fmt.Sprintf("gen%d.notify", n)))
+}
+
+func openNotifyAt(path string) (*notifySocket, error) {
 	_ = os.Remove(path)
 	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
 	if err != nil {

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -126,5 +127,40 @@ func TestDiagListening(t *testing.T) {
 	find("/proc/self/net/tcp", proc)
 	if !sameNetns("/proc/self") || !sameNetns(fmt.Sprintf("/proc/%d", os.Getppid())) {
 		t.Error("sameNetns: this process and its parent are in other network namespaces")
+	}
+}
+
+// TestInstancesArgs: the supervisor's command line reads back as it was
+// rendered, and what a launch of several instances may not be is refused
+// in one line.
+func TestInstancesArgs(t *testing.T) {
+	a := instancesArgs{n: 4, ready: ReadyListen, addr: "127.0.0.1:8080", drain: syscall.SIGQUIT, argv: []string{"/usr/sbin/app", "-x", "--", "y"}}
+	got, err := parseInstancesArgs(a.args()[1:])
+	if err != nil || got.n != a.n || got.ready != a.ready || got.addr != a.addr || got.drain != a.drain || !slices.Equal(got.argv, a.argv) {
+		t.Fatalf("parse(%q) = %+v, %v; want %+v", a.args(), got, err, a)
+	}
+	for _, bad := range [][]string{{"-n", "0", "--", "app"}, {"-n", "2", "-ready", "library", "--", "app"}, {"-n", "2", "-ready", "listen", "--", "app"}, {"-n", "2", "--"}} {
+		if _, err := parseInstancesArgs(bad); err == nil {
+			t.Errorf("parse(%q): no error", bad)
+		}
+	}
+	for _, tc := range []struct {
+		l    Launch
+		want string
+	}{
+		{Launch{Argv: []string{"true"}, Ready: ReadyNotify, Instances: 65}, "--instances must be 1 to 64, not 65"},
+		{Launch{Argv: []string{"true"}, Ready: ReadyLibrary, Instances: 2}, "--instances 2 needs --ready=notify or --ready=listen"},
+		{Launch{Argv: []string{"true"}, Ready: ReadyNotify, Instances: 4}, ""},
+	} {
+		err := tc.l.checkMode()
+		if (tc.want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("%+v: %v, want %q", tc.l, err, tc.want)
+		}
+	}
+	if l := (Launch{Argv: []string{"true"}}).withDefaults(Launch{Instances: 3}); l.Instances != 3 {
+		t.Errorf("instances default to the active generation's: got %d, want 3", l.Instances)
+	}
+	if l := (Launch{Argv: []string{"true"}}).withDefaults(Launch{}); l.Instances != 1 || l.supervised() {
+		t.Errorf("instances default to 1: got %d", l.Instances)
 	}
 }

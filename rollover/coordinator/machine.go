@@ -108,6 +108,13 @@ type (
 		g    *gen
 		text string
 	}
+	// evInstances: of g's instances (--instances), serving serve now;
+	// exited, when set, says which one exited and how.
+	evInstances struct {
+		g       *gen
+		serving int
+		exited  string
+	}
 	evStats struct {
 		g     *gen
 		stats wire.Stats
@@ -254,6 +261,7 @@ func (evBegin) isEvent()          {}
 func (evHello) isEvent()          {}
 func (evReady) isEvent()          {}
 func (evNotifyStatus) isEvent()   {}
+func (evInstances) isEvent()      {}
 func (evStats) isEvent()          {}
 func (evDisconnected) isEvent()   {}
 func (evActivate) isEvent()       {}
@@ -381,6 +389,9 @@ type effects struct {
 	save func(s *saved)
 	// restart rolls over to the last active command line (a restart).
 	restart func()
+	// repin finds g's sockets again and spreads new connections over
+	// them, g being alone in its groups.
+	repin func(g *gen)
 	// notify tells the service manager (sd_notify), when there is one.
 	notify       func(msg string)
 	drainTimeout time.Duration
@@ -445,6 +456,8 @@ func (m *machine) step(ev event) {
 		m.ready(e)
 	case evNotifyStatus:
 		e.g.notifyStatus = e.text
+	case evInstances:
+		m.instances(e)
 	case evStats:
 		m.stats(e.g, e.stats)
 	case evDisconnected:
@@ -770,6 +783,22 @@ func (m *machine) judge(g *gen) {
 	}
 	g.unhealthy = true
 	m.tell(verdict{cause: causeHealth, detail: fmt.Sprintf("%d of %d %s (%.0f%%, limit %.0f%% of at least %d)", bad, total, what, 100*float64(bad)/float64(total), 100*g.health.MaxErrorRatio, g.health.MinRequests)})
+}
+
+// instances records how many of g's instances serve. One that exited in
+// g's bake or canary rolls the generation back, as its whole exit would;
+// after that its supervisor restarts it alone. The active generation's
+// groups lost or gained a socket: the program is rebuilt over those left.
+func (m *machine) instances(e evInstances) {
+	g := e.g
+	g.instances = e.serving
+	if e.exited != "" && m.judged == g {
+		m.tell(verdict{cause: causeExited, detail: e.exited})
+	}
+	if g.state == stateGone || g.remote == nil || m.active != g || m.roll != nil {
+		return
+	}
+	m.fx.repin(g)
 }
 
 // tell passes v to the rollover in progress; it never blocks (the
@@ -1112,6 +1141,10 @@ func (m *machine) status() wire.Status {
 			Steerable: g.steerable, SteerError: g.steerErr, Sockets: len(g.remote), StartedAt: g.start, Stats: g.stats,
 			Ready: g.launch.Ready, Notify: g.notifyStatus,
 		})
+		if g.launch.supervised() {
+			st.Generations[len(st.Generations)-1].Instances = g.launch.Instances
+			st.Generations[len(st.Generations)-1].Serving = g.serving()
+		}
 	}
 	return st
 }
@@ -1124,6 +1157,7 @@ func (m *machine) sample() metrics.Sample {
 	for _, g := range m.sorted() {
 		s.Generations = append(s.Generations, metrics.GenSample{
 			N: g.n, PID: g.pid, Command: strings.Join(g.launch.Argv, " "), State: g.state.String(), Stats: g.stats,
+			Instances: g.serving(),
 		})
 	}
 	return s

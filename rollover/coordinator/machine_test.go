@@ -57,6 +57,7 @@ func newWorld(t *testing.T) *fakeWorld {
 		},
 		save:         func(*saved) {},
 		restart:      func() { w.did = append(w.did, "restart") },
+		repin:        func(g *gen) { w.did = append(w.did, fmt.Sprintf("repin %d", g.n)) },
 		notify:       func(msg string) { w.did = append(w.did, "notify "+strings.ReplaceAll(msg, "\n", " ")) },
 		drainTimeout: 30 * time.Second,
 	}
@@ -433,6 +434,32 @@ func TestMachine(t *testing.T) {
 			w.outcomes(t, map[string]float64{"ok": 1, "rolled_back": 1})
 			if w.didAny("order 1") {
 				t.Error("the old generation was told to drain: it must take the port back")
+			}
+		}},
+		{"instances: one that exits in the bake rolls back; the active generation re-pins after one left or came back, not during a rollover", func(t *testing.T, w *fakeWorld) {
+			g1 := w.start()
+			g1.launch.Instances, g1.launch.Ready = 4, ReadyNotify
+			w.m.step(evSockets{g: g1, socks: []remoteSocket{{pid: 10, fd: 3}, {pid: 11, fd: 3}}})
+			w.m.step(evInstances{g: g1, serving: 4})
+			w.m.step(evInstances{g: g1, serving: 3, exited: "instance 1 of 4, pid 11: signal: killed"})
+			if st := w.status(); st.Generations[0].Instances != 4 || st.Generations[0].Serving != 3 || st.Active != 1 || w.m.roll != nil {
+				t.Fatalf("after an instance of the active generation exited: %+v", st.Generations[0])
+			}
+			if n := strings.Count(strings.Join(w.did, ","), "repin 1"); n != 2 {
+				t.Fatalf("the active generation, alone, re-pinned %d times over 2 changes; did %v", n, w.did)
+			}
+			b := w.baking(&wire.Health{MinRequests: 20, MaxErrorRatio: 0.1})
+			w.m.step(evRelease{g: g1})
+			w.m.step(evInstances{g: g1, serving: 4}) // the old one's restart, during the rollover
+			if n := strings.Count(strings.Join(w.did, ","), "repin"); n != 2 {
+				t.Fatalf("re-pinned during a rollover; did %v", w.did)
+			}
+			if _, ok := verdictOf(b); ok {
+				t.Fatal("a verdict before anything failed")
+			}
+			w.m.step(evInstances{g: b.g, serving: 3, exited: "instance 2 of 4, pid 20: signal: killed"})
+			if v, ok := verdictOf(b); !ok || v.cause != causeExited || v.detail != "instance 2 of 4, pid 20: signal: killed" {
+				t.Fatalf("an instance's exit in the bake: verdict %+v (%v), want exited", v, ok)
 			}
 		}},
 		{"a rollback drains a live new generation; after the bake a crash restarts", func(t *testing.T, w *fakeWorld) {

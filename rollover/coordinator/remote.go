@@ -223,29 +223,7 @@ func steerRemote(socks []remoteSocket, weight int) error {
 // the group then points at it before any successor listens. It returns
 // g's view with the steering it gets.
 func (c *Coordinator) discover(g *gen, alone bool) genView {
-	port := 0
-	if g.launch.Addr != "" {
-		_, port, _ = parseAddr(g.launch.Addr)
-	}
-	var socks []remoteSocket
-	var err error
-	// Ready may come a moment before the listen (notify), and with
-	// --ready=listen the first of several workers' sockets makes it ready:
-	// look until two looks 20ms apart agree (bounded).
-	for deadline, seen := time.Now().Add(time.Second), -1; ; {
-		if socks, err = listenersOf(g.pid, port); err != nil || time.Now().After(deadline) {
-			break
-		}
-		if len(socks) > 0 && len(socks) == seen {
-			break
-		}
-		if len(socks) > 0 {
-			seen = len(socks)
-			time.Sleep(20 * time.Millisecond)
-			continue
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	socks, err := look(g)
 	if err == nil {
 		err = remotePlan(socks)
 		if err != nil && len(socks) > 0 {
@@ -280,6 +258,51 @@ func (c *Coordinator) discover(g *gen, alone bool) genView {
 	}
 	c.post(evSockets{g: g, socks: socks, why: why})
 	return c.view(g)
+}
+
+// look finds g's listening sockets. Ready may come a moment before the
+// listen (notify), and with --ready=listen the first of several workers'
+// sockets makes it ready: it looks until two looks 20ms apart agree
+// (bounded).
+func look(g *gen) ([]remoteSocket, error) {
+	port := 0
+	if g.launch.Addr != "" {
+		_, port, _ = parseAddr(g.launch.Addr)
+	}
+	for deadline, seen := time.Now().Add(time.Second), -1; ; {
+		socks, err := listenersOf(g.pid, port)
+		if err != nil || time.Now().After(deadline) || (len(socks) > 0 && len(socks) == seen) {
+			return socks, err
+		}
+		if len(socks) > 0 {
+			seen = len(socks)
+			time.Sleep(20 * time.Millisecond)
+			continue
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// repin finds the active generation's sockets again after one of its
+// instances exited or came back (its groups lost or gained a member), and
+// spreads new connections over them: it is alone in its groups. What it
+// cannot do leaves the steering as it was, and says so.
+func (c *Coordinator) repin(g *gen) {
+	socks, err := look(g)
+	if err == nil && len(socks) == 0 {
+		err = errors.New("no listening socket left")
+	}
+	if err == nil {
+		err = remotePlan(socks)
+	}
+	if err == nil {
+		err = pinRemote(socks)
+	}
+	if err != nil {
+		c.log.Warn("could not spread new connections over the instances left", "gen", g.n, "err", err)
+		return
+	}
+	c.post(evSockets{g: g, socks: socks})
 }
 
 // orderRemote hands the port of a generation steered from outside over,

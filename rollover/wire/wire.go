@@ -156,6 +156,9 @@ type Msg struct {
 	Ready            string `json:"ready,omitempty"`
 	Addr             string `json:"addr,omitempty"`
 	DrainSignal      Signal `json:"drain_signal,omitempty"`
+	// Instances is how many processes the new generation runs (0: as the
+	// active one).
+	Instances int `json:"instances,omitempty"`
 	// Bake is a duration ("5s"; empty: the coordinator's --bake). Canary
 	// lists the weights of a canary's steps in percent; StepMS is how long
 	// each lasts (0: wait for TypePromote or TypeAbort). HealthURL is
@@ -450,10 +453,14 @@ type GenStatus struct {
 	// SteerError says why it cannot be steered; Sockets counts the
 	// listening sockets the coordinator steers for an app without the
 	// library (0: the library steers, or nobody).
-	SteerError string    `json:"steer_error,omitempty"`
-	Sockets    int       `json:"sockets,omitempty"`
-	StartedAt  time.Time `json:"started_at"`
-	Stats      Stats     `json:"stats"`
+	SteerError string `json:"steer_error,omitempty"`
+	Sockets    int    `json:"sockets,omitempty"`
+	// Instances is how many processes the generation runs (--instances),
+	// Serving how many of them serve now; both 0 for one process.
+	Instances int       `json:"instances,omitempty"`
+	Serving   int       `json:"serving,omitempty"`
+	StartedAt time.Time `json:"started_at"`
+	Stats     Stats     `json:"stats"`
 	// Ready is how the generation reports ready: library, notify or listen.
 	Ready string `json:"ready,omitempty"`
 	// Notify is the last STATUS= a notify-mode generation sent.
