@@ -30,6 +30,12 @@ const (
 	// keeps serving while it waits to be adopted by a new one (default
 	// DefaultAdoptTimeout); after that it drains and exits.
 	EnvAdoptTimeout = "ROLLOVER_ADOPT_TIMEOUT"
+	// EnvInstance is set, to 0..N-1, in each process of a generation of
+	// several (rollover start --instances N), and EnvInstances to N. The
+	// coordinator then steers the generation's sockets itself: the library
+	// attaches no program.
+	EnvInstance  = "ROLLOVER_INSTANCE"
+	EnvInstances = "ROLLOVER_INSTANCES"
 )
 
 // envHandover=naive turns the zero-drop hand-over off: no steering, the
@@ -68,6 +74,7 @@ type config struct {
 	generation int
 	secret     string
 	naive      bool // envHandover=naive
+	instance   bool // EnvInstance is set: the coordinator steers
 	// adoptTimeout: see EnvAdoptTimeout; 0 drains as soon as the
 	// coordinator is lost.
 	adoptTimeout time.Duration
@@ -84,6 +91,7 @@ func envConfig() (config, error) {
 		socket:       os.Getenv(EnvSocket),
 		secret:       os.Getenv(EnvSecret),
 		adoptTimeout: DefaultAdoptTimeout,
+		instance:     os.Getenv(EnvInstance) != "",
 	}
 	switch v := os.Getenv(envHandover); v {
 	case "":

@@ -60,10 +60,13 @@ func (a *agent) ready() error {
 		case len(socks) == 0:
 			m.Steerable, m.SteerError = false, "no listener from rollover.Listen, rollover.ListenPacket or rollover.Serve"
 		}
+		if a.cfg.instance && m.Steerable {
+			m.Steerable, m.SteerError = false, "one of several instances: the coordinator steers the generation's sockets"
+		}
 		for _, s := range socks {
 			m.Addrs = append(m.Addrs, s.addr())
-			if !a.supervised() {
-				continue // standalone: nothing to hand over to
+			if !a.supervised() || a.cfg.instance {
+				continue // standalone: nothing to hand over to; an instance: the coordinator steers
 			}
 			if err := s.steer(0); err != nil && m.Steerable {
 				m.Steerable, m.SteerError = false, err.Error()
@@ -85,6 +88,9 @@ func (a *agent) ready() error {
 
 // pin points every group at index 0.
 func (a *agent) pin() error {
+	if a.cfg.instance {
+		return nil // the coordinator steers
+	}
 	for _, s := range a.sockets() {
 		if s.gone() {
 			continue
@@ -105,6 +111,9 @@ func (a *agent) pin() error {
 // generation's counts are judged by from now on (see checkHealth).
 func (a *agent) steer(weight int, health *wire.Health) error {
 	a.setHealth(health)
+	if a.cfg.instance {
+		return nil // the coordinator steers
+	}
 	for _, s := range a.sockets() {
 		if weight > 0 && weight < 100 {
 			if err := s.steerWeighted(weight); err != nil {

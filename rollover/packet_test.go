@@ -247,9 +247,12 @@ func TestPacketCloseDuringGrace(t *testing.T) {
 	coord.expect(wire.TypeReady)
 	u := newUDPClient(t, p.LocalAddr().String())
 	// A grace long enough that the datagrams below are sent within it on
-	// a loaded machine (go test runs packages side by side): at 300ms
-	// they once came after it, and were lost as they should be.
+	// a loaded machine (go test runs packages side by side).
 	coord.command(wire.Msg{Type: wire.TypeDrain, ID: 1, GraceMS: 2000, TimeoutMS: 5000})
+	// The app closes once the drain is ordered: wait for the agent to
+	// have the order (a Close before it is a plain close, which ends the
+	// reads at once).
+	testproc.WaitFor(t, 5*time.Second, "the drain order", func() bool { return isClosed(a.ordered) })
 	closed := make(chan struct{})
 	go func() { _ = p.Close(); close(closed) }()
 	u.send(t, 50) // during the grace: still routed here (no successor)

@@ -97,7 +97,8 @@ func handler(version string) http.Handler {
 	gen := strconv.Itoa(rollover.Generation())
 	// Fixed width, so that tools like ab, which count a body of another
 	// length as a failure, see the same length from every generation.
-	body := fmt.Sprintf("demoapp %s gen %06d\n", version, rollover.Generation())
+	// The pid tells the instances of a generation apart (--instances).
+	body := fmt.Sprintf("demoapp %s gen %06d pid %07d\n", version, rollover.Generation(), os.Getpid())
 	answer := func(w http.ResponseWriter) {
 		w.Header().Set("X-Rollover-Generation", gen)
 		w.Header().Set("X-Demoapp-Version", version)

@@ -35,7 +35,7 @@ func (l *launchOpts) add(f *pflag.FlagSet, next bool) {
 	f.StringVar(&l.ready, "ready", "", "how the app reports ready (`MODE`): library (links github.com/rollover-sh/rollover), notify (READY=1 on $NOTIFY_SOCKET), listen (listens on --addr) (default "+dflt("library")+")")
 	f.StringVar(&l.addr, "addr", "", "`HOST:PORT` the app listens on; needed by --ready=listen, and tells when an app without the library has left the port")
 	f.StringVar(&l.drainSignal, "drain-signal", "", "`SIGNAL` that makes an app without the library drain; nginx wants SIGQUIT (default "+dflt("SIGTERM")+")")
-	f.IntVar(&l.instances, "instances", 0, "`N` processes per generation, each binding the port on its own with $ROLLOVER_INSTANCE set to 0..N-1; new connections spread over them (apps without the library; default "+dflt("1")+")")
+	f.IntVar(&l.instances, "instances", 0, "`N` processes per generation, each binding the port on its own with $ROLLOVER_INSTANCE set to 0..N-1; new connections spread over them (default "+dflt("1")+")")
 }
 
 func (l *launchOpts) resolve() (coordinator.Launch, error) {

@@ -19,8 +19,8 @@ const commandTimeout = 5 * time.Second
 // order sends g its drain order: the library's drain command, or, for an
 // app without the library, its drain signal. It returns at once.
 func (c *Coordinator) order(g *gen, conn *peerConn, remote, succ []remoteSocket) {
-	if conn == nil && remote != nil {
-		c.tasks.Go(func(ctx context.Context) { c.orderRemote(ctx, g, remote, succ) })
+	if remote != nil && (conn == nil || g.launch.supervised()) {
+		c.tasks.Go(func(ctx context.Context) { c.orderRemote(ctx, g, conn, remote, succ) })
 		return
 	}
 	if conn == nil {

@@ -67,6 +67,7 @@ type gen struct {
 	instances    int            // of its instances, how many serve now (supervised)
 	remote       []remoteSocket // its listening sockets, when the coordinator steers them
 	held         bool           // the coordinator holds its sockets until they leave their groups in order
+	repinDue     bool           // its instances changed during a rollover: re-pin once it ends
 
 	// Closed once, by the owner; a closed channel says only that the
 	// moment passed, and the rest is asked for (qGen).
@@ -221,10 +222,8 @@ func (s *spawner) spawn(g *gen) error {
 	if g.launch.supervised() {
 		// N instances under the rollover binary's supervisor, which says
 		// READY=1 once all of them are ready.
-		self, err := os.Executable()
-		if err != nil {
-			return fmt.Errorf("%w: --instances: cannot find the rollover binary to supervise the instances: %v", ErrCommand, err)
-		}
+		// This very binary, even once a package upgrade replaced the file.
+		self := "/proc/self/exe"
 		a := instancesArgs{n: g.launch.Instances, ready: g.launch.Ready, addr: g.launch.Addr, drain: g.launch.DrainSignal,
 			argv: append([]string{path}, g.launch.Argv[1:]...)}
 		path, args = self, a.args()
@@ -248,6 +247,10 @@ func (s *spawner) spawn(g *gen) error {
 	// Polite first: SIGTERM to the whole group. Past WaitDelay, exec kills
 	// the process, and exited kills what is left of its group.
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM) }
+	if g.launch.supervised() {
+		// The supervisor passes it on to its instances: once each.
+		cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	}
 	cmd.WaitDelay = s.killGrace
 	l := s.log.With("gen", g.n)
 	stdout := &lineLog{log: l, stream: "stdout"}

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -38,8 +39,8 @@ const InstancesCommand = "__instances"
 
 // EnvInstance and EnvInstances tell each instance its index (0 to N-1) and N.
 const (
-	EnvInstance  = "ROLLOVER_INSTANCE"
-	EnvInstances = "ROLLOVER_INSTANCES"
+	EnvInstance  = rollover.EnvInstance
+	EnvInstances = rollover.EnvInstances
 )
 
 // The notify assignments the supervisor adds to systemd's: how many
@@ -60,7 +61,7 @@ const (
 
 type instancesArgs struct {
 	n     int
-	ready string // ReadyNotify or ReadyListen
+	ready string // how each instance says it is ready
 	addr  string
 	drain syscall.Signal
 	argv  []string
@@ -88,8 +89,8 @@ func parseInstancesArgs(args []string) (instancesArgs, error) {
 	switch {
 	case a.n < 1 || a.n > maxGroup:
 		return a, fmt.Errorf("-n must be 1 to %d, not %d", maxGroup, a.n)
-	case a.ready != ReadyNotify && a.ready != ReadyListen:
-		return a, fmt.Errorf("-ready must be notify or listen, not %q", a.ready)
+	case a.ready != ReadyNotify && a.ready != ReadyListen && a.ready != ReadyLibrary:
+		return a, fmt.Errorf("-ready must be library, notify or listen, not %q", a.ready)
 	case a.ready == ReadyListen && a.addr == "":
 		return a, errors.New("-ready=listen needs -addr")
 	case len(a.argv) == 0:
@@ -108,7 +109,8 @@ func Supervise(args []string) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", InstancesCommand, err)
 	}
-	s := &supervisor{a: a, up: os.Getenv("NOTIFY_SOCKET"), stderr: os.Stderr, events: make(chan instEvent, 4*a.n), restart: make(chan int, a.n)}
+	s := &supervisor{a: a, up: os.Getenv("NOTIFY_SOCKET"), stderr: os.Stderr, events: make(chan instEvent, 4*a.n), restart: make(chan int, a.n),
+		ordered: make(chan struct{}, 1), byPID: map[int][2]int{}}
 	// The instances' notify sockets: a short path (a socket's is bounded
 	// at 108 bytes), private to the supervisor.
 	dir, err := os.MkdirTemp("", "rollover-instances-")
@@ -117,6 +119,39 @@ func Supervise(args []string) error {
 	}
 	defer os.RemoveAll(dir)
 	s.dir = dir
+	if a.ready == ReadyLibrary {
+		// The instances link the library: the supervisor speaks its
+		// protocol to the coordinator for them.
+		n, _ := strconv.Atoi(os.Getenv(rollover.EnvGeneration))
+		s.relay, err = newRelay(os.Getenv(rollover.EnvSocket), n, os.Getenv(rollover.EnvSecret), filepath.Join(dir, "relay.sock"))
+		if err != nil {
+			return fmt.Errorf("%s: %w", InstancesCommand, err)
+		}
+		s.relay.onDrain = func() {
+			select {
+			case s.ordered <- struct{}{}:
+			default:
+			}
+		}
+		s.relay.onReady = func(pid int) {
+			// Its ready may come before start has noted its pid.
+			for range 1000 {
+				s.mu.Lock()
+				in, ok := s.byPID[pid]
+				s.mu.Unlock()
+				if ok {
+					s.events <- instEvent{i: in[0], inc: in[1], ready: true}
+					return
+				}
+				time.Sleep(time.Millisecond)
+			}
+		}
+		defer s.relay.close()
+	}
+	// Its stdout and stderr are pipes to the coordinator: if that dies, a
+	// write must fail, not kill the supervisor (Notify, not Ignore: an
+	// ignored SIGPIPE would pass on to the instances through exec).
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, a.drain, syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2)
 	defer signal.Stop(sigs)
@@ -131,7 +166,11 @@ type supervisor struct {
 	events   chan instEvent
 	restart  chan int // an instance's backoff passed
 	insts    []*instance
-	ready    bool // all instances were ready once: the generation is
+	relay    *relay        // the instances link the library
+	ordered  chan struct{} // the relay got the drain order
+	mu       sync.Mutex
+	byPID    map[int][2]int // an instance's index and incarnation, by pid (the relay asks)
+	ready    bool           // all instances were ready once: the generation is
 	draining bool
 	failure  error
 }
@@ -170,6 +209,8 @@ func (s *supervisor) run(sigs <-chan os.Signal) error {
 	}
 	for !s.draining || s.running() > 0 {
 		select {
+		case <-s.ordered:
+			s.draining = true // the relay passes the order on
 		case sig := <-sigs:
 			if sig == s.a.drain || sig == syscall.SIGTERM || sig == syscall.SIGINT || sig == syscall.SIGQUIT {
 				s.draining = true
@@ -185,6 +226,9 @@ func (s *supervisor) run(sigs <-chan os.Signal) error {
 				}
 			}
 		}
+	}
+	if s.relay != nil {
+		s.relay.done()
 	}
 	return s.failure
 }
@@ -231,6 +275,10 @@ func (s *supervisor) event(e instEvent) {
 		}
 		in.ready = true
 		switch {
+		case !s.ready && s.serving() == s.a.n && s.relay != nil:
+			s.ready = true
+			s.tell(fmt.Sprintf("STATUS=%d instances ready (pids %s)\n%s=%d", s.a.n, s.pids(), notifyInstances, s.a.n))
+			s.relay.ready()
 		case !s.ready && s.serving() == s.a.n:
 			s.ready = true
 			s.tell(fmt.Sprintf("READY=1\nSTATUS=%d instances ready (pids %s)\n%s=%d", s.a.n, s.pids(), notifyInstances, s.a.n))
@@ -243,6 +291,12 @@ func (s *supervisor) event(e instEvent) {
 	if in.notify != nil {
 		in.notify.close()
 	}
+	if s.relay != nil {
+		s.relay.retire(in.pid)
+	}
+	s.mu.Lock()
+	delete(s.byPID, in.pid)
+	s.mu.Unlock()
 	close(in.done)
 	what := fmt.Sprintf("instance %d of %d, pid %d: %s", in.i, s.a.n, in.pid, exitText(e.err))
 	switch {
@@ -311,6 +365,7 @@ func (s *supervisor) tell(msg string) {
 		return
 	}
 	if c, err := net.Dial("unixgram", s.up); err == nil {
+		_ = c.SetWriteDeadline(time.Now().Add(time.Second)) // a stopped coordinator must not stop the supervisor
 		_, _ = c.Write([]byte(msg))
 		c.Close()
 	}
@@ -324,14 +379,17 @@ func (s *supervisor) start(in *instance) error {
 	for _, kv := range os.Environ() {
 		k, _, _ := strings.Cut(kv, "=")
 		switch k {
-		// The instances do not speak the control protocol: the
-		// coordinator knows one process per generation.
+		// The coordinator knows one process per generation: the
+		// instances speak the control protocol to the relay, if at all.
 		case "NOTIFY_SOCKET", rollover.EnvSocket, rollover.EnvSecret, EnvInstance, EnvInstances:
 			continue
 		}
 		env = append(env, kv)
 	}
 	env = append(env, EnvInstance+"="+strconv.Itoa(in.i), EnvInstances+"="+strconv.Itoa(s.a.n))
+	if s.relay != nil {
+		env = append(env, rollover.EnvSocket+"="+s.relay.ln.Addr().String(), rollover.EnvSecret+"="+s.relay.secret)
+	}
 	var ns *notifySocket
 	if s.a.ready == ReadyNotify {
 		var err error
@@ -351,6 +409,9 @@ func (s *supervisor) start(in *instance) error {
 	in.pid, in.started, in.running, in.ready, in.notify = cmd.Process.Pid, time.Now(), true, false, ns
 	in.done = make(chan struct{})
 	i, inc, done := in.i, in.inc, in.done
+	s.mu.Lock()
+	s.byPID[in.pid] = [2]int{i, inc}
+	s.mu.Unlock()
 	go func() {
 		err := cmd.Wait()
 		var exit error
@@ -362,6 +423,7 @@ func (s *supervisor) start(in *instance) error {
 		s.events <- instEvent{i: i, inc: inc, err: exit}
 	}()
 	switch {
+	case s.relay != nil: // its ready comes through the relay
 	case ns != nil:
 		go ns.read(func(kv map[string]string) {
 			if kv["READY"] == "1" {

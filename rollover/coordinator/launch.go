@@ -95,8 +95,6 @@ func (l Launch) checkMode() error {
 	switch {
 	case l.Instances < 0 || l.Instances > maxGroup:
 		return fmt.Errorf("%w: --instances must be 1 to %d, not %d", ErrUsage, maxGroup, l.Instances)
-	case l.Instances > 1 && l.Ready == ReadyLibrary:
-		return fmt.Errorf("%w: --instances %d needs --ready=notify or --ready=listen: an app that links the library runs one process per generation for now", ErrUsage, l.Instances)
 	}
 	return nil
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/prometheus/procfs"
 
+	"github.com/rollover-sh/rollover/rollover/wire"
 	"github.com/rollover-sh/rollover/tests/testproc"
 )
 
@@ -139,7 +140,7 @@ func TestInstancesArgs(t *testing.T) {
 	if err != nil || got.n != a.n || got.ready != a.ready || got.addr != a.addr || got.drain != a.drain || !slices.Equal(got.argv, a.argv) {
 		t.Fatalf("parse(%q) = %+v, %v; want %+v", a.args(), got, err, a)
 	}
-	for _, bad := range [][]string{{"-n", "0", "--", "app"}, {"-n", "2", "-ready", "library", "--", "app"}, {"-n", "2", "-ready", "listen", "--", "app"}, {"-n", "2", "--"}} {
+	for _, bad := range [][]string{{"-n", "0", "--", "app"}, {"-n", "2", "-ready", "sometimes", "--", "app"}, {"-n", "2", "-ready", "listen", "--", "app"}, {"-n", "2", "--"}} {
 		if _, err := parseInstancesArgs(bad); err == nil {
 			t.Errorf("parse(%q): no error", bad)
 		}
@@ -149,7 +150,7 @@ func TestInstancesArgs(t *testing.T) {
 		want string
 	}{
 		{Launch{Argv: []string{"true"}, Ready: ReadyNotify, Instances: 65}, "--instances must be 1 to 64, not 65"},
-		{Launch{Argv: []string{"true"}, Ready: ReadyLibrary, Instances: 2}, "--instances 2 needs --ready=notify or --ready=listen"},
+		{Launch{Argv: []string{"true"}, Ready: ReadyLibrary, Instances: -1}, "--instances must be 1 to 64, not -1"},
 		{Launch{Argv: []string{"true"}, Ready: ReadyNotify, Instances: 4}, ""},
 	} {
 		err := tc.l.checkMode()
@@ -162,5 +163,26 @@ func TestInstancesArgs(t *testing.T) {
 	}
 	if l := (Launch{Argv: []string{"true"}}).withDefaults(Launch{}); l.Instances != 1 || l.supervised() {
 		t.Errorf("instances default to 1: got %d", l.Instances)
+	}
+}
+
+// TestRelayMerge: the instances' metrics come out as one exposition, each
+// family described once and every sample labeled with its instance; their
+// counters add up, their gauges are the live instances' only.
+func TestRelayMerge(t *testing.T) {
+	a := "# HELP x_total X.\n# TYPE x_total counter\nx_total{path=\"/\"} 3\nup 1\n"
+	b := "# HELP x_total X.\n# TYPE x_total counter\nx_total{path=\"/\"} 4\nup 1\n"
+	want := "# HELP x_total X.\n# TYPE x_total counter\nx_total{rollover_instance=\"0\",path=\"/\"} 3\nup{rollover_instance=\"0\"} 1\n" +
+		"x_total{rollover_instance=\"1\",path=\"/\"} 4\nup{rollover_instance=\"1\"} 1\n"
+	if got := mergeMetrics([]string{a, b}); got != want {
+		t.Errorf("merged:\n%s\nwant:\n%s", got, want)
+	}
+	r := &relay{peers: map[int]*relayPeer{
+		1: {stats: wire.Stats{Inflight: 2, Connections: 3, Requests: 10, R2xx: 9, R5xx: 1}},
+		2: {stats: wire.Stats{Inflight: 1, Connections: 1, Requests: 5, R2xx: 5}},
+	}}
+	r.retired = wire.Stats{Requests: 7, R2xx: 7}
+	if s := r.sum(); s.Inflight != 3 || s.Connections != 4 || s.Requests != 22 || s.R2xx != 21 || s.R5xx != 1 {
+		t.Errorf("sum = %+v", s)
 	}
 }

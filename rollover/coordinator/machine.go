@@ -659,6 +659,10 @@ func (m *machine) finish(o outcome, err error) {
 	reloading := m.roll != nil && m.roll.reloading
 	m.roll, m.judged = nil, nil
 	m.count(o, err)
+	if a := m.active; a != nil && a.repinDue && a.remote != nil && a.state != stateGone {
+		a.repinDue = false
+		m.fx.repin(a) // alone in its groups now
+	}
 	if reloading {
 		m.notifyReady(err)
 	}
@@ -795,7 +799,11 @@ func (m *machine) instances(e evInstances) {
 	if e.exited != "" && m.judged == g {
 		m.tell(verdict{cause: causeExited, detail: e.exited})
 	}
-	if g.state == stateGone || g.remote == nil || m.active != g || m.roll != nil {
+	if m.roll != nil {
+		g.repinDue = true // the rollover's steering holds until it ends
+		return
+	}
+	if g.state == stateGone || g.remote == nil || m.active != g {
 		return
 	}
 	m.fx.repin(g)

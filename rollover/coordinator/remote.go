@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/procfs"
@@ -318,7 +319,7 @@ func (c *Coordinator) repin(g *gen) {
 // leave them in the group, steered away, and takes them out itself once g
 // no longer holds them, in an order that never moves a socket the program
 // sends to (reuse.Leave).
-func (c *Coordinator) orderRemote(ctx context.Context, g *gen, socks, succ []remoteSocket) {
+func (c *Coordinator) orderRemote(ctx context.Context, g *gen, conn *peerConn, socks, succ []remoteSocket) {
 	held := c.hold(g, socks, succ)
 	if held != nil {
 		c.post(evHeld{g: g}) // before the drain signal, so before its exit
@@ -347,8 +348,18 @@ func (c *Coordinator) orderRemote(ctx context.Context, g *gen, socks, succ []rem
 		}
 		time.Sleep(time.Millisecond)
 	}
-	c.log.Info("draining by signal", "gen", g.n, "pid", g.pid, "signal", g.launch.DrainSignal)
-	_ = g.proc.Signal(g.launch.DrainSignal)
+	if conn != nil {
+		// Instances that link the library: the drain command, through
+		// their supervisor; the grace is over already.
+		m := wire.Msg{Type: wire.TypeDrain, TimeoutMS: c.cfg.DrainTimeout.Milliseconds()}
+		if _, err := conn.roundTrip(g, c.cmdID.Add(1), m, commandTimeout); err != nil {
+			c.log.Warn("drain command failed; sending SIGTERM", "gen", g.n, "err", err)
+			_ = g.proc.Signal(syscall.SIGTERM)
+		}
+	} else {
+		c.log.Info("draining by signal", "gen", g.n, "pid", g.pid, "signal", g.launch.DrainSignal)
+		_ = g.proc.Signal(g.launch.DrainSignal)
+	}
 	// It has left the port once none of its sockets listens, or, with
 	// the sockets held, once none of its processes holds them.
 	left := func() bool { return queued(g.pid, socks) < 0 }

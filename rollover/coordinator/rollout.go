@@ -264,8 +264,10 @@ func (r *rollout) roll(ctx context.Context) error {
 		return err
 	}
 	r.emit(wire.Event{Phase: wire.PhaseReady, Generation: g.n, Millis: ready.readyIn.Milliseconds()})
-	if g.launch.Ready != ReadyLibrary {
-		// An app without the library: the coordinator steers it, if it can.
+	if g.launch.Ready != ReadyLibrary || g.launch.supervised() || r.was.remote != nil {
+		// An app without the library, or instances, or what follows a
+		// generation steered from outside (the library's steer assumes
+		// one socket before its own): the coordinator steers it, if it can.
 		ready = c.discover(g, prev == nil)
 		if ready.remote == nil {
 			c.log.Warn("the coordinator cannot steer this generation; its hand-over relies on net.ipv4.tcp_migrate_req", "gen", g.n, "reason", ready.steerErr)
