@@ -123,17 +123,13 @@ func Supervise(args []string) error {
 		// The instances link the library: the supervisor speaks its
 		// protocol to the coordinator for them.
 		n, _ := strconv.Atoi(os.Getenv(rollover.EnvGeneration))
-		s.relay, err = newRelay(os.Getenv(rollover.EnvSocket), n, os.Getenv(rollover.EnvSecret), filepath.Join(dir, "relay.sock"))
-		if err != nil {
-			return fmt.Errorf("%s: %w", InstancesCommand, err)
-		}
-		s.relay.onDrain = func() {
+		onDrain := func() {
 			select {
 			case s.ordered <- struct{}{}:
 			default:
 			}
 		}
-		s.relay.onReady = func(pid int) {
+		onReady := func(pid int) {
 			// Its ready may come before start has noted its pid.
 			for range 1000 {
 				s.mu.Lock()
@@ -145,6 +141,11 @@ func Supervise(args []string) error {
 				}
 				time.Sleep(time.Millisecond)
 			}
+		}
+		// The callbacks are set before the relay's goroutines start.
+		s.relay, err = newRelay(os.Getenv(rollover.EnvSocket), n, os.Getenv(rollover.EnvSecret), filepath.Join(dir, "relay.sock"), onDrain, onReady)
+		if err != nil {
+			return fmt.Errorf("%s: %w", InstancesCommand, err)
 		}
 		defer s.relay.close()
 	}

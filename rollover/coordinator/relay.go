@@ -46,12 +46,12 @@ type relayPeer struct {
 
 // newRelay says hello to the coordinator at socket as generation n and
 // listens for the instances at path.
-func newRelay(socket string, n int, secret, path string) (*relay, error) {
+func newRelay(socket string, n int, secret, path string, onDrain func(), onReady func(pid int)) (*relay, error) {
 	up, err := net.DialTimeout("unix", socket, 5*time.Second)
 	if err != nil {
 		return nil, fmt.Errorf("connect to the coordinator: %w", err)
 	}
-	r := &relay{up: up, secret: secret, peers: map[int]*relayPeer{}}
+	r := &relay{up: up, secret: secret, peers: map[int]*relayPeer{}, onDrain: onDrain, onReady: onReady}
 	_ = up.SetDeadline(time.Now().Add(5 * time.Second))
 	if _, err := up.Write(wire.Encode(wire.Msg{Type: wire.TypeHello, Generation: n, PID: os.Getpid(), Secret: secret})); err != nil {
 		up.Close()
