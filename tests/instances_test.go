@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -203,9 +204,11 @@ func (sc foreignScenario) killInstance(ctx context.Context, co *foreignCoordinat
 	k.Killed = k.Before[0]
 
 	var mu sync.Mutex
+	var answered atomic.Int64
 	cctx, stop := context.WithCancel(ctx)
 	defer stop()
 	var wg sync.WaitGroup
+	defer func() { stop(); wg.Wait() }() // on every path: no client outlives the phase
 	for range 8 {
 		wg.Go(func() {
 			tr := &http.Transport{MaxConnsPerHost: 1, MaxIdleConnsPerHost: 1, Proxy: nil}
@@ -233,11 +236,18 @@ func (sc foreignScenario) killInstance(ctx context.Context, co *foreignCoordinat
 				if err == nil {
 					// The connection it failed on was last seen on that pid.
 					last = pid
+					answered.Add(1)
 				}
 			}
 		})
 	}
-	time.Sleep(300 * time.Millisecond) // the clients connect and serve
+	// The clients are connected and served before the kill.
+	for deadline := time.Now().Add(10 * time.Second); answered.Load() < 100; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			k.Error = fmt.Sprintf("the keep-alive clients were answered %d times in 10s", answered.Load())
+			return k
+		}
+	}
 	killed := time.Now()
 	if err := syscall.Kill(k.Killed, syscall.SIGKILL); err != nil {
 		k.Error = fmt.Sprintf("kill %d: %v", k.Killed, err)

@@ -218,16 +218,7 @@ func (s *spawner) spawn(g *gen) error {
 		path = abs
 	}
 	g.exe = identify(path)
-	args := g.launch.Argv[1:]
-	if g.launch.supervised() {
-		// N instances under the rollover binary's supervisor, which says
-		// READY=1 once all of them are ready.
-		// This very binary, even once a package upgrade replaced the file.
-		self := "/proc/self/exe"
-		a := instancesArgs{n: g.launch.Instances, ready: g.launch.Ready, addr: g.launch.Addr, drain: g.launch.DrainSignal,
-			argv: append([]string{path}, g.launch.Argv[1:]...)}
-		path, args = self, a.args()
-	}
+	name, args, argv0 := g.program(path)
 	notifyPath := ""
 	if g.launch.Ready == ReadyNotify || g.launch.supervised() {
 		ns, err := openNotify(filepath.Dir(s.socket), g.n)
@@ -237,19 +228,18 @@ func (s *spawner) spawn(g *gen) error {
 		g.notify, notifyPath = ns, ns.path
 	}
 	ctx, end := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, path, args...)
-	cmd.Args[0] = g.launch.Argv[0]
-	if g.launch.supervised() {
-		cmd.Args[0] = "rollover"
-	}
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Args[0] = argv0
 	cmd.Env = childEnv(s.socket, g.n, g.secret, notifyPath, s.adoptTimeout)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	// Polite first: SIGTERM to the whole group. Past WaitDelay, exec kills
-	// the process, and exited kills what is left of its group.
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM) }
-	if g.launch.supervised() {
-		// The supervisor passes it on to its instances: once each.
-		cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	// Polite first: SIGTERM to the whole group (a supervisor passes it on
+	// to its instances: once each). Past WaitDelay, exec kills the
+	// process, and exited kills what is left of its group.
+	cmd.Cancel = func() error {
+		if g.launch.supervised() {
+			return cmd.Process.Signal(syscall.SIGTERM)
+		}
+		return syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
 	}
 	cmd.WaitDelay = s.killGrace
 	l := s.log.With("gen", g.n)
@@ -290,6 +280,19 @@ func (s *spawner) spawn(g *gen) error {
 		s.ended(g, err)
 	})
 	return nil
+}
+
+// program is what g's process runs, given the app's path: the app, or,
+// for several instances, this very binary as their supervisor
+// (/proc/self/exe, even once a package upgrade replaced the file), which
+// reports ready once all of them are. argv0 is what ps shows.
+func (g *gen) program(path string) (name string, args []string, argv0 string) {
+	if !g.launch.supervised() {
+		return path, g.launch.Argv[1:], g.launch.Argv[0]
+	}
+	a := instancesArgs{n: g.launch.Instances, ready: g.launch.Ready, addr: g.launch.Addr, drain: g.launch.DrainSignal,
+		argv: append([]string{path}, g.launch.Argv[1:]...)}
+	return "/proc/self/exe", a.args(), "rollover"
 }
 
 // signal sends sig to the generation's process group.
